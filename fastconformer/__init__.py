@@ -1,0 +1,16 @@
+"""fastconformer: the Conformer vision model (Peng et al., ICCV 2021) for PyTorch, with Triton kernels
+that fuse its hot paths behind drop-in modules, each checked against a plain-PyTorch reference.
+
+    import fastconformer
+    model = fastconformer.create_model("conformer_small_patch16", pretrained="Conformer_small_patch16.pth")
+    conv_logits, trans_logits = model(images)
+"""
+
+from .checkpoint import load_checkpoint
+from .dispatch import backend
+from .reference import Conformer
+from .registry import VARIANTS, create_model, list_models
+
+__version__ = "0.1.0"
+
+__all__ = ["Conformer", "VARIANTS", "backend", "create_model", "list_models", "load_checkpoint", "__version__"]

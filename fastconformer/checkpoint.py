@@ -1,0 +1,162 @@
+"""Loading Conformer checkpoints: the official repository's, DeiT-style training containers,
+DataParallel/DDP prefixes and MMPretrain's layout, always through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+__all__ = ["CheckpointMismatchError", "load_checkpoint", "read_state_dict", "convert_mmpretrain", "guess_variant"]
+
+# Harmless classes that training scripts put next to the weights (the official script saves its
+# argparse Namespace under 'args'); everything else that is not a tensor or a container is refused.
+_SAFE_GLOBALS = [argparse.Namespace]
+
+# MMPretrain's names for the transformer block's submodules -> the official ones.
+_MMPRETRAIN_RENAMES = (
+    (re.compile(r"\.ln1\."), ".norm1."),
+    (re.compile(r"\.ln2\."), ".norm2."),
+    (re.compile(r"\.ffn\.layers\.0\.0\."), ".mlp.fc1."),
+    (re.compile(r"\.ffn\.layers\.1\."), ".mlp.fc2."),
+)
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint's keys or shapes do not fit the model (the message lists them)."""
+
+
+def _torch_load(path: str | os.PathLike) -> object:
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"refusing to load {os.fspath(path)!r}: it holds Python objects beyond tensors and plain containers, "
+            f"and fastconformer only loads checkpoints with torch.load(weights_only=True) so that no code in a "
+            f"checkpoint is ever executed. Re-save just the state_dict from a trusted environment "
+            f"(torch.save(model.state_dict(), path)). Details: {err}") from err
+
+
+def convert_mmpretrain(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MMPretrain ImageClassifier keys (``backbone.*``, ``head.*``, ``ln1``/``ln2``, ``ffn.layers``)
+    -> the official Conformer keys. Keys of neither prefix (e.g. ``data_preprocessor.*``) are dropped."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("backbone."):
+            key = key[len("backbone."):]
+        elif key.startswith("head."):
+            key = key[len("head."):]
+        else:
+            continue
+        key = "." + key
+        for pattern, replacement in _MMPRETRAIN_RENAMES:
+            key = pattern.sub(replacement, key)
+        out[key[1:]] = value
+    return out
+
+
+def read_state_dict(source: str | os.PathLike | Mapping) -> dict[str, torch.Tensor]:
+    """A state_dict in the official key layout from a path or an already loaded object.
+
+    Accepts a raw state_dict, ``{'model': ...}``, ``{'state_dict': ...}`` (also nested under
+    ``'module'``), keys prefixed ``module.`` (DataParallel / DDP) and MMPretrain's layout.
+    """
+    obj = _torch_load(source) if isinstance(source, (str, os.PathLike)) else source
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"a checkpoint must be a state_dict or a dict holding one, got {type(obj).__name__}")
+    for container in ("model", "state_dict", "module"):
+        inner = obj.get(container)
+        if isinstance(inner, Mapping) and not isinstance(inner, torch.Tensor):
+            obj = inner
+            break
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"the checkpoint holds no tensors (top-level keys: {sorted(obj)[:10]})")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    if any(k.startswith("backbone.") for k in tensors):
+        tensors = convert_mmpretrain(tensors)
+    return tensors
+
+
+def _shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def _variant_shapes() -> dict[str, dict[str, tuple]]:
+    from .reference import Conformer
+    from .registry import VARIANTS
+
+    with torch.device("meta"):
+        return {name: _shapes(Conformer(**v.kwargs).state_dict()) for name, v in VARIANTS.items()}
+
+
+def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> tuple[str | None, str]:
+    """(variant name or None, a sentence on why) for a state_dict in the official layout.
+
+    Classifier heads are ignored (checkpoints fine-tuned to other class counts still match)."""
+    shapes = _shapes(state_dict)
+    heads = ("trans_cls_head.", "conv_cls_head.")
+    body = {k: s for k, s in shapes.items() if not k.startswith(heads)}
+    for name, expected in _variant_shapes().items():
+        if body == {k: s for k, s in expected.items() if not k.startswith(heads)}:
+            return name, f"every key and shape matches {name}"
+    patch = shapes.get("trans_patch_conv.weight")
+    cls = shapes.get("cls_token")
+    clues = []
+    if patch is not None:
+        clues.append(f"trans_patch_conv.weight is {patch}, i.e. patch size {patch[-1] * 4}")
+    if cls is not None:
+        clues.append(f"embed_dim {cls[-1]}")
+    if "conv_cls_head.weight" in shapes:
+        clues.append(f"channel_ratio {shapes['conv_cls_head.weight'][-1] // 256}")
+    return None, "no registered variant matches exactly" + (f" ({', '.join(clues)})" if clues else "")
+
+
+def _mismatch_report(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool) -> str | None:
+    expected = _shapes(model.state_dict())
+    got = _shapes(state_dict)
+    missing = sorted(expected.keys() - got.keys()) if strict else []
+    unexpected = sorted(got.keys() - expected.keys()) if strict else []
+    wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+    if not (missing or unexpected or wrong):
+        return None
+    lines = ["checkpoint does not fit the model:"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}"
+                     f"{' ...' if len(unexpected) > 20 else ''}")
+    for k in wrong[:20]:
+        lines.append(f"  shape mismatch for {k}: checkpoint {got[k]}, model {expected[k]}")
+    if len(wrong) > 20:
+        lines.append(f"  ... and {len(wrong) - 20} more shape mismatches")
+    ckpt_variant, why = guess_variant(state_dict)
+    model_variant, _ = guess_variant(model.state_dict())
+    lines.append(f"  the checkpoint looks like {ckpt_variant or 'no registered variant'} ({why}); "
+                 f"the model is {model_variant or 'a custom configuration'}")
+    return "\n".join(lines)
+
+
+def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping, strict: bool = True):
+    """Load a checkpoint into a reference or fast Conformer (they share state_dict keys).
+
+    path_or_state_dict: a file path or a loaded dict in any layout :func:`read_state_dict` accepts.
+    strict: as in ``load_state_dict``. Raises CheckpointMismatchError listing missing and unexpected
+    keys and shape mismatches, and naming the variant the checkpoint looks like. Returns the
+    ``load_state_dict`` result (missing / unexpected keys when strict=False).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    state_dict = read_state_dict(path_or_state_dict)
+    report = _mismatch_report(model, state_dict, strict)
+    if report is not None:
+        raise CheckpointMismatchError(report)
+    return model.load_state_dict(state_dict, strict=strict)

@@ -1,0 +1,119 @@
+"""The one dispatch mechanism: each fused op has a PyTorch implementation and a Triton one, and
+:func:`fused_op` picks between them per call.
+
+Rules, for the backend chosen with :func:`backend` (default ``"auto"``):
+
+- ``"torch"``: always the PyTorch implementation (same algebra, plain torch ops).
+- ``"triton"``: always the Triton kernel; the tensors must be on CUDA, or on the CPU with
+  ``TRITON_INTERPRET=1`` set before triton was imported (the interpreter, used by the tests).
+  Anything else raises RuntimeError saying why.
+- ``"auto"``: Triton for CUDA tensors when triton is importable, PyTorch otherwise. The
+  interpreter is a verification tool, so ``auto`` never picks it for CPU tensors.
+
+The environment variable ``FASTCONFORMER_BACKEND`` sets the default for a process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import os
+from typing import Callable, Iterator
+
+import torch
+
+__all__ = ["BACKENDS", "backend", "current_backend", "fused_op", "interpreter_enabled", "triton_available",
+           "use_triton"]
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _validate(name: object, source: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_backend: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "fastconformer_backend",
+    default=_validate(os.environ.get("FASTCONFORMER_BACKEND", "auto"), "FASTCONFORMER_BACKEND"),
+)
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[str]:
+    """Force the implementation of every fused op inside the ``with`` block:
+    ``"auto"``, ``"triton"`` or ``"torch"`` (see the module docstring)."""
+    token = _backend.set(_validate(name, "backend name"))
+    try:
+        yield name
+    finally:
+        _backend.reset(token)
+
+
+def current_backend() -> str:
+    """The backend in force: the innermost :func:`backend` block, else FASTCONFORMER_BACKEND, else auto."""
+    return _backend.get()
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when triton imports (Linux with the triton wheel)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run on the CPU through triton's interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether a fused op called on ``tensors`` runs its Triton kernel under the current backend."""
+    choice = current_backend()
+    if choice == "torch":
+        return False
+    devices = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
+    on_cuda = devices == {"cuda"}
+    if choice == "auto":
+        return on_cuda and triton_available() and not interpreter_enabled()
+    # forced "triton"
+    if not triton_available():
+        raise RuntimeError("backend('triton') was requested but triton is not installed")
+    if on_cuda and not interpreter_enabled():
+        return True
+    if devices == {"cpu"} and interpreter_enabled():
+        return True
+    raise RuntimeError(
+        f"backend('triton') needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is "
+        f"imported; got tensors on {sorted(devices)} with TRITON_INTERPRET="
+        f"{os.environ.get('TRITON_INTERPRET', 'unset')}")
+
+
+def fused_op(triton_impl: str) -> Callable[[Callable], Callable]:
+    """Decorate the PyTorch implementation of a fused op; ``triton_impl`` names its Triton twin as
+    ``"module:function"`` inside ``fastconformer.kernels`` (imported on first use, so a machine
+    without triton never imports it). Both take the same arguments; the tensor arguments decide
+    the device for :func:`use_triton`.
+    """
+    module_name, _, attr = triton_impl.partition(":")
+
+    def decorate(torch_impl: Callable) -> Callable:
+        @functools.wraps(torch_impl)
+        def dispatched(*args, **kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            if use_triton(*tensors):
+                module = importlib.import_module(f"fastconformer.kernels.{module_name}")
+                return getattr(module, attr)(*args, **kwargs)
+            return torch_impl(*args, **kwargs)
+
+        dispatched.torch_impl = torch_impl
+        dispatched.triton_impl = triton_impl
+        return dispatched
+
+    return decorate

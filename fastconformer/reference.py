@@ -1,0 +1,522 @@
+"""The reference Conformer: plain PyTorch, the oracle every fused path is checked against.
+
+A faithful re-implementation of the official Conformer (Peng et al., ICCV 2021,
+github.com/pengzhiliang/Conformer, ``conformer.py``): the same module tree, state_dict keys
+and shapes, eps values, initialisation, module construction order (so a fixed seed draws the
+same weights) and the same order of floating-point operations. No kernels, no shortcuts.
+
+Shapes use B = batch, C = CNN channels, D = embed_dim, N = number of patch tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "drop_path",
+    "DropPath",
+    "Mlp",
+    "Attention",
+    "Block",
+    "ConvBlock",
+    "FCUDown",
+    "FCUUp",
+    "Med_ConvBlock",
+    "ConvTransBlock",
+    "Conformer",
+]
+
+
+def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Stochastic depth per sample: zero whole samples with probability ``drop_prob`` and
+    rescale the kept ones by 1 / (1 - drop_prob). Identity in eval mode or when drop_prob is 0."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1.0 - drop_prob
+    mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    keep = x.new_empty(mask_shape).bernoulli_(keep_prob)
+    if keep_prob > 0.0:
+        keep.div_(keep_prob)
+    return x * keep
+
+
+class DropPath(nn.Module):
+    """Module form of :func:`drop_path`."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout on (..., in_features)."""
+
+    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, drop=0.0):
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        x = self.act(x)
+        x = self.drop(x)
+        x = self.fc2(x)
+        x = self.drop(x)
+        return x
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on (B, N, dim) with an explicit (B, heads, N, N) score matrix."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        # As in the official code, a falsy qk_scale (None or 0) means head_dim ** -0.5.
+        self.scale = qk_scale or head_dim**-0.5
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn)
+
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
+
+
+def _layer_norm_1e6(dim: int) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=1e-6)
+
+
+def _batch_norm_1e6(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=1e-6)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block on (B, N, dim): x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop=0.0, attn_drop=0.0,
+                 drop_path=0.0, act_layer=nn.GELU, norm_layer=_layer_norm_1e6):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                              attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        mlp_hidden_dim = int(dim * mlp_ratio)
+        self.mlp = Mlp(in_features=dim, hidden_features=mlp_hidden_dim, act_layer=act_layer, drop=drop)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+
+class ConvBlock(nn.Module):
+    """ResNet bottleneck on (B, inplanes, H, W) -> (B, outplanes, H/stride, W/stride).
+
+    ``forward(x, x_t)`` adds ``x_t`` (B, outplanes/4, H, W) to conv2's input (the fusion block's
+    coupling); with ``return_x_2`` it also returns conv2's activation x2 (B, outplanes/4, H', W').
+    """
+
+    def __init__(self, inplanes, outplanes, stride=1, res_conv=False, act_layer=nn.ReLU, groups=1,
+                 norm_layer=_batch_norm_1e6, drop_block=None, drop_path=None):
+        super().__init__()
+        expansion = 4
+        med_planes = outplanes // expansion
+
+        self.conv1 = nn.Conv2d(inplanes, med_planes, kernel_size=1, stride=1, padding=0, bias=False)
+        self.bn1 = norm_layer(med_planes)
+        self.act1 = act_layer(inplace=True)
+
+        self.conv2 = nn.Conv2d(med_planes, med_planes, kernel_size=3, stride=stride, groups=groups, padding=1,
+                               bias=False)
+        self.bn2 = norm_layer(med_planes)
+        self.act2 = act_layer(inplace=True)
+
+        self.conv3 = nn.Conv2d(med_planes, outplanes, kernel_size=1, stride=1, padding=0, bias=False)
+        self.bn3 = norm_layer(outplanes)
+        self.act3 = act_layer(inplace=True)
+
+        if res_conv:
+            self.residual_conv = nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=stride, padding=0, bias=False)
+            self.residual_bn = norm_layer(outplanes)
+
+        self.res_conv = res_conv
+        self.drop_block = drop_block
+        self.drop_path = drop_path
+
+    def zero_init_last_bn(self):
+        nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x, x_t=None, return_x_2=True):
+        residual = x
+
+        x = self.conv1(x)
+        x = self.bn1(x)
+        if self.drop_block is not None:
+            x = self.drop_block(x)
+        x = self.act1(x)
+
+        x = self.conv2(x) if x_t is None else self.conv2(x + x_t)
+        x = self.bn2(x)
+        if self.drop_block is not None:
+            x = self.drop_block(x)
+        x2 = self.act2(x)
+
+        x = self.conv3(x2)
+        x = self.bn3(x)
+        if self.drop_block is not None:
+            x = self.drop_block(x)
+
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+
+        if self.res_conv:
+            residual = self.residual_conv(residual)
+            residual = self.residual_bn(residual)
+
+        x += residual
+        x = self.act3(x)
+
+        if return_x_2:
+            return x, x2
+        return x
+
+
+class FCUDown(nn.Module):
+    """Feature Coupling Unit, CNN -> transformer ("squeeze").
+
+    ``forward(x, x_t)``: x (B, inplanes, H, W), x_t (B, 1+N, outplanes) -> (B, 1+N, outplanes) with
+    N = (H/dw_stride)(W/dw_stride): 1x1 conv, average pool, LayerNorm (eps 1e-6), GELU, and x_t's
+    cls row prepended.
+    """
+
+    def __init__(self, inplanes, outplanes, dw_stride, act_layer=nn.GELU, norm_layer=_layer_norm_1e6):
+        super().__init__()
+        self.dw_stride = dw_stride
+
+        self.conv_project = nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=1, padding=0)
+        self.sample_pooling = nn.AvgPool2d(kernel_size=dw_stride, stride=dw_stride)
+
+        self.ln = norm_layer(outplanes)
+        self.act = act_layer()
+
+    def forward(self, x, x_t):
+        x = self.conv_project(x)  # (B, D, H, W)
+
+        x = self.sample_pooling(x).flatten(2).transpose(1, 2)
+        x = self.ln(x)
+        x = self.act(x)
+
+        x = torch.cat([x_t[:, 0][:, None, :], x], dim=1)
+        return x
+
+
+class FCUUp(nn.Module):
+    """Feature Coupling Unit, transformer -> CNN ("expand").
+
+    ``forward(x, H, W)``: x (B, 1+H*W, inplanes) -> (B, outplanes, H*up_stride, W*up_stride): drop the
+    cls row, 1x1 conv, BatchNorm (eps 1e-6), ReLU, nearest upsampling by up_stride.
+    """
+
+    def __init__(self, inplanes, outplanes, up_stride, act_layer=nn.ReLU, norm_layer=_batch_norm_1e6):
+        super().__init__()
+        self.up_stride = up_stride
+        self.conv_project = nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=1, padding=0)
+        self.bn = norm_layer(outplanes)
+        self.act = act_layer()
+
+    def forward(self, x, H, W):
+        B, _, C = x.shape
+        x_r = x[:, 1:].transpose(1, 2).reshape(B, C, H, W)
+        x_r = self.act(self.bn(self.conv_project(x_r)))
+        return F.interpolate(x_r, size=(H * self.up_stride, W * self.up_stride))
+
+
+class Med_ConvBlock(nn.Module):
+    """Bottleneck without downsampling, (B, C, H, W) -> (B, C, H, W); ``num_med_block`` of them may
+    follow the transformer block inside a ConvTransBlock (0 in every published variant)."""
+
+    def __init__(self, inplanes, act_layer=nn.ReLU, groups=1, norm_layer=_batch_norm_1e6, drop_block=None,
+                 drop_path=None):
+        super().__init__()
+        expansion = 4
+        med_planes = inplanes // expansion
+
+        self.conv1 = nn.Conv2d(inplanes, med_planes, kernel_size=1, stride=1, padding=0, bias=False)
+        self.bn1 = norm_layer(med_planes)
+        self.act1 = act_layer(inplace=True)
+
+        self.conv2 = nn.Conv2d(med_planes, med_planes, kernel_size=3, stride=1, groups=groups, padding=1, bias=False)
+        self.bn2 = norm_layer(med_planes)
+        self.act2 = act_layer(inplace=True)
+
+        self.conv3 = nn.Conv2d(med_planes, inplanes, kernel_size=1, stride=1, padding=0, bias=False)
+        self.bn3 = norm_layer(inplanes)
+        self.act3 = act_layer(inplace=True)
+
+        self.drop_block = drop_block
+        self.drop_path = drop_path
+
+    def zero_init_last_bn(self):
+        nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x):
+        residual = x
+
+        x = self.conv1(x)
+        x = self.bn1(x)
+        if self.drop_block is not None:
+            x = self.drop_block(x)
+        x = self.act1(x)
+
+        x = self.conv2(x)
+        x = self.bn2(x)
+        if self.drop_block is not None:
+            x = self.drop_block(x)
+        x = self.act2(x)
+
+        x = self.conv3(x)
+        x = self.bn3(x)
+        if self.drop_block is not None:
+            x = self.drop_block(x)
+
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+
+        x += residual
+        x = self.act3(x)
+        return x
+
+
+class ConvTransBlock(nn.Module):
+    """One Conformer stage block: CNN bottleneck, squeeze, transformer block, expand, fusion bottleneck.
+
+    ``forward(x, x_t)``: x (B, inplanes, H, W), x_t (B, 1+N, embed_dim) ->
+    (x (B, outplanes, H', W'), x_t (B, 1+N, embed_dim)).
+    """
+
+    def __init__(self, inplanes, outplanes, res_conv, stride, dw_stride, embed_dim, num_heads=12, mlp_ratio=4.0,
+                 qkv_bias=False, qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
+                 last_fusion=False, num_med_block=0, groups=1):
+        super().__init__()
+        expansion = 4
+        self.cnn_block = ConvBlock(inplanes=inplanes, outplanes=outplanes, res_conv=res_conv, stride=stride,
+                                   groups=groups)
+
+        if last_fusion:
+            self.fusion_block = ConvBlock(inplanes=outplanes, outplanes=outplanes, stride=2, res_conv=True,
+                                          groups=groups)
+        else:
+            self.fusion_block = ConvBlock(inplanes=outplanes, outplanes=outplanes, groups=groups)
+
+        if num_med_block > 0:
+            self.med_block = nn.ModuleList(
+                [Med_ConvBlock(inplanes=outplanes, groups=groups) for _ in range(num_med_block)]
+            )
+
+        self.squeeze_block = FCUDown(inplanes=outplanes // expansion, outplanes=embed_dim, dw_stride=dw_stride)
+        self.expand_block = FCUUp(inplanes=embed_dim, outplanes=outplanes // expansion, up_stride=dw_stride)
+        self.trans_block = Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                                 qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
+                                 drop_path=drop_path_rate)
+
+        self.dw_stride = dw_stride
+        self.embed_dim = embed_dim
+        self.num_med_block = num_med_block
+        self.last_fusion = last_fusion
+
+    def forward(self, x, x_t):
+        x, x2 = self.cnn_block(x)
+
+        _, _, H, W = x2.shape
+
+        x_st = self.squeeze_block(x2, x_t)
+
+        x_t = self.trans_block(x_st + x_t)
+
+        if self.num_med_block > 0:
+            for m in self.med_block:
+                x = m(x)
+
+        x_t_r = self.expand_block(x_t, H // self.dw_stride, W // self.dw_stride)
+        x = self.fusion_block(x, x_t_r, return_x_2=False)
+
+        return x, x_t
+
+
+class Conformer(nn.Module):
+    """The Conformer classifier.
+
+    ``forward(x)``: x (B, in_chans, H, W), H and W multiples of ``patch_size`` ->
+    ``[conv_logits, trans_logits]``, each (B, num_classes). Official evaluation scores their sum.
+    """
+
+    def __init__(self, patch_size=16, in_chans=3, num_classes=1000, base_channel=64, channel_ratio=4,
+                 num_med_block=0, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=False,
+                 qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0):
+        super().__init__()
+        if depth % 3 != 0:
+            raise ValueError(f"depth must be a multiple of 3, got {depth}")
+        if patch_size % 16 != 0:
+            raise ValueError(f"patch_size must be a multiple of 16 (the last stage pools by patch_size // 16), "
+                             f"got {patch_size}")
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.trans_dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]  # stochastic depth decay
+
+        # Classifier heads
+        self.trans_norm = nn.LayerNorm(embed_dim)
+        self.trans_cls_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.pooling = nn.AdaptiveAvgPool2d(1)
+        self.conv_cls_head = nn.Linear(int(256 * channel_ratio), num_classes)
+
+        # Stem: (B, 3, H, W) -> (B, 64, H/4, W/4)
+        self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.act1 = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+        # Stage 1
+        stage_1_channel = int(base_channel * channel_ratio)
+        trans_dw_stride = patch_size // 4
+        self.conv_1 = ConvBlock(inplanes=64, outplanes=stage_1_channel, res_conv=True, stride=1)
+        self.trans_patch_conv = nn.Conv2d(64, embed_dim, kernel_size=trans_dw_stride, stride=trans_dw_stride,
+                                          padding=0)
+        self.trans_1 = Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                             qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
+                             drop_path=self.trans_dpr[0])
+
+        block_kwargs = dict(embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                            qk_scale=qk_scale, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                            num_med_block=num_med_block)
+
+        # Stage 2: blocks 2 .. depth/3, full resolution
+        init_stage = 2
+        fin_stage = depth // 3 + 1
+        for i in range(init_stage, fin_stage):
+            self.add_module(f"conv_trans_{i}", ConvTransBlock(
+                stage_1_channel, stage_1_channel, False, 1, dw_stride=trans_dw_stride,
+                drop_path_rate=self.trans_dpr[i - 1], **block_kwargs))
+
+        # Stage 3: the first block halves the resolution
+        stage_2_channel = int(base_channel * channel_ratio * 2)
+        init_stage = fin_stage
+        fin_stage = fin_stage + depth // 3
+        for i in range(init_stage, fin_stage):
+            first = i == init_stage
+            self.add_module(f"conv_trans_{i}", ConvTransBlock(
+                stage_1_channel if first else stage_2_channel, stage_2_channel, first, 2 if first else 1,
+                dw_stride=trans_dw_stride // 2, drop_path_rate=self.trans_dpr[i - 1], **block_kwargs))
+
+        # Stage 4: the first block halves the resolution again, the last block's fusion halves it once more
+        stage_3_channel = int(base_channel * channel_ratio * 2 * 2)
+        init_stage = fin_stage
+        fin_stage = fin_stage + depth // 3
+        for i in range(init_stage, fin_stage):
+            first = i == init_stage
+            self.add_module(f"conv_trans_{i}", ConvTransBlock(
+                stage_2_channel if first else stage_3_channel, stage_3_channel, first, 2 if first else 1,
+                dw_stride=trans_dw_stride // 4, drop_path_rate=self.trans_dpr[i - 1],
+                last_fusion=i == depth, **block_kwargs))
+        self.fin_stage = fin_stage
+
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1.0)
+            nn.init.constant_(m.bias, 0.0)
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"cls_token"}
+
+    def check_input(self, x) -> None:
+        """Raise TypeError/ValueError unless x is a floating (B, in_chans, H, W) tensor with H and W
+        positive multiples of patch_size."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape (B, {self.in_chans}, H, W), got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor (float32, float16 or bfloat16), got {x.dtype}; "
+                            "convert images with .float() and normalise them first")
+        if x.ndim != 4:
+            raise ValueError(f"x must be 4-D (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"x must have {self.in_chans} channels in dim 1 (B, {self.in_chans}, H, W), "
+                             f"got shape {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        if H == 0 or W == 0 or H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"x's height and width must be positive multiples of the patch size "
+                             f"{self.patch_size}, got {H}x{W}")
+
+    def forward_features(self, x):
+        """x (B, in_chans, H, W) -> (CNN feature map (B, 256*channel_ratio, H/32, W/32),
+        tokens (B, 1 + (H/patch)(W/patch), embed_dim), before trans_norm)."""
+        self.check_input(x)
+        B = x.shape[0]
+        cls_tokens = self.cls_token.expand(B, -1, -1)
+
+        x_base = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+
+        x = self.conv_1(x_base, return_x_2=False)
+
+        x_t = self.trans_patch_conv(x_base).flatten(2).transpose(1, 2)
+        x_t = torch.cat([cls_tokens, x_t], dim=1)
+        x_t = self.trans_1(x_t)
+
+        for i in range(2, self.fin_stage):
+            x, x_t = getattr(self, f"conv_trans_{i}")(x, x_t)
+        return x, x_t
+
+    def forward_head(self, x, x_t):
+        """Feature map and tokens from :meth:`forward_features` -> [conv_logits, trans_logits]."""
+        x_p = self.pooling(x).flatten(1)
+        conv_cls = self.conv_cls_head(x_p)
+
+        x_t = self.trans_norm(x_t)
+        tran_cls = self.trans_cls_head(x_t[:, 0])
+        return [conv_cls, tran_cls]
+
+    def forward(self, x):
+        x, x_t = self.forward_features(x)
+        return self.forward_head(x, x_t)

@@ -1,0 +1,124 @@
+"""The equality policy (DEVELOPERS.md) and the random draws it is checked on.
+
+Used by the test suite and by ``fastconformer check``, so a user's GPU is judged exactly as CI is.
+
+Policy: compare against the reference computed in float64 from the same weights and inputs, by
+relative error ``||out - ref|| / ||ref||``. float32: at most 1e-5 per module, 1e-4 for the whole
+model. float16 / bfloat16: at most 2x the plain-PyTorch module's own error in that dtype, + 1e-6.
+NaN or Inf never passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import torch
+import torch.nn as nn
+
+__all__ = ["MODULE_TOL", "MODEL_TOL", "Comparison", "rel_error", "compare", "assert_matches",
+           "randomize_module", "to_float64"]
+
+MODULE_TOL = 1e-5
+MODEL_TOL = 1e-4
+HALF_FACTOR = 2.0
+HALF_SLACK = 1e-6
+
+
+def _flat(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().reshape(-1).to(torch.float64)
+    if isinstance(x, (list, tuple)):
+        return torch.cat([_flat(t) for t in x])
+    raise TypeError(f"expected a tensor or a list/tuple of tensors, got {type(x).__name__}")
+
+
+def rel_error(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float64 over all elements (tensors or lists of tensors);
+    inf when out holds NaN or Inf or the shapes differ."""
+    o, r = _flat(out).cpu(), _flat(ref).cpu()
+    if o.shape != r.shape or not torch.isfinite(o).all():
+        return math.inf
+    ref_norm = r.norm().item()
+    diff = (o - r).norm().item()
+    if ref_norm == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / ref_norm
+
+
+def _dtype_of(x) -> torch.dtype:
+    return x.dtype if isinstance(x, torch.Tensor) else _dtype_of(x[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """One equality check: the fused output's error, the bound it had to meet, and the verdict."""
+
+    name: str
+    dtype: torch.dtype
+    error: float
+    bound: float
+    baseline_error: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return math.isfinite(self.error) and self.error <= self.bound
+
+    def __str__(self) -> str:
+        base = "" if self.baseline_error is None else f", plain-PyTorch error {self.baseline_error:.3g}"
+        verdict = "ok" if self.passed else "FAIL"
+        return f"{self.name} [{self.dtype}]: rel. error {self.error:.3g} <= {self.bound:.3g}{base}: {verdict}"
+
+
+def compare(out, ref, *, baseline=None, fp32_tol: float = MODULE_TOL, name: str = "output") -> Comparison:
+    """Judge ``out`` against the float64 ``ref``.
+
+    float32 ``out``: bound ``fp32_tol`` (MODULE_TOL for a module, MODEL_TOL for the whole model).
+    float16/bfloat16 ``out``: ``baseline`` (the plain-PyTorch module's output in the same dtype) is
+    required; bound ``2 * rel_error(baseline, ref) + 1e-6``.
+    """
+    dtype = _dtype_of(out)
+    error = rel_error(out, ref)
+    if dtype in (torch.float16, torch.bfloat16):
+        if baseline is None:
+            raise ValueError(f"compare({name!r}) of a {dtype} output needs baseline=, the plain-PyTorch output "
+                             "in the same dtype")
+        baseline_error = rel_error(baseline, ref)
+        return Comparison(name, dtype, error, HALF_FACTOR * baseline_error + HALF_SLACK, baseline_error)
+    if dtype in (torch.float32, torch.float64):
+        return Comparison(name, dtype, error, fp32_tol)
+    raise TypeError(f"compare({name!r}): expected a floating-point output, got {dtype}")
+
+
+def assert_matches(out, ref, *, baseline=None, fp32_tol: float = MODULE_TOL, name: str = "output") -> Comparison:
+    """:func:`compare`, raising AssertionError with the numbers when the policy is not met."""
+    result = compare(out, ref, baseline=baseline, fp32_tol=fp32_tol, name=name)
+    assert result.passed, str(result)
+    return result
+
+
+def to_float64(x):
+    """A float64 copy of a tensor (or of each tensor in a list/tuple), for reference computations."""
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_float64(t) for t in x)
+    return x.detach().to(torch.float64)
+
+
+@torch.no_grad()
+def randomize_module(module: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Draw fresh weights for every parameter (normal, scaled by 1/sqrt(fan-in) for matrices) and
+    BatchNorm running statistics that are not the identity (mean ~ N(0, 0.5), var ~ U(0.5, 1.5)),
+    so that no check passes on an identity normalisation or on zeros. Returns ``module``."""
+    for name, p in module.named_parameters():
+        fan_in = p[0].numel() if p.ndim > 1 else 1
+        scale = 1.0 / math.sqrt(fan_in) if p.ndim > 1 else 0.5
+        draw = torch.randn(p.shape, generator=generator, dtype=torch.float64) * scale
+        if p.ndim == 1 and name.rsplit(".", 1)[-1] == "weight":  # norm scales: around 1
+            draw = 1.0 + draw
+        p.copy_(draw.to(p.dtype))
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator, dtype=torch.float64) * 0.5)
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=generator, dtype=torch.float64))
+            m.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=generator)))
+    return module
+

@@ -1,0 +1,154 @@
+"""fastconformer's Triton kernels (installed as ``fastconformer.kernels``).
+
+One file per fused op, Liger-Kernel style: the ``@triton.jit`` kernel, its launcher (the only
+place that picks a launch config), the ``torch.library.triton_op`` registration, and a
+``compile_specs()`` generator that lists every (kernel, signature, constexprs, warps, stages)
+combination the launcher can pick. The test suite's ``compile`` matrix builds each of them for
+sm_80 and sm_90 with :func:`compile_spec`, no GPU needed.
+
+Importing this package imports triton.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Iterable
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+__all__ = ["KERNEL_MODULES", "CompileSpec", "CompileReport", "all_compile_specs", "compile_spec", "compile_matrix",
+           "tl_dtype", "allow_tf32"]
+
+# Every module of this package that defines kernels; each has a compile_specs() generator.
+KERNEL_MODULES = ("add_layer_norm",)
+
+_TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def tl_dtype(dtype: torch.dtype) -> str:
+    """The signature string of a pointer to ``dtype`` elements, e.g. ``'*fp16'``."""
+    try:
+        return "*" + _TL_DTYPES[dtype]
+    except KeyError:
+        raise TypeError(f"fused kernels take float32, float16 or bfloat16 tensors, got {dtype}") from None
+
+
+def allow_tf32(dtype: torch.dtype) -> bool:
+    """Whether ``tl.dot`` may use TF32 for ``dtype`` inputs: only for float32, and only where torch's
+    own matmuls would (``torch.backends.cuda.matmul.allow_tf32``)."""
+    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileSpec:
+    """One launchable variant of a kernel: what ``triton.compile`` needs to build it ahead of time."""
+
+    name: str
+    kernel: object  # the @triton.jit function (a JITFunction, or an InterpretedFunction under TRITON_INTERPRET)
+    signature: dict
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    """What ptxas made of one spec for one target."""
+
+    name: str
+    arch: int
+    registers: int
+    spill_bytes: int  # ptxas stack frame + local memory: non-zero means register spills
+    shared_bytes: int
+    uses_wgmma: bool
+    uses_mma: bool
+
+
+def _jit_function(kernel) -> JITFunction:
+    # Under TRITON_INTERPRET=1, @triton.jit returns an InterpretedFunction that keeps the Python
+    # function in .fn; ahead-of-time compilation needs a JITFunction of it.
+    if isinstance(kernel, JITFunction):
+        return kernel
+    return JITFunction(kernel.fn)
+
+
+@functools.cache
+def _cuobjdump() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
+    """(registers, stack + local bytes, shared bytes) of the one function in ``cubin``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    if "REG" not in fields:
+        raise RuntimeError(f"cuobjdump -res-usage printed no REG field:\n{out}")
+    return int(fields["REG"]), int(fields["STACK"]) + int(fields["LOCAL"]), int(fields["SHARED"])
+
+
+def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
+    """Build ``spec`` for ``sm_<arch>`` (80 or 90) with no GPU present and report its resources.
+
+    Needs a process where TRITON_INTERPRET was unset when triton was imported (under the
+    interpreter triton's own library functions such as tl.sum are interpreted, not compiled);
+    :func:`compile_matrix` takes care of that."""
+    source = ASTSource(_jit_function(spec.kernel), spec.signature, spec.constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    registers, spills, shared = _resource_usage(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
+    return CompileReport(name=spec.name, arch=arch, registers=registers, spill_bytes=spills,
+                         shared_bytes=max(shared, compiled.metadata.shared), uses_wgmma="wgmma" in ptx,
+                         uses_mma="mma.sync" in ptx or "wgmma" in ptx)
+
+
+def all_compile_specs() -> Iterable[CompileSpec]:
+    """Every spec of every kernel module, in KERNEL_MODULES order."""
+    for name in KERNEL_MODULES:
+        yield from importlib.import_module(f"{__name__}.{name}").compile_specs()
+
+
+def _compile_job(job: tuple[str, int]) -> dict:
+    name, arch = job
+    spec = next(s for s in all_compile_specs() if s.name == name)
+    return dataclasses.asdict(compile_spec(spec, arch))
+
+
+def compile_matrix(arches=(80, 90), jobs: int | None = None) -> dict[tuple[str, int], CompileReport]:
+    """Compile every spec for every arch; {(spec name, arch): report}.
+
+    Runs in this process when triton is compiling natively, else (under TRITON_INTERPRET=1, as in
+    the CPU test suite) in a child process without it (``python -m fastconformer.kernels``)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        cmd = [sys.executable, "-m", __name__, "--arches", *map(str, arches)]
+        if jobs:
+            cmd += ["--jobs", str(jobs)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+        reports = [CompileReport(**r) for r in json.loads(proc.stdout)]
+    else:
+        names = [s.name for s in all_compile_specs()]
+        if len(set(names)) != len(names):
+            raise RuntimeError("compile spec names must be unique")
+        work = [(n, a) for n in names for a in arches]
+        with concurrent.futures.ProcessPoolExecutor(jobs or os.cpu_count()) as pool:
+            reports = [CompileReport(**r) for r in pool.map(_compile_job, work)]
+    return {(r.name, r.arch): r for r in reports}

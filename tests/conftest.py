@@ -1,0 +1,52 @@
+"""Test configuration: the Triton interpreter on machines without CUDA, markers, shared fixtures.
+
+TRITON_INTERPRET=1 must be set before triton is first imported, so this runs before any test
+module (and so before fastconformer.kernels) is imported.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastconformer import dispatch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    """cuda when present, else cpu (where the triton backend runs under the interpreter)."""
+    return DEVICE
+
+
+# Backends a fused op can be checked on here: torch always; triton on CUDA or under the interpreter.
+BACKENDS = ["torch"] + (["triton"] if dispatch.triton_available() and (HAS_CUDA or dispatch.interpreter_enabled())
+                        else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request):
+    """Runs the test once per available backend, inside ``fastconformer.backend(name)``."""
+    with dispatch.backend(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def gen():
+    """A seeded CPU generator: fresh random draws, reproducible failures."""
+    return torch.Generator().manual_seed(1234)
