@@ -17,6 +17,7 @@ import functools
 import importlib
 import json
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -32,8 +33,15 @@ from triton.runtime.jit import JITFunction
 __all__ = ["KERNEL_MODULES", "CompileSpec", "CompileReport", "all_compile_specs", "compile_spec", "compile_matrix",
            "tl_dtype", "allow_tf32"]
 
-# Every module of this package that defines kernels; each has a compile_specs() generator.
-KERNEL_MODULES = ("add_layer_norm",)
+
+
+def _kernel_modules() -> tuple[str, ...]:
+    """Every module of this package that defines kernels (each has a compile_specs() generator)."""
+    here = os.path.dirname(__file__)
+    return tuple(sorted(m.name for m in pkgutil.iter_modules([here]) if not m.name.startswith("_")))
+
+
+KERNEL_MODULES = _kernel_modules()
 
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -119,7 +127,7 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
 
 
 def all_compile_specs() -> Iterable[CompileSpec]:
-    """Every spec of every kernel module, in KERNEL_MODULES order."""
+    """Every spec of every kernel module, in KERNEL_MODULES (alphabetical) order."""
     for name in KERNEL_MODULES:
         yield from importlib.import_module(f"{__name__}.{name}").compile_specs()
 

@@ -1,0 +1,63 @@
+"""Shared pieces of the pytest-benchmark suite.
+
+Run: ``pytest benchmarks --benchmark-enable [--benchmark-json=benchmarks/results/<device>.json]``.
+Each benchmark belongs to a group (one op at one shape) and has an ``impl`` (``reference``,
+``fused``, ...); the summary at the end prints every impl's speed relative to the group's
+``reference``, measured side by side in the same run.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def device_name() -> str:
+    """The GPU's name, or the CPU's with its core count."""
+    if HAS_CUDA:
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def run_benchmark(benchmark, fn, *, group: str, impl: str, rounds: int | None = None, **info):
+    """Time ``fn()`` (CUDA-synchronised on GPUs) under ``group``/``impl``; ``info`` (bytes moved,
+    flops, shapes) lands in the JSON's extra_info. Returns fn's last result."""
+    benchmark.group = group
+    benchmark.extra_info.update(impl=impl, device=device_name(), torch=torch.__version__, **info)
+
+    def timed():
+        out = fn()
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+        return out
+
+    if rounds is None:
+        return benchmark(timed)
+    return benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or session.disabled or not session.benchmarks:
+        return
+    groups: dict[str, dict[str, float]] = {}
+    for bench in session.benchmarks:
+        if bench.stats is None:
+            continue
+        groups.setdefault(bench.group, {})[bench.extra_info.get("impl", bench.name)] = bench.stats.median
+    terminalreporter.section(f"speed relative to the reference, same run, on {device_name()}")
+    for group, medians in groups.items():
+        ref = medians.get("reference")
+        for impl, median in medians.items():
+            ratio = f"{ref / median:6.2f}x" if ref else "   n/a"
+            terminalreporter.write_line(f"{group:<48} {impl:<22} median {median * 1e3:9.3f} ms   {ratio}")
