@@ -391,7 +391,7 @@ class Conformer(nn.Module):
         self.in_chans = in_chans
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.trans_dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]  # stochastic depth decay
+        self.trans_dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
 
         # Classifier heads
         self.trans_norm = nn.LayerNorm(embed_dim)

@@ -1,0 +1,125 @@
+"""Checkpoint loading: every container layout, MMPretrain's names, unsafe pickles, mismatch reports."""
+
+import argparse
+import os
+import pickle
+
+import pytest
+import torch
+
+import fastconformer
+from fastconformer.checkpoint import CheckpointMismatchError, convert_mmpretrain, guess_variant, read_state_dict
+
+NAME = "conformer_tiny_patch16"
+
+
+@pytest.fixture(scope="module")
+def source_state():
+    torch.manual_seed(11)
+    model = fastconformer.create_model(NAME)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 1.5)
+    return model.state_dict()
+
+
+def _to_mmpretrain(state):
+    out = {}
+    for k, v in state.items():
+        prefix = "head." if k.startswith(("conv_cls_head", "trans_cls_head")) else "backbone."
+        k = (k.replace(".norm1.", ".ln1.").replace(".norm2.", ".ln2.")
+             .replace(".mlp.fc1.", ".ffn.layers.0.0.").replace(".mlp.fc2.", ".ffn.layers.1."))
+        out[prefix + k] = v
+    out["data_preprocessor.mean"] = torch.zeros(3)
+    return out
+
+
+LAYOUTS = {
+    "raw": lambda s: s,
+    "model": lambda s: {"model": s, "epoch": 299, "args": argparse.Namespace(lr=5e-4)},
+    "state_dict": lambda s: {"state_dict": s, "meta": {"epoch": 3}},
+    "module_prefix": lambda s: {"model": {"module." + k: v for k, v in s.items()}},
+    "mmpretrain": lambda s: {"meta": {"mmpretrain_version": "1.2.0"}, "state_dict": _to_mmpretrain(s)},
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("via_file", [True, False])
+def test_round_trip(tmp_path, source_state, layout, via_file):
+    blob = LAYOUTS[layout](source_state)
+    if via_file:
+        path = tmp_path / "ckpt.pth"
+        torch.save(blob, path)
+        blob = path
+    target = fastconformer.create_model(NAME)
+    fastconformer.load_checkpoint(target, blob, strict=True)
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, source_state[k]), k
+
+
+def test_create_model_pretrained(tmp_path, source_state):
+    path = tmp_path / "Conformer_tiny_patch16.pth"
+    torch.save({"model": source_state}, path)
+    model = fastconformer.create_model("Conformer_tiny_patch16", pretrained=path)
+    assert torch.equal(model.cls_token, source_state["cls_token"])
+
+
+def test_mmpretrain_conversion_names(source_state):
+    converted = convert_mmpretrain(_to_mmpretrain(source_state))
+    assert set(converted) == set(source_state)
+    assert "trans_1.norm1.weight" in converted and "conv_trans_5.trans_block.mlp.fc2.bias" in converted
+
+
+def test_unsafe_pickle_is_refused_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": Exploit()}, f)
+    with pytest.raises(ValueError, match="weights_only=True"):
+        fastconformer.load_checkpoint(fastconformer.create_model(NAME), path)
+    assert not marker.exists()
+
+
+def test_patch32_weights_into_patch16_model_says_so():
+    with torch.device("meta"):
+        state = fastconformer.create_model("conformer_small_patch32").state_dict()
+        model = fastconformer.create_model("conformer_small_patch16")
+    with pytest.raises(CheckpointMismatchError) as err:
+        fastconformer.load_checkpoint(model, state)
+    msg = str(err.value)
+    assert "shape mismatch for trans_patch_conv.weight" in msg
+    assert "looks like conformer_small_patch32" in msg and "the model is conformer_small_patch16" in msg
+
+
+def test_missing_and_unexpected_keys_are_listed(source_state):
+    state = dict(source_state)
+    del state["trans_norm.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    model = fastconformer.create_model(NAME)
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\): trans_norm.weight") as err:
+        fastconformer.load_checkpoint(model, state)
+    assert "unexpected keys (1): extra.weight" in str(err.value)
+    result = fastconformer.load_checkpoint(model, state, strict=False)
+    assert result.missing_keys == ["trans_norm.weight"] and result.unexpected_keys == ["extra.weight"]
+
+
+def test_guess_variant_ignores_classifier_size(source_state):
+    state = {k: v for k, v in source_state.items()}
+    state["trans_cls_head.weight"] = torch.zeros(10, 384)
+    assert guess_variant(state)[0] == NAME
+
+
+def test_bad_checkpoint_objects(tmp_path):
+    with pytest.raises(TypeError, match="state_dict"):
+        read_state_dict([1, 2, 3])
+    with pytest.raises(ValueError, match="no tensors"):
+        read_state_dict({"epoch": 3})
+    with pytest.raises(TypeError, match="nn.Module"):
+        fastconformer.load_checkpoint("not a model", {})
