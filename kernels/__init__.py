@@ -70,6 +70,9 @@ class CompileSpec:
     constexprs: dict
     num_warps: int = 4
     num_stages: int = 2
+    # Arguments the runtime specialises as multiples of 16 at real launches (pointers from torch's
+    # allocator, strides of aligned tensors): listing them builds the variant those launches get.
+    divisible_by_16: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +119,9 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
     Needs a process where TRITON_INTERPRET was unset when triton was imported (under the
     interpreter triton's own library functions such as tl.sum are interpreted, not compiled);
     :func:`compile_matrix` takes care of that."""
-    source = ASTSource(_jit_function(spec.kernel), spec.signature, spec.constexprs)
+    fn = _jit_function(spec.kernel)
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.divisible_by_16}
+    source = ASTSource(fn, spec.signature, spec.constexprs, attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     registers, spills, shared = _resource_usage(compiled.asm["cubin"])

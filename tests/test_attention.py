@@ -1,0 +1,218 @@
+"""FusedAttention / the fused attention op against the float64 reference Attention, both backends."""
+
+import copy
+
+import pytest
+import torch
+
+from fastconformer import dispatch
+from fastconformer.modules.attention import FusedAttention, attention
+from fastconformer.reference import Attention
+from fastconformer.testing import MODULE_TOL, assert_matches, randomize_module, rel_error, to_float64
+
+HAS_TRITON = dispatch.triton_available() and (torch.cuda.is_available() or dispatch.interpreter_enabled())
+
+# (B, N, dim, heads, qk_scale): "rand" draws a scale; N and head_dim (dim / heads) cover the model's
+# shapes (197 tokens for patch16 at 224, 50 for patch32, 257 and 577 for larger inputs, 1, 17) and
+# head_dim 64 (every variant), 32, 80, 96, 128.
+CASES = [
+    (3, 197, 384, 6, None),
+    (1, 50, 576, 9, None),
+    (2, 1, 192, 6, "rand"),
+    (3, 17, 160, 2, "rand"),
+    (1, 257, 192, 2, "rand"),
+    (1, 577, 256, 2, "rand"),
+]
+
+
+def _ids(case):
+    B, N, dim, heads, scale = case
+    return f"B{B}-N{N}-hd{dim // heads}-h{heads}" + ("-randscale" if scale else "")
+
+
+def _reference(dim, heads, gen, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
+    if qk_scale == "rand":
+        qk_scale = 0.02 + 0.3 * torch.rand((), generator=gen).item()
+    return randomize_module(Attention(dim, heads, qkv_bias=True, qk_scale=qk_scale, attn_drop=attn_drop,
+                                      proj_drop=proj_drop), gen).eval()
+
+
+def _pair(ref, dtype, device):
+    """(plain reference in dtype, FusedAttention sharing its parameters)."""
+    ref_dt = copy.deepcopy(ref).to(device, dtype)
+    return ref_dt, FusedAttention.from_reference(ref_dt)
+
+
+def _check_forward(ref, x, dtype, device, fp32_tol=MODULE_TOL):
+    expected = copy.deepcopy(ref).to(device, torch.float64)(to_float64(x).to(device))
+    ref_dt, fused = _pair(ref, dtype, device)
+    xd = x.to(device, dtype)
+    with torch.no_grad():
+        out = fused(xd)
+        baseline = ref_dt(xd)
+    assert out.dtype == dtype and out.shape == x.shape
+    if fp32_tol is None:
+        fp32_tol = max(MODULE_TOL, 2 * rel_error(baseline, expected) + 1e-6)
+    assert_matches(out, expected, baseline=None if dtype == torch.float32 else baseline, fp32_tol=fp32_tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_matches_reference(backend_name, device, gen, case, dtype):
+    B, N, dim, heads, qk_scale = case
+    ref = _reference(dim, heads, gen, qk_scale)
+    _check_forward(ref, torch.randn(B, N, dim, generator=gen), dtype, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_large_logits(backend_name, device, gen, dtype):
+    """Scores q·k of magnitude ~1e4 before scaling (up to ~3e4): fp16 must not overflow. The
+    float32 bound is the policy's 1e-5, or 2x the plain float32 module's own error where that is
+    larger (at logits ~1e3 after scaling, fp32 rounding of the logits alone costs about 1e-5)."""
+    ref = _reference(384, 6, gen)
+    x = 25 * torch.randn(2, 197, 384, generator=gen)
+    _check_forward(ref, x, dtype, device, fp32_tol=None)
+
+
+def test_follows_tf32_setting(backend_name, device, gen, monkeypatch):
+    """With torch's TF32 matmuls on, the kernel takes its TF32 launch config (tl.dot in TF32 on GPUs);
+    the bound is then 2x the plain float32 module's own (TF32) error, as for half precision."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    ref = _reference(384, 6, gen, "rand")
+    _check_forward(ref, torch.randn(1, 197, 384, generator=gen), torch.float32, device, fp32_tol=None)
+
+
+def test_noncontiguous_input(backend_name, device, gen):
+    ref = _reference(576, 9, gen, "rand")
+    x = torch.randn(50, 3, 576, generator=gen).transpose(0, 1)
+    _check_forward(ref, x, torch.float32, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_op_strided_qkv(backend_name, device, gen, dtype):
+    """The op on a qkv whose last dimension is not unit-stride (not the Linear's layout)."""
+    qkv = torch.randn(3, 3 * 256, 50, generator=gen).transpose(1, 2)
+    expected = attention.torch_impl(to_float64(qkv), 4, 0.21)
+    qd = qkv.to(device, dtype)
+    out = attention(qd, 4, 0.21)
+    baseline = attention.torch_impl(qd, 4, 0.21)
+    assert_matches(out, expected, baseline=None if dtype == torch.float32 else baseline)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [(2, 50, 384, 6, None), (3, 17, 160, 2, "rand")], ids=_ids)
+def test_gradients_match(backend_name, device, gen, case, dtype):
+    B, N, dim, heads, qk_scale = case
+    ref = _reference(dim, heads, gen, qk_scale)
+    x = torch.randn(B, N, dim, generator=gen)
+    grad = torch.randn(B, N, dim, generator=gen)
+
+    def grads(module, dtype):
+        xd = x.to(device, dtype).clone().requires_grad_()
+        module(xd).backward(grad.to(device, dtype))
+        return [xd.grad] + [p.grad for p in module.parameters()]
+
+    expected = grads(copy.deepcopy(ref).to(device, torch.float64), torch.float64)
+    ref_dt, fused = _pair(ref, dtype, device)
+    baseline = grads(copy.deepcopy(ref_dt), dtype)
+    out = grads(fused, dtype)
+    names = ["x"] + [n for n, _ in ref.named_parameters()]
+    for name, o, e, b in zip(names, out, expected, baseline):
+        assert_matches(o, e, baseline=None if dtype == torch.float32 else b, name=f"grad {name}")
+
+
+def test_attention_dropout_falls_back(backend_name, device, gen):
+    """In training with attn_drop > 0 the module runs the reference math: same RNG seed, same
+    dropout masks, same output (and eval mode still matches with dropout off)."""
+    ref = _reference(384, 6, gen, attn_drop=0.2, proj_drop=0.1).train()
+    x = torch.randn(3, 50, 384, generator=gen).to(device)
+    ref = ref.to(device)
+    fused = FusedAttention.from_reference(ref)
+    assert fused.training
+    torch.manual_seed(7)
+    expected = ref(x)
+    torch.manual_seed(7)
+    out = fused(x)
+    assert_matches(out, expected)
+    out.sum().backward()
+    assert all(p.grad is not None for p in fused.parameters())
+    _check_forward(ref.eval(), x.cpu(), torch.float32, device)
+
+
+def test_autocast_bf16(device, gen):
+    ref = _reference(384, 6, gen)
+    x = torch.randn(3, 197, 384, generator=gen)
+    expected = copy.deepcopy(ref).double()(x.double())
+    fused = FusedAttention.from_reference(ref)
+    with dispatch.backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = fused(x)
+        baseline = ref(x)
+    assert out.dtype == baseline.dtype == torch.bfloat16
+    assert_matches(out, expected, baseline=baseline)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4], CASES[5]], ids=_ids)
+def test_matches_reference_bf16(backend_name, device, gen, case):
+    B, N, dim, heads, qk_scale = case
+    ref = _reference(dim, heads, gen, qk_scale)
+    _check_forward(ref, torch.randn(B, N, dim, generator=gen), torch.bfloat16, device)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton on CUDA or under the interpreter")
+@pytest.mark.parametrize("N,heads,head_dim", [(197, 2, 64), (17, 3, 80)])
+def test_kernel_log_sum_exp(device, gen, N, heads, head_dim):
+    """The kernel's saved per-row log-sum-exp is logsumexp(scale * q kᵀ) in fp32, (B, heads, N)."""
+    from fastconformer.kernels.attention import attention_op
+
+    qkv = torch.randn(2, N, 3 * heads * head_dim, generator=gen)
+    out, lse = attention_op(qkv.to(device), heads, 0.17)
+    q, k, _ = to_float64(qkv).unflatten(-1, (3, heads, head_dim)).permute(2, 0, 3, 1, 4)
+    assert lse.dtype == torch.float32 and lse.shape == (2, heads, N)
+    assert_matches(lse, torch.logsumexp(q @ k.transpose(-2, -1) * 0.17, dim=-1), name="lse")
+    assert_matches(out, attention.torch_impl(to_float64(qkv), heads, 0.17))
+
+
+def test_from_reference_shares_parameters(gen):
+    ref = _reference(384, 6, gen, "rand", attn_drop=0.1)
+
+    class OfficialAttention(torch.nn.Module):  # the official repository's class: same attributes, other type
+        def __init__(self, src):
+            super().__init__()
+            self.num_heads, self.scale = src.num_heads, src.scale
+            self.qkv, self.attn_drop, self.proj, self.proj_drop = src.qkv, src.attn_drop, src.proj, src.proj_drop
+            self.train(src.training)
+
+    for source in (ref, OfficialAttention(ref)):
+        rng = torch.random.get_rng_state()
+        fused = FusedAttention.from_reference(source)
+        assert torch.equal(rng, torch.random.get_rng_state()), "from_reference must not draw weights"
+        assert fused.scale == ref.scale and fused.num_heads == ref.num_heads and not fused.training
+        assert fused.attn_drop.p == 0.1
+        for (n, p), (rn, rp) in zip(fused.named_parameters(), ref.named_parameters()):
+            assert n == rn and p is rp
+    fresh = FusedAttention(384, 6, qkv_bias=True, qk_scale=ref.scale)
+    fresh.load_state_dict(ref.state_dict(), strict=True)
+    ref.load_state_dict(fresh.state_dict(), strict=True)
+    assert FusedAttention(384, 6, qk_scale=0.0).scale == 64**-0.5 == FusedAttention(384, 6).scale
+    with pytest.raises(TypeError, match="lacks"):
+        FusedAttention.from_reference(torch.nn.Linear(4, 4))
+
+
+def test_bad_input(backend_name, device, gen):
+    fused = FusedAttention(192, 6).to(device)
+    with pytest.raises(ValueError, match="x must be"):
+        fused(torch.randn(5, 192, generator=gen).to(device))
+    with pytest.raises(ValueError, match="x must be"):
+        fused(torch.randn(2, 5, 96, generator=gen).to(device))
+    with pytest.raises(ValueError, match="divisible"):
+        FusedAttention(100, 3)
+    with pytest.raises(ValueError, match="qkv must be 3-D"):
+        attention(torch.randn(2, 5, 3, 6, 32, generator=gen).to(device), 6, 0.1)
+    with pytest.raises(ValueError, match="multiple of 3\\*num_heads"):
+        attention(torch.randn(2, 5, 100, generator=gen).to(device), 6, 0.1)
+    if backend_name == "triton":
+        with pytest.raises(ValueError, match="head_dim up to"):
+            attention(torch.randn(1, 5, 3 * 256, generator=gen).to(device), 1, 0.1)
+        with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+            attention(torch.randn(1, 5, 3 * 64, generator=gen, dtype=torch.float64).to(device), 1, 0.1)
