@@ -1,0 +1,132 @@
+"""The fused FCU squeeze (CNN -> transformer), a drop-in for :class:`fastconformer.reference.FCUDown`.
+
+``fcu_down``: average pool first, then the 1x1 projection (pool and a 1x1 convolution commute, and
+the bias passes through an average unchanged: dw_stride^2 fewer MACs and no (B, D, H, W)
+intermediate), + bias, LayerNorm, exact GELU, written after x_t's cls row; optionally + x_t, the
+transformer block's input in a ConvTransBlock (Triton kernel: ``fastconformer.kernels.fcu_down``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..dispatch import fused_op
+
+__all__ = ["FusedFCUDown", "check_fcu_down_inputs", "fcu_down"]
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+_layer_norm_1e6 = functools.partial(nn.LayerNorm, eps=1e-6)
+
+
+def _check_dw_stride(dw_stride: object) -> None:
+    if isinstance(dw_stride, bool) or not isinstance(dw_stride, int) or dw_stride < 1:
+        raise ValueError(f"dw_stride must be a positive int, got {dw_stride!r}")
+
+
+def check_fcu_down_inputs(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          ln_weight: torch.Tensor, ln_bias: torch.Tensor, dw_stride: int) -> None:
+    """Raise ValueError (shapes, dw_stride) or TypeError (dtypes) for arguments :func:`fcu_down` cannot take."""
+    _check_dw_stride(dw_stride)
+    if weight.dim() not in (2, 4) or _shape(weight)[2:] not in ((), (1, 1)):
+        raise ValueError(f"weight must be the 1x1 projection's (D, C_in, 1, 1) or (D, C_in) tensor, got shape "
+                         f"{_shape(weight)}")
+    D, C = weight.shape[:2]
+    if x2.dim() != 4 or x2.shape[1] != C:
+        raise ValueError(f"x2 must be a (B, C_in={C}, H, W) tensor, got shape {_shape(x2)}")
+    B, _, H, W = x2.shape
+    if H % dw_stride or W % dw_stride or H == 0 or W == 0:
+        raise ValueError(f"x2's spatial size {H}x{W} must be positive and divisible by dw_stride={dw_stride}")
+    N = (H // dw_stride) * (W // dw_stride)
+    if _shape(x_t) != (B, N + 1, D):
+        raise ValueError(f"x_t must be (B, 1 + N, D) = ({B}, {N + 1}, {D}) for x2 of shape {_shape(x2)} and "
+                         f"dw_stride={dw_stride}, got shape {_shape(x_t)}")
+    for name, p in (("bias", bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if _shape(p) != (D,):
+            raise ValueError(f"{name} must have shape ({D},), got {_shape(p)}")
+    if not torch.is_autocast_enabled(x2.device.type) and x2.dtype != weight.dtype:
+        raise TypeError(f"x2 ({x2.dtype}) and weight ({weight.dtype}) must have the same dtype outside autocast")
+
+
+@fused_op(triton_impl="fcu_down:fcu_down_triton")
+def fcu_down(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+             ln_weight: torch.Tensor, ln_bias: torch.Tensor, dw_stride: int, eps: float,
+             add_x_t: bool = False) -> torch.Tensor:
+    """The squeeze: x2 (B, C_in, H, W) (any layout), x_t (B, 1 + N, D), weight (D, C_in, 1, 1) or
+    (D, C_in), bias / ln_weight / ln_bias (D,) -> (B, 1 + N, D), N = (H / dw_stride)(W / dw_stride):
+    row 0 is x_t[:, 0], rows 1.. are GELU(LayerNorm_eps(avgpool(x2) projected + bias)) in token order
+    (row-major over the pooled grid). With ``add_x_t`` it returns that + x_t. Same dtype as the
+    reference FCUDown (x_t's promoted with the tokens'), under autocast too."""
+    check_fcu_down_inputs(x2, x_t, weight, bias, ln_weight, ln_bias, dw_stride)
+    pooled = F.avg_pool2d(x2, dw_stride) if dw_stride > 1 else x2
+    tokens = F.linear(pooled.flatten(2).transpose(1, 2), weight.flatten(1), bias)  # (B, N, D)
+    tokens = F.gelu(F.layer_norm(tokens, tokens.shape[-1:], ln_weight, ln_bias, eps))
+    out = torch.cat([x_t[:, :1], tokens], dim=1)
+    return out + x_t if add_x_t else out
+
+
+def _check_fusable(conv: nn.Module, ln: nn.Module, act: nn.Module, dw_stride: object) -> None:
+    """ValueError unless the squeeze is a biased 1x1 nn.Conv2d, an affine nn.LayerNorm over its
+    outputs and the exact (erf) GELU, with a positive integer dw_stride."""
+    if not (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None):
+        raise ValueError(f"conv_project must be a biased 1x1 nn.Conv2d (stride 1, no padding, groups 1), got {conv}")
+    if not (isinstance(ln, nn.LayerNorm) and ln.normalized_shape == (conv.out_channels,)
+            and ln.weight is not None and ln.bias is not None):
+        raise ValueError(f"ln must be an affine nn.LayerNorm({conv.out_channels}), got {ln}")
+    if not (isinstance(act, nn.GELU) and act.approximate == "none"):
+        raise ValueError(f"the fused squeeze applies the exact (erf) GELU; act must be nn.GELU(), got {act}")
+    _check_dw_stride(dw_stride)
+
+
+class FusedFCUDown(nn.Module):
+    """Drop-in for :class:`fastconformer.reference.FCUDown` with the same constructor arguments and
+    state_dict keys (``conv_project.weight/bias``, ``ln.weight/bias``).
+
+    ``forward(x2, x_t, add_x_t=False)``: x2 (B, inplanes, H, W) (NCHW or channels_last), x_t
+    (B, 1 + N, outplanes) -> (B, 1 + N, outplanes), N = (H / dw_stride)(W / dw_stride): what the
+    reference returns, or with ``add_x_t`` that + x_t (the transformer block's input, in one pass).
+    fp32, fp16, bf16; autocast gives the reference's output dtype.
+    """
+
+    def __init__(self, inplanes, outplanes, dw_stride, act_layer=nn.GELU, norm_layer=_layer_norm_1e6):
+        super().__init__()
+        self.dw_stride = dw_stride
+        self.conv_project = nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=1, padding=0)
+        self.ln = norm_layer(outplanes)
+        _check_fusable(self.conv_project, self.ln, act_layer(), dw_stride)
+
+    @classmethod
+    def from_reference(cls, module: nn.Module) -> FusedFCUDown:
+        """A FusedFCUDown sharing ``module``'s conv_project and ln (the same Parameter objects), for
+        our reference FCUDown or the official repository's (matched by attributes, not class)."""
+        missing = [a for a in ("conv_project", "ln", "dw_stride", "act") if not hasattr(module, a)]
+        if missing:
+            raise TypeError(f"from_reference expects an FCUDown-like module with conv_project, ln, act and "
+                            f"dw_stride; {type(module).__name__} lacks {', '.join(missing)}")
+        _check_fusable(module.conv_project, module.ln, module.act, module.dw_stride)
+        pool = getattr(module, "sample_pooling", None)
+        window = (module.dw_stride, module.dw_stride)
+        if pool is not None and not all(v in (module.dw_stride, window) for v in (pool.kernel_size, pool.stride)):
+            raise ValueError(f"sample_pooling must average dw_stride={module.dw_stride} windows, got {pool}")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.dw_stride = module.dw_stride
+        fused.conv_project = module.conv_project
+        fused.ln = module.ln
+        return fused.train(module.training)
+
+    def forward(self, x2: torch.Tensor, x_t: torch.Tensor, add_x_t: bool = False) -> torch.Tensor:
+        """x2 (B, inplanes, H, W), x_t (B, 1 + N, outplanes) -> (B, 1 + N, outplanes)."""
+        return fcu_down(x2, x_t, self.conv_project.weight, self.conv_project.bias, self.ln.weight, self.ln.bias,
+                        self.dw_stride, self.ln.eps, add_x_t)
+
+    def extra_repr(self) -> str:
+        return f"dw_stride={self.dw_stride}"
