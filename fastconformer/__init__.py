@@ -6,11 +6,13 @@ that fuse its hot paths behind drop-in modules, each checked against a plain-PyT
     conv_logits, trans_logits = model(images)
 """
 
+from . import data
 from .checkpoint import load_checkpoint
 from .dispatch import backend
 from .reference import Conformer
+from .convert import convert
 from .registry import VARIANTS, create_model, list_models
 
 __version__ = "0.1.0"
 
-__all__ = ["Conformer", "VARIANTS", "backend", "create_model", "list_models", "load_checkpoint", "__version__"]
+__all__ = ["Conformer", "VARIANTS", "backend", "convert", "create_model", "list_models", "load_checkpoint", "__version__"]

@@ -1,16 +1,22 @@
-"""The ``fastconformer`` command line."""
+"""The ``fastconformer`` command line: info, bench, check, predict."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import json
 import platform
 import sys
+import time
 
 import torch
 
 from . import __version__
 from .dispatch import interpreter_enabled, triton_available
-from .registry import VARIANTS
+from .registry import VARIANTS, create_model, resolve_name
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _triton_version() -> str:
@@ -19,6 +25,24 @@ def _triton_version() -> str:
     import triton
 
     return triton.__version__
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda was requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -40,17 +64,178 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(label: str, model, x, device, autocast_dtype, min_iters: int, min_seconds: float):
+    """(seconds per batch (median), last output) for model(x), with progress on stderr."""
+    ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with torch.inference_mode(), ctx:
+        _progress(f"  {label}: warm-up ...")
+        t0 = time.perf_counter()
+        out = model(x)
+        _sync(device)
+        _progress(f"  {label}: warm-up took {time.perf_counter() - t0:.1f} s; timing ...")
+        times = []
+        start = time.perf_counter()
+        while len(times) < min_iters or time.perf_counter() - start < min_seconds:
+            t0 = time.perf_counter()
+            out = model(x)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+            _progress(f"  {label}: iteration {len(times)}: {times[-1] * 1e3:.1f} ms")
+    times.sort()
+    return times[len(times) // 2], out
+
+
+def _logits_error(out, ref) -> float:
+    from .testing import rel_error
+
+    return rel_error([o.float() for o in out], [r.float() for r in ref])
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Reference vs fast (and torch.compile(reference)) on the same weights and inputs."""
+    device = _device(args.device)
+    name = resolve_name(args.model)
+    torch.manual_seed(args.seed)
+    _progress(f"building {name} (reference and fast, same weights) on {_device_name(device)} ...")
+    reference = create_model(name, pretrained=args.pretrained).eval()
+    from .convert import convert
+
+    fast = convert(copy.deepcopy(reference)).to(device)
+    reference = reference.to(device)
+    dtype = DTYPES[args.dtype]
+    autocast_dtype = None if dtype == torch.float32 else dtype
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+
+    candidates = [("reference", reference), ("fast", fast)]
+    if args.compile:
+        candidates.append(("compile(reference)", torch.compile(reference)))
+    rows = []
+    ref_out = None
+    for label, model in candidates:
+        seconds, out = _time(label, model, x, device, autocast_dtype, args.iters, args.min_seconds)
+        if ref_out is None:
+            ref_out = out
+        rows.append(dict(impl=label, seconds_per_batch=seconds, images_per_s=args.batch_size / seconds,
+                         rel_error_vs_reference=_logits_error(out, ref_out)))
+    base = rows[0]["seconds_per_batch"]
+    print(f"{name}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.dtype}"
+          f"{' (autocast)' if autocast_dtype else ''}, {_device_name(device)}, torch {torch.__version__}")
+    print(f"{'impl':<22}{'images/s':>12}{'latency ms':>13}{'speedup':>10}{'logits rel. err':>18}")
+    for row in rows:
+        row["speedup"] = base / row["seconds_per_batch"]
+        print(f"{row['impl']:<22}{row['images_per_s']:>12.1f}{row['seconds_per_batch'] * 1e3:>13.1f}"
+              f"{row['speedup']:>9.2f}x{row['rel_error_vs_reference']:>18.2e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(model=name, batch_size=args.batch_size, image_size=args.image_size, dtype=args.dtype,
+                           device=_device_name(device), torch=torch.__version__, triton=_triton_version(),
+                           results=rows), f, indent=2)
+        _progress(f"wrote {args.json}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Module and whole-model equality checks on this machine; exit status 1 on any failure."""
+    from .validation import run_checks
+
+    device = _device(args.device)
+    backends = ["torch"]
+    if triton_available() and (device.type == "cuda" or interpreter_enabled()):
+        backends.append("triton")
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+    print(f"equality checks on {_device_name(device)}, torch {torch.__version__}, triton {_triton_version()}")
+    print(f"{'check':<30}{'backend':<9}{'dtype':<10}{'rel. error':>12}{'bound':>11}  verdict")
+    failures = 0
+    for result in run_checks(device, tuple(dtypes), tuple(backends), seed=args.seed, only=args.only):
+        dtype = str(result.dtype).replace("torch.", "")
+        if result.comparison is not None:
+            c = result.comparison
+            verdict = "pass" if c.passed else "FAIL"
+            print(f"{result.check:<30}{result.backend:<9}{dtype:<10}{c.error:>12.2e}{c.bound:>11.2e}  {verdict}",
+                  flush=True)
+        else:
+            print(f"{result.check:<30}{result.backend:<9}{dtype:<10}{'-':>12}{'-':>11}  FAIL ({result.error})",
+                  flush=True)
+        failures += not result.passed
+    print("all checks passed" if not failures else f"{failures} check(s) FAILED")
+    return 1 if failures else 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Top-5 ImageNet classes for each image, with the official evaluation preprocessing."""
+    from .convert import convert
+    from .data import imagenet_classes, load_images
+
+    device = _device(args.device)
+    _progress(f"loading {resolve_name(args.model)} from {args.pretrained} ...")
+    model = create_model(args.model, pretrained=args.pretrained).eval()
+    if not args.reference:
+        convert(model)
+    model = model.to(device)
+    classes = imagenet_classes()
+    images = load_images(args.images).to(device)
+    with torch.inference_mode():
+        conv_logits, trans_logits = model(images)
+        probs = (conv_logits + trans_logits).float().softmax(-1)
+    top = probs.topk(args.top_k, dim=-1)
+    for path, values, indices in zip(args.images, top.values.tolist(), top.indices.tolist()):
+        print(path)
+        for p, i in zip(values, indices):
+            print(f"  {p * 100:6.2f}%  {i:4d}  {classes[i]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastconformer", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastconformer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    devices = ["auto", "cpu", "cuda"]
+
     sub.add_parser("info", help="variants, parameter counts, device and Triton availability").set_defaults(
         func=cmd_info)
+
+    bench = sub.add_parser("bench", help="reference vs fast throughput and logits error, same weights")
+    bench.add_argument("--model", default="conformer_small_patch16", help="variant (default conformer_small_patch16)")
+    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--image-size", type=int, default=224)
+    bench.add_argument("--device", choices=devices, default="auto")
+    bench.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                       help="fp16/bf16 run under torch.autocast, as the official evaluation did")
+    bench.add_argument("--compile", action="store_true", help="also time torch.compile(reference)")
+    bench.add_argument("--pretrained", default=None, help="checkpoint path (default: random weights)")
+    bench.add_argument("--iters", type=int, default=5, help="timed iterations at least (default 5)")
+    bench.add_argument("--min-seconds", type=float, default=3.0, help="time each model at least this long")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", default=None, help="write the results to this JSON file")
+    bench.set_defaults(func=cmd_bench)
+
+    check = sub.add_parser("check", help="equality checks of every fused module and the whole model here")
+    check.add_argument("--device", choices=devices, default="auto")
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--only", default=None, help="run only the checks whose name contains this text")
+    check.set_defaults(func=cmd_check)
+
+    predict = sub.add_parser("predict", help="top-5 ImageNet classes for images")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--pretrained", required=True, help="checkpoint path")
+    predict.add_argument("--model", default="conformer_small_patch16")
+    predict.add_argument("--device", choices=devices, default="auto")
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--reference", action="store_true", help="use the reference model instead of the fast one")
+    predict.set_defaults(func=cmd_predict)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1:
+        raise SystemExit("error: --batch-size must be a positive integer")
     return args.func(args)
 
 

@@ -16,10 +16,11 @@ The environment variable ``FASTCONFORMER_BACKEND`` sets the default for a proces
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib
+import importlib.util
 import os
+import sys
 from typing import Callable, Iterator
 
 import torch
@@ -36,41 +37,43 @@ def _validate(name: object, source: str) -> str:
     return name
 
 
-_backend: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "fastconformer_backend",
-    default=_validate(os.environ.get("FASTCONFORMER_BACKEND", "auto"), "FASTCONFORMER_BACKEND"),
-)
+# A plain module-level dict (not a ContextVar or thread-local) so that torch.compile can trace the
+# lookup and guard on it. The switch is process-wide: set it around whole forward passes.
+_STATE = {"backend": _validate(os.environ.get("FASTCONFORMER_BACKEND", "auto"), "FASTCONFORMER_BACKEND")}
 
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[str]:
-    """Force the implementation of every fused op inside the ``with`` block:
+    """Force the implementation of every fused op inside the ``with`` block (process-wide):
     ``"auto"``, ``"triton"`` or ``"torch"`` (see the module docstring)."""
-    token = _backend.set(_validate(name, "backend name"))
+    previous = _STATE["backend"]
+    _STATE["backend"] = _validate(name, "backend name")
     try:
         yield name
     finally:
-        _backend.reset(token)
+        _STATE["backend"] = previous
 
 
 def current_backend() -> str:
     """The backend in force: the innermost :func:`backend` block, else FASTCONFORMER_BACKEND, else auto."""
-    return _backend.get()
+    return _STATE["backend"]
 
 
-@functools.cache
+# Read once at import (plain constants keep the dispatch traceable by torch.compile). Like triton
+# itself, fastconformer must be imported after TRITON_INTERPRET is set.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def triton_available() -> bool:
-    """True when triton imports (Linux with the triton wheel)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when triton is installed (Linux with the triton wheel)."""
+    return _TRITON_AVAILABLE
 
 
 def interpreter_enabled() -> bool:
-    """True when Triton kernels run on the CPU through triton's interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run on the CPU through triton's interpreter (TRITON_INTERPRET=1 was
+    set before fastconformer was imported)."""
+    return _INTERPRETER
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -92,7 +95,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     raise RuntimeError(
         f"backend('triton') needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is "
         f"imported; got tensors on {sorted(devices)} with TRITON_INTERPRET="
-        f"{os.environ.get('TRITON_INTERPRET', 'unset')}")
+        f"{os.environ.get('TRITON_INTERPRET', 'unset')} when fastconformer was imported")
 
 
 def fused_op(triton_impl: str) -> Callable[[Callable], Callable]:
@@ -102,13 +105,15 @@ def fused_op(triton_impl: str) -> Callable[[Callable], Callable]:
     the device for :func:`use_triton`.
     """
     module_name, _, attr = triton_impl.partition(":")
+    module_name = f"fastconformer.kernels.{module_name}"
 
     def decorate(torch_impl: Callable) -> Callable:
         @functools.wraps(torch_impl)
         def dispatched(*args, **kwargs):
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
             if use_triton(*tensors):
-                module = importlib.import_module(f"fastconformer.kernels.{module_name}")
+                # sys.modules first: a plain dict lookup that torch.compile traces (the import runs once).
+                module = sys.modules.get(module_name) or importlib.import_module(module_name)
                 return getattr(module, attr)(*args, **kwargs)
             return torch_impl(*args, **kwargs)
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
+    "check_image_batch",
     "drop_path",
     "DropPath",
     "Mlp",
@@ -27,6 +28,25 @@ __all__ = [
     "ConvTransBlock",
     "Conformer",
 ]
+
+
+def check_image_batch(x, in_chans: int, patch_size: int) -> None:
+    """Raise TypeError/ValueError unless x is a floating (B, in_chans, H, W) tensor with H and W
+    positive multiples of patch_size."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (B, {in_chans}, H, W), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor (float32, float16 or bfloat16), got {x.dtype}; "
+                        "convert images with .float() and normalise them first")
+    if x.ndim != 4:
+        raise ValueError(f"x must be 4-D (B, {in_chans}, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"x must have {in_chans} channels in dim 1 (B, {in_chans}, H, W), got shape "
+                         f"{tuple(x.shape)}")
+    H, W = x.shape[-2:]
+    if H == 0 or W == 0 or H % patch_size or W % patch_size:
+        raise ValueError(f"x's height and width must be positive multiples of the patch size {patch_size}, "
+                         f"got {H}x{W}")
 
 
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
@@ -471,28 +491,10 @@ class Conformer(nn.Module):
     def no_weight_decay(self):
         return {"cls_token"}
 
-    def check_input(self, x) -> None:
-        """Raise TypeError/ValueError unless x is a floating (B, in_chans, H, W) tensor with H and W
-        positive multiples of patch_size."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor of shape (B, {self.in_chans}, H, W), got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor (float32, float16 or bfloat16), got {x.dtype}; "
-                            "convert images with .float() and normalise them first")
-        if x.ndim != 4:
-            raise ValueError(f"x must be 4-D (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"x must have {self.in_chans} channels in dim 1 (B, {self.in_chans}, H, W), "
-                             f"got shape {tuple(x.shape)}")
-        H, W = x.shape[-2:]
-        if H == 0 or W == 0 or H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"x's height and width must be positive multiples of the patch size "
-                             f"{self.patch_size}, got {H}x{W}")
-
     def forward_features(self, x):
         """x (B, in_chans, H, W) -> (CNN feature map (B, 256*channel_ratio, H/32, W/32),
         tokens (B, 1 + (H/patch)(W/patch), embed_dim), before trans_norm)."""
-        self.check_input(x)
+        check_image_batch(x, self.in_chans, self.patch_size)
         B = x.shape[0]
         cls_tokens = self.cls_token.expand(B, -1, -1)
 

@@ -71,6 +71,7 @@ def create_model(name: str, *, pretrained: str | os.PathLike | None = None, fast
 
         load_checkpoint(model, pretrained, strict=True)
     if fast:
-        raise NotImplementedError("fast=True needs fastconformer.convert, which is not built yet; "
-                                  "use the reference model (fast=False)")
+        from .convert import convert
+
+        convert(model)
     return model

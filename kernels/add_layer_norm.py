@@ -57,12 +57,13 @@ def _launch_config(D: int) -> tuple[int, int]:
 
 
 @triton_op("fastconformer::add_layer_norm", mutates_args=())
-def add_layer_norm_op(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x, y (M, D) contiguous -> (sum (M, D), normed (M, D), mean (M,) fp32, rstd (M,) fp32)."""
+def add_layer_norm_op(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                      out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, y (M, D) contiguous, same dtype -> (sum (M, D) in x's dtype, normed (M, D) in out_dtype,
+    mean (M,) fp32, rstd (M,) fp32)."""
     M, D = x.shape
     s = torch.empty_like(x)
-    out = torch.empty_like(x)
+    out = torch.empty_like(x, dtype=out_dtype)
     mean = torch.empty(M, device=x.device, dtype=torch.float32)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
     block_d, num_warps = _launch_config(D)
@@ -72,7 +73,7 @@ def add_layer_norm_op(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bi
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, weight, bias, _ = inputs
+    _, _, weight, bias, _, _ = inputs
     s, _, mean, rstd = output
     ctx.save_for_backward(s, weight, bias, mean, rstd)
 
@@ -82,11 +83,11 @@ def _backward(ctx, grad_sum, grad_out, _grad_mean, _grad_rstd):
     D = s.shape[-1]
     grad_out = torch.zeros_like(s) if grad_out is None else grad_out.contiguous()
     grad_s, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
-        grad_out, s, [D], mean.unsqueeze(-1), rstd.unsqueeze(-1), weight, bias,
-        [True, weight.requires_grad, bias.requires_grad])
+        grad_out.to(s.dtype), s, [D], mean.unsqueeze(-1), rstd.unsqueeze(-1), weight.to(s.dtype),
+        bias.to(s.dtype), [True, weight.requires_grad, bias.requires_grad])
     if grad_sum is not None:
         grad_s = grad_s + grad_sum
-    return grad_s, grad_s, grad_w, grad_b, None
+    return grad_s, grad_s, grad_w, grad_b, None, None
 
 
 add_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
@@ -94,13 +95,17 @@ add_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 def add_layer_norm_triton(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of :func:`fastconformer.ops.add_layer_norm` (same arguments and results)."""
+    """Triton twin of :func:`fastconformer.modules.add_layer_norm` (same arguments and results, the
+    same dtype rules as ``F.layer_norm(x + y)``: the sum in the promoted dtype, the normalised rows
+    in float32 under autocast)."""
     D = x.shape[-1]
     if D > MAX_D:
         raise ValueError(f"add_layer_norm's Triton kernel handles rows of at most {MAX_D} elements, got {D}")
-    lead = x.shape[:-1]
-    s, out, _, _ = add_layer_norm_op(x.reshape(-1, D).contiguous(), y.reshape(-1, D).contiguous(),
-                                     weight.contiguous(), bias.contiguous(), float(eps))
+    lead = torch.broadcast_shapes(x.shape, y.shape)[:-1]
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else dtype
+    x, y = (t.to(dtype).expand(*lead, D).reshape(-1, D).contiguous() for t in (x, y))
+    s, out, _, _ = add_layer_norm_op(x, y, weight.contiguous(), bias.contiguous(), float(eps), out_dtype)
     return s.view(*lead, D), out.view(*lead, D)
 
 

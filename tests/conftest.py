@@ -47,6 +47,15 @@ def backend_name(request):
 
 
 @pytest.fixture
+def triton_backend():
+    """Runs the test inside ``fastconformer.backend("triton")``; skipped where triton cannot run."""
+    if "triton" not in BACKENDS:
+        pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1 with triton installed")
+    with dispatch.backend("triton"):
+        yield "triton"
+
+
+@pytest.fixture
 def gen():
     """A seeded CPU generator: fresh random draws, reproducible failures."""
     return torch.Generator().manual_seed(1234)
