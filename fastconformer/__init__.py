@@ -15,4 +15,5 @@ from .registry import VARIANTS, create_model, list_models
 
 __version__ = "0.1.0"
 
-__all__ = ["Conformer", "VARIANTS", "backend", "convert", "create_model", "list_models", "load_checkpoint", "__version__"]
+__all__ = ["Conformer", "VARIANTS", "__version__", "backend", "convert", "create_model", "data", "list_models",
+           "load_checkpoint"]

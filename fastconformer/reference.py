@@ -277,60 +277,19 @@ class FCUUp(nn.Module):
         return F.interpolate(x_r, size=(H * self.up_stride, W * self.up_stride))
 
 
-class Med_ConvBlock(nn.Module):
+class Med_ConvBlock(ConvBlock):
     """Bottleneck without downsampling, (B, C, H, W) -> (B, C, H, W); ``num_med_block`` of them may
-    follow the transformer block inside a ConvTransBlock (0 in every published variant)."""
+    follow the transformer block inside a ConvTransBlock (0 in every published variant). The
+    official class spells out the same layers, in the same order, as a stride-1 ConvBlock with
+    outplanes = inplanes and an identity residual."""
 
     def __init__(self, inplanes, act_layer=nn.ReLU, groups=1, norm_layer=_batch_norm_1e6, drop_block=None,
                  drop_path=None):
-        super().__init__()
-        expansion = 4
-        med_planes = inplanes // expansion
-
-        self.conv1 = nn.Conv2d(inplanes, med_planes, kernel_size=1, stride=1, padding=0, bias=False)
-        self.bn1 = norm_layer(med_planes)
-        self.act1 = act_layer(inplace=True)
-
-        self.conv2 = nn.Conv2d(med_planes, med_planes, kernel_size=3, stride=1, groups=groups, padding=1, bias=False)
-        self.bn2 = norm_layer(med_planes)
-        self.act2 = act_layer(inplace=True)
-
-        self.conv3 = nn.Conv2d(med_planes, inplanes, kernel_size=1, stride=1, padding=0, bias=False)
-        self.bn3 = norm_layer(inplanes)
-        self.act3 = act_layer(inplace=True)
-
-        self.drop_block = drop_block
-        self.drop_path = drop_path
-
-    def zero_init_last_bn(self):
-        nn.init.zeros_(self.bn3.weight)
+        super().__init__(inplanes, inplanes, stride=1, res_conv=False, act_layer=act_layer, groups=groups,
+                         norm_layer=norm_layer, drop_block=drop_block, drop_path=drop_path)
 
     def forward(self, x):
-        residual = x
-
-        x = self.conv1(x)
-        x = self.bn1(x)
-        if self.drop_block is not None:
-            x = self.drop_block(x)
-        x = self.act1(x)
-
-        x = self.conv2(x)
-        x = self.bn2(x)
-        if self.drop_block is not None:
-            x = self.drop_block(x)
-        x = self.act2(x)
-
-        x = self.conv3(x)
-        x = self.bn3(x)
-        if self.drop_block is not None:
-            x = self.drop_block(x)
-
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-
-        x += residual
-        x = self.act3(x)
-        return x
+        return super().forward(x, return_x_2=False)
 
 
 class ConvTransBlock(nn.Module):

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..dispatch import fused_op
+from ..reference import Attention
 
 __all__ = ["FusedAttention", "attention", "qkv_heads_shape"]
 
@@ -52,12 +53,12 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     return out.transpose(1, 2).reshape(B, N, H * Dh)
 
 
-class FusedAttention(nn.Module):
+class FusedAttention(Attention):
     """Drop-in for :class:`fastconformer.reference.Attention` on x (B, N, dim), fp32/fp16/bf16.
 
-    Same constructor arguments, parameters (``qkv.*``, ``proj.*``), submodules (``attn_drop``,
-    ``proj_drop``) and attributes (``num_heads``, ``scale``; a falsy ``qk_scale`` means
-    head_dim ** -0.5), so state_dicts are interchangeable. ``qkv(x)`` → :func:`attention` →
+    A subclass of the reference Attention: same constructor arguments, parameters (``qkv.*``,
+    ``proj.*``), submodules (``attn_drop``, ``proj_drop``) and attributes (``num_heads``,
+    ``scale``; a falsy ``qk_scale`` means head_dim ** -0.5), so state_dicts are interchangeable. ``qkv(x)`` → :func:`attention` →
     ``proj`` → ``proj_drop``.
 
     Attention dropout: the fused kernel has none, so in training mode with ``attn_drop.p > 0`` the
@@ -66,17 +67,10 @@ class FusedAttention(nn.Module):
     """
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
-        super().__init__()
         if dim % num_heads:
             raise ValueError(f"FusedAttention: dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads = num_heads
-        head_dim = dim // num_heads
-        self.scale = qk_scale or head_dim**-0.5
-
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
+                         proj_drop=proj_drop)
 
     @classmethod
     def from_reference(cls, module: nn.Module) -> "FusedAttention":
@@ -109,12 +103,7 @@ class FusedAttention(nn.Module):
         dim = self.qkv.in_features
         if x.ndim != 3 or x.shape[-1] != dim:
             raise ValueError(f"FusedAttention: x must be (B, N, {dim}), got shape {tuple(x.shape)}")
-        B, N, C = x.shape
-        qkv = self.qkv(x)
         if self.training and self.attn_drop.p > 0:
-            q, k, v = qkv.reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-            attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-            x = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(B, N, C)
-        else:
-            x = attention(qkv, self.num_heads, self.scale)
+            return super().forward(x)  # the reference math, the reference's dropout draws
+        x = attention(self.qkv(x), self.num_heads, self.scale)
         return self.proj_drop(self.proj(x))

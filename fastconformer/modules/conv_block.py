@@ -82,7 +82,8 @@ class FusedConvBlock(nn.Module):
             x = self.drop_path(x)
         if self.res_conv:
             residual = conv_bn(residual, self.residual_conv, self.residual_bn)
-        x = self.act3(x + residual)
+        x += residual
+        x = self.act3(x)
         if return_x_2:
             return x, x2
         return x
