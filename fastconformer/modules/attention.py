@@ -58,8 +58,8 @@ class FusedAttention(Attention):
 
     A subclass of the reference Attention: same constructor arguments, parameters (``qkv.*``,
     ``proj.*``), submodules (``attn_drop``, ``proj_drop``) and attributes (``num_heads``,
-    ``scale``; a falsy ``qk_scale`` means head_dim ** -0.5), so state_dicts are interchangeable. ``qkv(x)`` → :func:`attention` →
-    ``proj`` → ``proj_drop``.
+    ``scale``; a falsy ``qk_scale`` means head_dim ** -0.5), so state_dicts are interchangeable.
+    ``qkv(x)`` → :func:`attention` → ``proj`` → ``proj_drop``.
 
     Attention dropout: the fused kernel has none, so in training mode with ``attn_drop.p > 0`` the
     forward falls back to the reference math (explicit (B, heads, N, N) scores, softmax,
