@@ -150,6 +150,7 @@ def compile_matrix(arches=(80, 90), jobs: int | None = None) -> dict[tuple[str, 
     the CPU test suite) in a child process without it (``python -m fastconformer.kernels``)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton >= 3.9 warns unless the (default) choice is explicit
         cmd = [sys.executable, "-m", __name__, "--arches", *map(str, arches)]
         if jobs:
             cmd += ["--jobs", str(jobs)]
