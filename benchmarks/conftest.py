@@ -8,20 +8,18 @@ Each benchmark belongs to a group (one op at one shape) and has an ``impl`` (``r
 
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
+
+from fastconformer import environment
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
 def device_name() -> str:
-    """The GPU's name, or the CPU's with its core count."""
-    if HAS_CUDA:
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    """The benchmark device's name (GPU name, or CPU model and threads)."""
+    return environment.device_name(DEVICE)
 
 
 @pytest.fixture

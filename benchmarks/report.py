@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import re
 import subprocess
 import sys
+
+from benchmarks.conftest import DEVICE
+from fastconformer.environment import device_slug
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -21,16 +23,9 @@ README = ROOT / "README.md"
 START, END = "<!-- performance-table:start -->", "<!-- performance-table:end -->"
 
 
-def device_slug() -> str:
-    """A file-name-safe name of this machine's benchmark device, e.g. ``nvidia-h100-80gb-hbm3``."""
-    from benchmarks.conftest import device_name
-
-    return re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-")
-
-
 def run_suite(extra: list[str]) -> pathlib.Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{device_slug()}.json"
+    path = RESULTS / f"{device_slug(DEVICE)}.json"
     cmd = [sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "--benchmark-enable",
            f"--benchmark-json={path}", "-q", "-p", "no:cacheprovider", *extra]
     print("running:", " ".join(cmd), flush=True)

@@ -14,6 +14,7 @@ import torch
 
 from . import __version__
 from .dispatch import interpreter_enabled, triton_available
+from .environment import device_name
 from .registry import VARIANTS, create_model, resolve_name
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -33,12 +34,6 @@ def _device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda was requested but torch sees no CUDA device")
     return torch.device(name)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def _progress(msg: str) -> None:
@@ -102,7 +97,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = _device(args.device)
     name = resolve_name(args.model)
     torch.manual_seed(args.seed)
-    _progress(f"building {name} (reference and fast, same weights) on {_device_name(device)} ...")
+    _progress(f"building {name} (reference and fast, same weights) on {device_name(device)} ...")
     reference = create_model(name, pretrained=args.pretrained).eval()
     from .convert import convert
 
@@ -125,7 +120,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          rel_error_vs_reference=_logits_error(out, ref_out)))
     base = rows[0]["seconds_per_batch"]
     print(f"{name}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.dtype}"
-          f"{' (autocast)' if autocast_dtype else ''}, {_device_name(device)}, torch {torch.__version__}")
+          f"{' (autocast)' if autocast_dtype else ''}, {device_name(device)}, torch {torch.__version__}")
     print(f"{'impl':<22}{'images/s':>12}{'latency ms':>13}{'speedup':>10}{'logits rel. err':>18}")
     for row in rows:
         row["speedup"] = base / row["seconds_per_batch"]
@@ -134,7 +129,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(model=name, batch_size=args.batch_size, image_size=args.image_size, dtype=args.dtype,
-                           device=_device_name(device), torch=torch.__version__, triton=_triton_version(),
+                           device=device_name(device), torch=torch.__version__, triton=_triton_version(),
                            results=rows), f, indent=2)
         _progress(f"wrote {args.json}")
     return 0
@@ -149,7 +144,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if triton_available() and (device.type == "cuda" or interpreter_enabled()):
         backends.append("triton")
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
-    print(f"equality checks on {_device_name(device)}, torch {torch.__version__}, triton {_triton_version()}")
+    print(f"equality checks on {device_name(device)}, torch {torch.__version__}, triton {_triton_version()}")
     print(f"{'check':<30}{'backend':<9}{'dtype':<10}{'rel. error':>12}{'bound':>11}  verdict")
     failures = 0
     for result in run_checks(device, tuple(dtypes), tuple(backends), seed=args.seed, only=args.only):

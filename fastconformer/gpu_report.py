@@ -58,6 +58,8 @@ from fastconformer.modules.attention import attention
 from fastconformer.modules.fcu_down import fcu_down
 from fastconformer.modules.fcu_up import bn_relu_add_upsampled, fcu_up_expand
 
+from .environment import cpu_model, device_name, device_slug
+
 __all__ = ["Plan", "build_plan", "device_slug", "evaluate_goals", "main", "markdown_summary", "parse_pytest_counts",
            "run_report"]
 
@@ -162,26 +164,6 @@ class Budget:
 # ------------------------------------------------------------------------------------------ environment
 
 
-def device_name(device: str) -> str:
-    """The GPU's name, or the CPU's with its thread count."""
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def device_slug(device: str) -> str:
-    """A file-name-safe name of the device, e.g. ``nvidia-h100-80gb-hbm3``."""
-    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def _nvidia_smi() -> dict:
     exe = shutil.which("nvidia-smi")
     if exe is None:
@@ -208,7 +190,7 @@ def environment(device: str) -> dict:
     env: dict[str, Any] = {
         "device": device, "device_name": device_name(device), "python": platform.python_version(),
         "torch": torch.__version__, "triton": triton_version, "fastconformer": fastconformer.__version__,
-        "cuda": torch.version.cuda, "cudnn": cudnn, "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+        "cuda": torch.version.cuda, "cudnn": cudnn, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
         "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "allow_tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),

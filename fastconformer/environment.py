@@ -1,0 +1,35 @@
+"""Names of the machine a result was measured on (CLI, GPU report and benchmark files share them)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import pathlib
+import platform
+import re
+
+import torch
+
+__all__ = ["cpu_model", "device_name", "device_slug"]
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo, else what platform reports."""
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str | torch.device) -> str:
+    """The GPU's name for a CUDA device, else the CPU's with the thread count torch uses."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def device_slug(device: str | torch.device) -> str:
+    """A file-name-safe :func:`device_name`, e.g. ``nvidia-h100-80gb-hbm3``."""
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
