@@ -73,6 +73,10 @@ class CompileSpec:
     # Arguments the runtime specialises as multiples of 16 at real launches (pointers from torch's
     # allocator, strides of aligned tensors): listing them builds the variant those launches get.
     divisible_by_16: tuple[str, ...] = ()
+    # False for extra specialisations of a config that the test suite also builds in another
+    # variant (e.g. the unaligned twin of an aligned launch); `python -m fastconformer.kernels --all`
+    # builds them too.
+    in_suite: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,20 +135,25 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
                          uses_mma="mma.sync" in ptx or "wgmma" in ptx)
 
 
-def all_compile_specs() -> Iterable[CompileSpec]:
-    """Every spec of every kernel module, in KERNEL_MODULES (alphabetical) order."""
+def all_compile_specs(include_all: bool = False) -> Iterable[CompileSpec]:
+    """Every spec of every kernel module, in KERNEL_MODULES (alphabetical) order; only those with
+    ``in_suite`` unless ``include_all``."""
     for name in KERNEL_MODULES:
-        yield from importlib.import_module(f"{__name__}.{name}").compile_specs()
+        for spec in importlib.import_module(f"{__name__}.{name}").compile_specs():
+            if include_all or spec.in_suite:
+                yield spec
 
 
 def _compile_job(job: tuple[str, int]) -> dict:
     name, arch = job
-    spec = next(s for s in all_compile_specs() if s.name == name)
+    spec = next(s for s in all_compile_specs(include_all=True) if s.name == name)
     return dataclasses.asdict(compile_spec(spec, arch))
 
 
-def compile_matrix(arches=(80, 90), jobs: int | None = None) -> dict[tuple[str, int], CompileReport]:
-    """Compile every spec for every arch; {(spec name, arch): report}.
+def compile_matrix(arches=(80, 90), jobs: int | None = None,
+                   include_all: bool = False) -> dict[tuple[str, int], CompileReport]:
+    """Compile every spec (``in_suite`` ones unless ``include_all``) for every arch;
+    {(spec name, arch): report}.
 
     Runs in this process when triton is compiling natively, else (under TRITON_INTERPRET=1, as in
     the CPU test suite) in a child process without it (``python -m fastconformer.kernels``)."""
@@ -154,12 +163,14 @@ def compile_matrix(arches=(80, 90), jobs: int | None = None) -> dict[tuple[str, 
         cmd = [sys.executable, "-m", __name__, "--arches", *map(str, arches)]
         if jobs:
             cmd += ["--jobs", str(jobs)]
+        if include_all:
+            cmd.append("--all")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
         reports = [CompileReport(**r) for r in json.loads(proc.stdout)]
     else:
-        names = [s.name for s in all_compile_specs()]
+        names = [s.name for s in all_compile_specs(include_all)]
         if len(set(names)) != len(names):
             raise RuntimeError("compile spec names must be unique")
         work = [(n, a) for n in names for a in arches]

@@ -1,6 +1,7 @@
-"""Multi-head self-attention in one flash-style kernel: ``out = softmax(q kᵀ · scale) v``.
+"""Multi-head self-attention ``out = softmax(q kᵀ · scale) v`` in flash-style kernels: the forward
+in one kernel, the backward in three.
 
-Each program owns one (batch, head, block of BLOCK_M queries). It reads its q rows and then
+Forward: each program owns one (batch, head, block of BLOCK_M queries). It reads its q rows and then
 streams the keys and values in blocks of BLOCK_N straight out of the qkv projection's output
 (B, N, 3·heads·head_dim) through strides (no permute, no copies), keeping an online softmax:
 a running row maximum ``m`` and denominator ``l`` in fp32 and an fp32 accumulator, so the N×N
@@ -14,8 +15,21 @@ MAX_HEAD_DIM (padded to the next power of two, at least 16, with masks), any sca
 Dtypes: fp32 (``tl.dot`` in TF32 only where torch's matmuls allow it), fp16, bf16; the
 probabilities are rounded to the input dtype before ``p @ v``, as in flash attention.
 
-Backward: recomputed with torch ops from q, k, v and the saved log-sum-exp (a flash-style
-Triton backward is a later step).
+Backward (``fastconformer::attention_backward``, its own triton_op, called from the registered
+autograd backward so torch.compile traces it): flash-style, from qkv, out and the saved
+log-sum-exp only (the training step saves no N×N matrix). With P = exp(scale·q kᵀ − lse),
+dP = dO vᵀ and delta = rowsum(dO ∘ O) = rowsum(P ∘ dP):
+
+    dV = Pᵀ dO,   dS = P ∘ (dP − delta),   dQ = scale · dS k,   dK = scale · dSᵀ q.
+
+Three kernels: ``attention_bwd_preprocess_kernel`` computes delta (fp32, (B, heads, N));
+``attention_bwd_dkdv_kernel`` gives each program one block of keys, keeps its k, v and the fp32 dK,
+dV accumulators on chip and streams the query blocks, recomputing Pᵀ block by block;
+``attention_bwd_dq_kernel`` gives each program one block of queries and streams the key blocks.
+Splitting dQ from dK/dV recomputes q kᵀ once more but needs no atomics, so the gradients are
+deterministic (bitwise reproducible run to run). q, k, v are read from the qkv layout and dQ, dK,
+dV written into a grad_qkv of the same layout (B, N, 3·heads·head_dim) through strides. P and dS
+are rounded to the input dtype before their dots, as in the forward; everything accumulates in fp32.
 """
 
 from __future__ import annotations
@@ -111,11 +125,20 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32" if allow_tf32(dtype) else "ieee"
 
 
+def _block_dh(head_dim: int) -> int:
+    """The padded head dimension the kernels tile: the next power of two, at least 16."""
+    return max(_BLOCK_DHS[0], triton.next_power_of_2(head_dim))
+
+
+def _config_kind(dtype: torch.dtype, input_precision: str) -> str:
+    """The key of the launch-config tables: how the dots run."""
+    return input_precision if dtype == torch.float32 else "fp16/bf16"
+
+
 def _launch_config(head_dim: int, dtype: torch.dtype, input_precision: str) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_DH, num_warps, num_stages) for head_dim, the input dtype and dot precision."""
-    block_dh = max(_BLOCK_DHS[0], triton.next_power_of_2(head_dim))
-    kind = input_precision if dtype == torch.float32 else "fp16/bf16"
-    block_m, block_n, num_warps, num_stages = _CONFIGS[kind][block_dh > 64]
+    block_dh = _block_dh(head_dim)
+    block_m, block_n, num_warps, num_stages = _CONFIGS[_config_kind(dtype, input_precision)][block_dh > 64]
     return block_m, block_n, block_dh, num_warps, num_stages
 
 
@@ -138,30 +161,206 @@ def attention_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch
     return out, lse
 
 
+# Backward launch configs (BLOCK_HELD, BLOCK_STREAMED, num_warps, num_stages), keyed like the forward's.
+# The dK/dV kernel holds BLOCK_HELD keys (BLOCK_N) and streams queries in blocks of BLOCK_STREAMED
+# (BLOCK_M); the dQ kernel holds BLOCK_HELD queries and streams keys in blocks of BLOCK_STREAMED.
+# Every one compiles without spills for sm_80 and sm_90, aligned or not.
+_BWD_CONFIGS = {
+    "fp16/bf16": ((64, 32, 4, 2), (32, 32, 4, 2)),
+    "tf32": ((64, 32, 8, 1), (32, 32, 8, 2)),
+    "ieee": ((32, 16, 4, 2), (32, 32, 8, 2)),
+}
+_PREPROCESS_BLOCK_M, _PREPROCESS_WARPS = 64, 4
+
+
+@triton.jit
+def attention_bwd_preprocess_kernel(
+    out_ptr, dout_ptr, delta_ptr,
+    N, H, head_dim,
+    stride_out_b, stride_out_n, stride_dout_b, stride_dout_n,
+    BLOCK_M: tl.constexpr, BLOCK_DH: tl.constexpr,
+):
+    """delta[b, h, n] = sum_d out[b, n, h, d] · dout[b, n, h, d] in fp32.
+
+    One program per (batch, head, block of BLOCK_M rows). out and dout (B, N, H, head_dim) with unit
+    stride along the last two dims flattened; delta (B, H, N) fp32, contiguous."""
+    num_m = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = (pid // num_m).to(tl.int64)
+    start_m = (pid % num_m) * BLOCK_M
+    b = bh // H
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DH)
+    mask_m = offs_m < N
+    mask = mask_m[:, None] & (offs_d < head_dim)[None, :]
+    cols = h * head_dim + offs_d[None, :]
+    o = tl.load(out_ptr + b * stride_out_b + offs_m[:, None] * stride_out_n + cols, mask=mask, other=0.0)
+    do = tl.load(dout_ptr + b * stride_dout_b + offs_m[:, None] * stride_dout_n + cols, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(delta_ptr + bh * N + offs_m, delta, mask=mask_m)
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr,
+    N, H, head_dim, scale, qk_scale,
+    stride_qkv_b, stride_qkv_n, stride_dout_b, stride_dout_n, stride_dqkv_b, stride_dqkv_n,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dK and dV of one (batch, head, block of BLOCK_N keys), streaming the queries in blocks of BLOCK_M.
+
+    qkv and dqkv (B, N, 3, H, head_dim), dout (B, N, H, head_dim), each with unit stride along its
+    last dims flattened; lse (natural log) and delta (B, H, N) fp32, contiguous. scale is the
+    softmax scale, qk_scale = scale·log2(e). Writes the k and v slots of dqkv."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    bh = (pid // num_n).to(tl.int64)
+    start_n = (pid % num_n) * BLOCK_N
+    b = bh // H
+    h = bh % H
+    dim = H * head_dim
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DH)
+    mask_n = offs_n < N
+    mask_d = offs_d < head_dim
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+
+    q_base = qkv_ptr + b * stride_qkv_b + h * head_dim
+    do_base = dout_ptr + b * stride_dout_b + h * head_dim
+    kv_offs = offs_n[:, None] * stride_qkv_n + offs_d[None, :]
+    k = tl.load(q_base + dim + kv_offs, mask=mask_nd, other=0.0)
+    v = tl.load(q_base + 2 * dim + kv_offs, mask=mask_nd, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_DH), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DH), dtype=tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < N
+        qt = tl.load(q_base + rows[None, :] * stride_qkv_n + offs_d[:, None],
+                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)  # (BLOCK_DH, BLOCK_M): qᵀ
+        # Query rows past N get lse = +inf, so their probabilities are exactly 0.
+        lse = tl.load(lse_ptr + bh * N + rows, mask=mask_m, other=float("inf")) * 1.4426950408889634
+        st = tl.dot(k, qt, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M) logits, log2 units
+        pt = tl.where(mask_n[:, None], tl.math.exp2(st - lse[None, :]), 0.0)  # Pᵀ
+        do = tl.load(do_base + rows[:, None] * stride_dout_n + offs_d[None, :],
+                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        delta = tl.load(delta_ptr + bh * N + rows, mask=mask_m, other=0.0)
+        dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (dO vᵀ)ᵀ
+        dst = pt * (dpt - delta[None, :])  # dSᵀ
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=INPUT_PRECISION)
+
+    dk = dk * scale
+    dst_base = dqkv_ptr + b * stride_dqkv_b + h * head_dim + offs_n[:, None] * stride_dqkv_n + offs_d[None, :]
+    tl.store(dst_base + dim, dk.to(dqkv_ptr.dtype.element_ty), mask=mask_nd)
+    tl.store(dst_base + 2 * dim, dv.to(dqkv_ptr.dtype.element_ty), mask=mask_nd)
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr,
+    N, H, head_dim, scale, qk_scale,
+    stride_qkv_b, stride_qkv_n, stride_dout_b, stride_dout_n, stride_dqkv_b, stride_dqkv_n,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dQ of one (batch, head, block of BLOCK_M queries), streaming the keys in blocks of BLOCK_N.
+
+    Same arguments and layouts as :func:`attention_bwd_dkdv_kernel`; writes the q slot of dqkv."""
+    num_m = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = (pid // num_m).to(tl.int64)
+    start_m = (pid % num_m) * BLOCK_M
+    b = bh // H
+    h = bh % H
+    dim = H * head_dim
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_DH)
+    mask_m = offs_m < N
+    mask_d = offs_d < head_dim
+    mask_md = mask_m[:, None] & mask_d[None, :]
+
+    q_base = qkv_ptr + b * stride_qkv_b + h * head_dim
+    q = tl.load(q_base + offs_m[:, None] * stride_qkv_n + offs_d[None, :], mask=mask_md, other=0.0)
+    do = tl.load(dout_ptr + b * stride_dout_b + h * head_dim + offs_m[:, None] * stride_dout_n + offs_d[None, :],
+                 mask=mask_md, other=0.0)
+    lse = tl.load(lse_ptr + bh * N + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + bh * N + offs_m, mask=mask_m, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_DH), dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < N
+        kv_offs = cols[None, :] * stride_qkv_n + offs_d[:, None]
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        kt = tl.load(q_base + dim + kv_offs, mask=mask_dn, other=0.0)  # (BLOCK_DH, BLOCK_N): kᵀ
+        vt = tl.load(q_base + 2 * dim + kv_offs, mask=mask_dn, other=0.0)  # vᵀ
+        s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale  # fp32 logits, log2 units
+        p = tl.where(mask_n[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=INPUT_PRECISION)
+
+    dq = dq * scale
+    dq_ptrs = dqkv_ptr + b * stride_dqkv_b + h * head_dim + offs_m[:, None] * stride_dqkv_n + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(dqkv_ptr.dtype.element_ty), mask=mask_md)
+
+
+def _bwd_launch_config(head_dim: int, dtype: torch.dtype, input_precision: str) -> tuple[int, int, int, int, int]:
+    """(BLOCK_HELD, BLOCK_STREAMED, BLOCK_DH, num_warps, num_stages) of the dK/dV and dQ kernels."""
+    block_dh = _block_dh(head_dim)
+    table = _BWD_CONFIGS[_config_kind(dtype, input_precision)]
+    block_held, block_streamed, num_warps, num_stages = table[block_dh > 64]
+    return block_held, block_streamed, block_dh, num_warps, num_stages
+
+
+@triton_op("fastconformer::attention_backward", mutates_args=())
+def attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                          num_heads: int, scale: float) -> torch.Tensor:
+    """The gradient of :func:`attention_op`'s ``out`` with respect to ``qkv``.
+
+    grad_out and out (B, N, heads·head_dim), qkv (B, N, 3·heads·head_dim) with unit last stride,
+    lse (B, heads, N) fp32 as :func:`attention_op` returned it. Returns grad_qkv (B, N,
+    3·heads·head_dim) in qkv's dtype, contiguous, in the qkv layout (dQ, dK, dV per token)."""
+    B, N, H, Dh = qkv_heads_shape(qkv, num_heads)
+    grad_out = grad_out.to(qkv.dtype)
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    grad_qkv = torch.empty((B, N, 3 * H * Dh), device=qkv.device, dtype=qkv.dtype)
+    if grad_qkv.numel() == 0:
+        return grad_qkv
+    delta = torch.empty((B, H, N), device=qkv.device, dtype=torch.float32)
+    wrap_triton(attention_bwd_preprocess_kernel)[(triton.cdiv(N, _PREPROCESS_BLOCK_M) * B * H,)](
+        out, grad_out, delta, N, H, Dh, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
+        BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DH=_block_dh(Dh),
+        num_warps=_PREPROCESS_WARPS)
+    precision = _input_precision(qkv.dtype)
+    block_held, block_streamed, block_dh, num_warps, num_stages = _bwd_launch_config(Dh, qkv.dtype, precision)
+    args = (qkv, grad_out, lse, delta, grad_qkv, N, H, Dh, scale, scale * LOG2E, qkv.stride(0), qkv.stride(1),
+            grad_out.stride(0), grad_out.stride(1), grad_qkv.stride(0), grad_qkv.stride(1))
+    grid = (triton.cdiv(N, block_held) * B * H,)
+    wrap_triton(attention_bwd_dkdv_kernel)[grid](
+        *args, BLOCK_M=block_streamed, BLOCK_N=block_held, BLOCK_DH=block_dh, INPUT_PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages)
+    wrap_triton(attention_bwd_dq_kernel)[grid](
+        *args, BLOCK_M=block_held, BLOCK_N=block_streamed, BLOCK_DH=block_dh, INPUT_PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages)
+    return grad_qkv
+
+
 def _setup_context(ctx, inputs, output):
     qkv, num_heads, scale = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(qkv, out, lse)
+    ctx.save_for_backward(qkv, out, lse)  # no N×N matrix: the backward recomputes P from lse
     ctx.num_heads, ctx.scale = num_heads, scale
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    """Recompute P = exp(scale·q kᵀ - lse) with torch ops (fp32 for half inputs) and apply the
-    softmax-attention backward: dv = Pᵀ dO, dS = P ∘ (dO vᵀ - rowsum(dO ∘ O)), dq = scale·dS k,
-    dk = scale·dSᵀ q."""
     qkv, out, lse = ctx.saved_tensors
-    B, N, H, Dh = qkv_heads_shape(qkv, ctx.num_heads)
-    dtype = torch.promote_types(qkv.dtype, torch.float32)
-    q, k, v = qkv.to(dtype).unflatten(-1, (3, H, Dh)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh)
-    o, do = (t.to(dtype).unflatten(-1, (H, Dh)).transpose(1, 2) for t in (out, grad_out))
-    p = torch.exp((q @ k.transpose(-2, -1)) * ctx.scale - lse.unsqueeze(-1))
-    dv = p.transpose(-2, -1) @ do
-    ds = p * (do @ v.transpose(-2, -1) - (do * o).sum(-1, keepdim=True)) * ctx.scale
-    dq = ds @ k
-    dk = ds.transpose(-2, -1) @ q
-    grad_qkv = torch.stack((dq, dk, dv), dim=0).permute(1, 3, 0, 2, 4).reshape(B, N, 3 * H * Dh)
-    return grad_qkv.to(qkv.dtype), None, None
+    return attention_backward_op(grad_out, qkv, out, lse, ctx.num_heads, ctx.scale), None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -181,20 +380,33 @@ def attention_triton(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.T
 
 _ALIGNED_ARGS = ("qkv_ptr", "out_ptr", "lse_ptr", "head_dim", "stride_qkv_b", "stride_qkv_n", "stride_out_b",
                  "stride_out_n")
+_BWD_ALIGNED_ARGS = ("qkv_ptr", "dout_ptr", "lse_ptr", "delta_ptr", "dqkv_ptr", "head_dim", "stride_qkv_b",
+                     "stride_qkv_n", "stride_dout_b", "stride_dout_n", "stride_dqkv_b", "stride_dqkv_n")
+_PREPROCESS_ALIGNED_ARGS = ("out_ptr", "dout_ptr", "delta_ptr", "head_dim", "stride_out_b", "stride_out_n",
+                            "stride_dout_b", "stride_dout_n")
 
 
 def compile_specs():
-    """Every (dtype, dot precision, BLOCK_DH) the launcher can pick, with its table config."""
+    """Every (kernel, dtype, dot precision, BLOCK_DH) the launchers can pick, with its table config, as
+    compiled for 16-aligned launches (every supported head_dim that is a multiple of 16: the test
+    suite's matrix) and for unaligned ones (``python -m fastconformer.kernels --all``)."""
     variants = [(torch.float32, "tf32"), (torch.float32, "ieee"), (torch.float16, "ieee"), (torch.bfloat16, "ieee")]
     for dtype, precision in variants:
         ptr = tl_dtype(dtype)
+        tag = f"{ptr[1:]}" + (f"-{precision}" if dtype == torch.float32 else "")
         for block_dh in _BLOCK_DHS:
             block_m, block_n, _, num_warps, num_stages = _launch_config(block_dh, dtype, precision)
-            tag = f"{ptr[1:]}" + (f"-{precision}" if dtype == torch.float32 else "")
-            for hints in ((), _ALIGNED_ARGS):  # as compiled for unaligned and for 16-aligned launches
+            held, streamed, _, bwd_warps, bwd_stages = _bwd_launch_config(block_dh, dtype, precision)
+            bwd_signature = {
+                "qkv_ptr": ptr, "dout_ptr": ptr, "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dqkv_ptr": ptr,
+                "N": "i32", "H": "i32", "head_dim": "i32", "scale": "fp32", "qk_scale": "fp32",
+                "stride_qkv_b": "i32", "stride_qkv_n": "i32", "stride_dout_b": "i32", "stride_dout_n": "i32",
+                "stride_dqkv_b": "i32", "stride_dqkv_n": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                "BLOCK_DH": "constexpr", "INPUT_PRECISION": "constexpr"}
+            for hints in (False, True):
+                aligned = ",aligned" if hints else ""
                 yield CompileSpec(
-                    name=f"attention_fwd[{tag},BLOCK_DH={block_dh},BLOCK_M={block_m},BLOCK_N={block_n}"
-                         f"{',aligned' if hints else ''}]",
+                    name=f"attention_fwd[{tag},BLOCK_DH={block_dh},BLOCK_M={block_m},BLOCK_N={block_n}{aligned}]",
                     kernel=attention_fwd_kernel,
                     signature={"qkv_ptr": ptr, "out_ptr": ptr, "lse_ptr": "*fp32", "N": "i32", "H": "i32",
                                "head_dim": "i32", "qk_scale": "fp32", "stride_qkv_b": "i32", "stride_qkv_n": "i32",
@@ -204,5 +416,34 @@ def compile_specs():
                                 "INPUT_PRECISION": precision},
                     num_warps=num_warps,
                     num_stages=num_stages,
-                    divisible_by_16=hints,
+                    divisible_by_16=_ALIGNED_ARGS if hints else (),
+                    in_suite=hints,
                 )
+                for kernel, block_m, block_n in ((attention_bwd_dkdv_kernel, streamed, held),
+                                                 (attention_bwd_dq_kernel, held, streamed)):
+                    yield CompileSpec(
+                        name=f"{kernel.__name__.removesuffix('_kernel')}[{tag},BLOCK_DH={block_dh},"
+                             f"BLOCK_M={block_m},BLOCK_N={block_n}{aligned}]",
+                        kernel=kernel,
+                        signature=bwd_signature,
+                        constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DH": block_dh,
+                                    "INPUT_PRECISION": precision},
+                        num_warps=bwd_warps,
+                        num_stages=bwd_stages,
+                        divisible_by_16=_BWD_ALIGNED_ARGS if hints else (),
+                        in_suite=hints,
+                    )
+                if precision == "ieee":  # no dots: one build per storage dtype
+                    yield CompileSpec(
+                        name=f"attention_bwd_preprocess[{ptr[1:]},BLOCK_DH={block_dh},"
+                             f"BLOCK_M={_PREPROCESS_BLOCK_M}{aligned}]",
+                        kernel=attention_bwd_preprocess_kernel,
+                        signature={"out_ptr": ptr, "dout_ptr": ptr, "delta_ptr": "*fp32", "N": "i32", "H": "i32",
+                                   "head_dim": "i32", "stride_out_b": "i32", "stride_out_n": "i32",
+                                   "stride_dout_b": "i32", "stride_dout_n": "i32", "BLOCK_M": "constexpr",
+                                   "BLOCK_DH": "constexpr"},
+                        constexprs={"BLOCK_M": _PREPROCESS_BLOCK_M, "BLOCK_DH": block_dh},
+                        num_warps=_PREPROCESS_WARPS,
+                        divisible_by_16=_PREPROCESS_ALIGNED_ARGS if hints else (),
+                        in_suite=hints,
+                    )

@@ -99,13 +99,12 @@ def test_op_strided_qkv(backend_name, device, gen, dtype):
     assert_matches(out, expected, baseline=None if dtype == torch.float32 else baseline)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", [(2, 50, 384, 6, None), (3, 17, 160, 2, "rand")], ids=_ids)
-def test_gradients_match(backend_name, device, gen, case, dtype):
-    B, N, dim, heads, qk_scale = case
-    ref = _reference(dim, heads, gen, qk_scale)
-    x = torch.randn(B, N, dim, generator=gen)
-    grad = torch.randn(B, N, dim, generator=gen)
+def _check_gradients(ref, x, dtype, device, gen, fp32_tol=MODULE_TOL, grad_scale=1.0):
+    """Gradients of x and of every parameter of FusedAttention vs the float64 reference (the same
+    weights, input and output gradient, drawn times grad_scale); half precision against the plain
+    module in that dtype. fp32_tol=None: the policy's 1e-5 or 2x the plain float32 module's own
+    error, whichever is larger."""
+    grad = grad_scale * torch.randn(x.shape, generator=gen)
 
     def grads(module, dtype):
         xd = x.to(device, dtype).clone().requires_grad_()
@@ -118,7 +117,115 @@ def test_gradients_match(backend_name, device, gen, case, dtype):
     out = grads(fused, dtype)
     names = ["x"] + [n for n, _ in ref.named_parameters()]
     for name, o, e, b in zip(names, out, expected, baseline):
-        assert_matches(o, e, baseline=None if dtype == torch.float32 else b, name=f"grad {name}")
+        tol = max(MODULE_TOL, 2 * rel_error(b, e) + 1e-6) if fp32_tol is None else fp32_tol
+        assert_matches(o, e, baseline=None if dtype == torch.float32 else b, fp32_tol=tol, name=f"grad {name}")
+
+
+# Gradient cases (odd batches; head_dim 64, 32, 80, 128; N = 197, 50, 1, 17, 257; random scales) with
+# their dtypes, small enough for the interpreter, which runs the backward kernels program by program.
+GRAD_CASES = [
+    ((1, 197, 128, 2, None), torch.float32),
+    ((3, 50, 128, 2, None), torch.float16),
+    ((3, 1, 192, 6, "rand"), torch.float32),
+    ((3, 1, 192, 6, "rand"), torch.float16),
+    ((3, 17, 160, 2, "rand"), torch.float32),
+    ((3, 17, 160, 2, "rand"), torch.float16),
+    ((1, 257, 128, 1, "rand"), torch.float32),
+    ((1, 257, 128, 1, "rand"), torch.float16),
+]
+
+
+@pytest.mark.parametrize("case,dtype", GRAD_CASES, ids=[f"{_ids(c)}-{str(d)[6:]}" for c, d in GRAD_CASES])
+def test_gradients_match(backend_name, device, gen, case, dtype):
+    B, N, dim, heads, qk_scale = case
+    ref = _reference(dim, heads, gen, qk_scale)
+    _check_gradients(ref, torch.randn(B, N, dim, generator=gen), dtype, device, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gradients_large_logits(backend_name, device, gen, dtype):
+    """Backward at logits ~1e3 after scaling (nearly one-hot softmax rows), as test_large_logits; the
+    output gradient is scaled down (as a loss scaler would) so the weight gradients, sums over
+    tokens of |x| ~ 25 times the qkv gradient, stay finite in fp16."""
+    ref = _reference(192, 3, gen)
+    x = 25 * torch.randn(1, 197, 192, generator=gen)
+    _check_gradients(ref, x, dtype, device, gen, fp32_tol=None, grad_scale=1e-3)
+
+
+def test_gradients_follow_tf32_setting(backend_name, device, gen, monkeypatch):
+    """The backward kernels take the TF32 config too; bound: 2x the plain float32 module's own error."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    ref = _reference(160, 2, gen, "rand")
+    _check_gradients(ref, torch.randn(3, 17, 160, generator=gen), torch.float32, device, gen, fp32_tol=None)
+
+
+def _math_grads(qkv, grad_out, heads, scale):
+    """(dq, dk, dv), each (B, heads, N, head_dim), by autograd of softmax(q kᵀ · scale) v in qkv's dtype."""
+    qkv = qkv.detach().clone().requires_grad_()
+    attention.torch_impl(qkv, heads, scale).backward(grad_out)
+    return qkv.grad.unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton on CUDA or under the interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)],
+                         ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("B,N,heads,head_dim,scale", [(3, 197, 1, 64, 0.125), (1, 33, 2, 80, 0.31),
+                                                      (2, 5, 1, 128, 0.07)])
+def test_backward_op_matches_math(device, gen, dtype, B, N, heads, head_dim, scale):
+    """fastconformer::attention_backward's dq, dk, dv vs float64 autograd of the attention math, on
+    a qkv with padding between tokens (strided rows) and a non-contiguous grad_out."""
+    from fastconformer.kernels.attention import attention_backward_op, attention_op
+
+    C = heads * head_dim
+    qkv = torch.randn(B, N, 3 * C + 16, generator=gen)[..., :3 * C]
+    grad_out = torch.randn(B, C, N, generator=gen).transpose(1, 2)
+    expected = _math_grads(to_float64(qkv), to_float64(grad_out), heads, scale)
+    qd, gd = qkv.to(device, dtype), grad_out.to(device, dtype)
+    out, lse = attention_op(qd, heads, scale)
+    grad_qkv = attention_backward_op(gd, qd, out, lse, heads, scale)
+    assert grad_qkv.dtype == dtype and grad_qkv.shape == (B, N, 3 * C) and grad_qkv.is_contiguous()
+    got = grad_qkv.unflatten(-1, (3, heads, head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+    baseline = _math_grads(qd, gd, heads, scale) if dtype != torch.float32 else (None,) * 3
+    for name, g, e, b in zip("qkv", got, expected, baseline):
+        assert_matches(g, e, baseline=b, name=f"d{name}")
+
+
+def _saved_shapes(module, x):
+    """Shapes of every tensor autograd saves during module(x)."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x).sum().backward()
+    return shapes
+
+
+def test_training_saves_no_score_matrix(backend_name, device, gen):
+    """A training step keeps no N×N matrix for the backward: the Triton op saves qkv, out and the
+    per-row log-sum-exp; the torch path (SDPA's own autograd) a log-sum-exp too."""
+    B, N, dim, heads = 3, 37, 128, 2
+    fused = FusedAttention.from_reference(_reference(dim, heads, gen)).to(device)
+    x = torch.randn(B, N, dim, generator=gen).to(device).requires_grad_()
+    shapes = _saved_shapes(fused, x)
+    assert not [s for s in shapes if s.count(N) >= 2], shapes
+    if backend_name == "triton":
+        for needed in [(B, N, 3 * dim), (B, N, dim), (B, heads, N)]:  # qkv, out, lse
+            assert needed in shapes, shapes
+    assert all(p.grad is not None for p in fused.parameters()) and x.grad is not None
+
+
+def test_torch_path_gradcheck(gen):
+    """Float64 gradcheck of the torch path (F.scaled_dot_product_attention's own autograd) and of the
+    module on it, on tiny shapes."""
+    with dispatch.backend("torch"):
+        qkv = torch.randn(3, 4, 3 * 2 * 4, generator=gen, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: attention(t, 2, 0.37), (qkv,))
+        fused = FusedAttention.from_reference(_reference(8, 2, gen, "rand")).double()
+        x = torch.randn(1, 3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(fused, (x,))
 
 
 def test_attention_dropout_falls_back(backend_name, device, gen):
@@ -157,6 +264,31 @@ def test_matches_reference_bf16(backend_name, device, gen, case):
     B, N, dim, heads, qk_scale = case
     ref = _reference(dim, heads, gen, qk_scale)
     _check_forward(ref, torch.randn(B, N, dim, generator=gen), torch.bfloat16, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [CASES[0], GRAD_CASES[2][0], GRAD_CASES[4][0], GRAD_CASES[6][0]], ids=_ids)
+def test_gradients_match_bf16(backend_name, device, gen, case):
+    B, N, dim, heads, qk_scale = case
+    ref = _reference(dim, heads, gen, qk_scale)
+    _check_gradients(ref, torch.randn(B, N, dim, generator=gen), torch.bfloat16, device, gen)
+
+
+@pytest.mark.gpu
+def test_compiled_training_step(triton_backend, device, gen):
+    """torch.compile(fullgraph=True) traces the fused forward and its Triton backward (both triton_ops)
+    and gives eager's gradients."""
+    fused = FusedAttention.from_reference(_reference(384, 6, gen)).to(device)
+    x = torch.randn(3, 197, 384, generator=gen).to(device)
+
+    def input_grad(loss_fn):
+        xg = x.clone().requires_grad_()
+        loss_fn(xg).backward()
+        return xg.grad
+
+    expected = input_grad(lambda t: fused(t).square().sum())
+    torch.compiler.reset()
+    assert_matches(input_grad(torch.compile(lambda t: fused(t).square().sum(), fullgraph=True)), expected)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton on CUDA or under the interpreter")
