@@ -20,6 +20,8 @@ from . import CompileSpec, tl_dtype
 
 MAX_D = 4096
 _BLOCK_DS = (128, 256, 512, 1024, 2048, 4096)
+_BACKWARD_STAGES = 1  # the backward's row loop is not software-pipelined: its registers go to BLOCK_D-wide rows
+_BACKWARD_PROGRAMS = 256  # at most this many programs of the backward, each summing dweight/dbias over its rows
 
 
 @triton.jit
@@ -50,10 +52,54 @@ def add_layer_norm_kernel(
     tl.store(rstd_ptr + row, rstd)
 
 
+@triton.jit
+def add_layer_norm_backward_kernel(
+    grad_out_ptr, grad_sum_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, grad_s_ptr, partial_w_ptr, partial_b_ptr,
+    M, D, rows_per_program,
+    HAS_GRAD_SUM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Rows [program_id(0) * rows_per_program, ...) of the LayerNorm backward, in fp32:
+    grad_s = rstd * (w * g - mean(w * g) - n * mean(w * g * n)) (+ grad_sum, the sum's own
+    incoming gradient), n = (s - mean) * rstd; the program's partial sums of g * n (dweight) and
+    g (dbias) go to row program_id(0) of the (programs, D) fp32 buffers."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    partial_w = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    partial_b = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    first = pid * rows_per_program
+    row_start = first.to(tl.int64) * D  # a scalar carried through the loop: one 64-bit offset, not BLOCK_D
+    for row in range(first, tl.minimum(first + rows_per_program, M)):
+        g = tl.load(grad_out_ptr + row_start + cols, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + row_start + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + row)
+        rstd = tl.load(rstd_ptr + row)
+        n = tl.where(mask, (s - mean) * rstd, 0.0)
+        wg = w * g
+        c_n = tl.sum(wg * n, axis=0) / D
+        c_1 = tl.sum(wg, axis=0) / D
+        grad_s = (wg - c_1 - n * c_n) * rstd
+        if HAS_GRAD_SUM:
+            grad_s += tl.load(grad_sum_ptr + row_start + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(grad_s_ptr + row_start + cols, grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
+        partial_w += g * n
+        partial_b += g
+        row_start += D
+    tl.store(partial_w_ptr + pid * D + cols, partial_w, mask=mask)
+    tl.store(partial_b_ptr + pid * D + cols, partial_b, mask=mask)
+
+
 def _launch_config(D: int) -> tuple[int, int]:
     """(BLOCK_D, num_warps) for rows of D elements."""
     block_d = max(_BLOCK_DS[0], triton.next_power_of_2(D))
     return block_d, min(max(block_d // 256, 1), 8)
+
+
+def _backward_warps(block_d: int) -> int:
+    """num_warps of the backward: the forward's, but 16 at BLOCK_D 4096, where 8 spill on sm_90
+    (the weight and the two partial sums stay in registers across the row loop)."""
+    return min(max(block_d // 256, 1), 16)
 
 
 @triton_op("fastconformer::add_layer_norm", mutates_args=())
@@ -78,15 +124,35 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(s, weight, bias, mean, rstd)
 
 
+@triton_op("fastconformer::add_layer_norm_backward", mutates_args=())
+def add_layer_norm_backward_op(grad_out: torch.Tensor, grad_sum: torch.Tensor | None, s: torch.Tensor,
+                               weight: torch.Tensor, mean: torch.Tensor,
+                               rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad_out, s (M, D) contiguous of one dtype, grad_sum (M, D) like s or None, weight (D,),
+    mean/rstd (M,) fp32 -> (grad of the sum (M, D) in s's dtype, grad weight (D,) fp32,
+    grad bias (D,) fp32)."""
+    M, D = s.shape
+    grad_s = torch.empty_like(s)
+    programs = max(1, min(M, _BACKWARD_PROGRAMS))
+    rows_per_program = triton.cdiv(M, programs)
+    partial_w = torch.empty((programs, D), device=s.device, dtype=torch.float32)
+    partial_b = torch.empty((programs, D), device=s.device, dtype=torch.float32)
+    block_d, _ = _launch_config(D)
+    wrap_triton(add_layer_norm_backward_kernel)[(programs,)](
+        grad_out, grad_out if grad_sum is None else grad_sum, s, weight, mean, rstd, grad_s, partial_w, partial_b,
+        M, D, rows_per_program, HAS_GRAD_SUM=grad_sum is not None, BLOCK_D=block_d,
+        num_warps=_backward_warps(block_d), num_stages=_BACKWARD_STAGES)
+    return grad_s, partial_w.sum(0), partial_b.sum(0)
+
+
 def _backward(ctx, grad_sum, grad_out, _grad_mean, _grad_rstd):
+    """One Triton pass: the LayerNorm backward plus the sum's incoming gradient."""
     s, weight, bias, mean, rstd = ctx.saved_tensors
-    D = s.shape[-1]
-    grad_out = torch.zeros_like(s) if grad_out is None else grad_out.contiguous()
-    grad_s, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
-        grad_out.to(s.dtype), s, [D], mean.unsqueeze(-1), rstd.unsqueeze(-1), weight.to(s.dtype),
-        bias.to(s.dtype), [True, weight.requires_grad, bias.requires_grad])
-    if grad_sum is not None:
-        grad_s = grad_s + grad_sum
+    grad_out = torch.zeros_like(s) if grad_out is None else grad_out.to(s.dtype).contiguous()
+    grad_sum = None if grad_sum is None else grad_sum.to(s.dtype).contiguous()
+    grad_s, grad_w, grad_b = add_layer_norm_backward_op(grad_out, grad_sum, s, weight, mean, rstd)
+    grad_w = grad_w.to(weight.dtype) if weight.requires_grad else None
+    grad_b = grad_b.to(bias.dtype) if bias.requires_grad else None
     return grad_s, grad_s, grad_w, grad_b, None, None
 
 
@@ -110,11 +176,24 @@ def add_layer_norm_triton(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor
 
 
 def compile_specs():
-    """Every (dtype, BLOCK_D) the launcher can pick."""
+    """Every (kernel, dtype, BLOCK_D) the launchers can pick (the backward with and without the
+    sum's incoming gradient)."""
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         ptr = tl_dtype(dtype)
         for block_d in _BLOCK_DS:
             _, num_warps = _launch_config(block_d)
+            for has_grad_sum in (False, True):
+                yield CompileSpec(
+                    name=f"add_layer_norm_backward[{ptr[1:]},BLOCK_D={block_d},HAS_GRAD_SUM={has_grad_sum}]",
+                    kernel=add_layer_norm_backward_kernel,
+                    signature={"grad_out_ptr": ptr, "grad_sum_ptr": ptr, "s_ptr": ptr, "w_ptr": ptr,
+                               "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "grad_s_ptr": ptr, "partial_w_ptr": "*fp32",
+                               "partial_b_ptr": "*fp32", "M": "i32", "D": "i32", "rows_per_program": "i32",
+                               "HAS_GRAD_SUM": "constexpr", "BLOCK_D": "constexpr"},
+                    constexprs={"HAS_GRAD_SUM": has_grad_sum, "BLOCK_D": block_d},
+                    num_warps=_backward_warps(block_d),
+                    num_stages=_BACKWARD_STAGES,
+                )
             yield CompileSpec(
                 name=f"add_layer_norm[{ptr[1:]},BLOCK_D={block_d}]",
                 kernel=add_layer_norm_kernel,

@@ -34,12 +34,61 @@ MAX_D = 1024
 _BLOCK_DS = (128, 256, 512, 1024)
 _NUM_WARPS = {128: 8, 256: 8, 512: 16, 1024: 8}
 _BLOCK_M = 16  # tokens per program: the smallest tl.dot tile, so a (16, BLOCK_D) fp32 row block fits in registers
+_RECOMPUTE_BLOCK_D = 128  # columns per program of the backward's GEMM recompute
+_RECOMPUTE_WARPS = 4
+_BACKWARD_PROGRAMS = 256  # at most this many programs of the row-wise backward (deterministic partial sums)
+_BACKWARD_STAGES = 1  # its row loop is not software-pipelined
+_POOL_BACKWARD_TILE = 2048  # elements of grad x2 per program of the pool adjoint
+_POOL_BACKWARD_WARPS = 8
+_POOL_CHANNEL_BLOCKS = (16, 32, 64, 128)
+_POOL_PIXEL_BLOCK = 128
 _BLOCK_P = 4  # window pixels averaged per load: dw_stride 2 in one step, 4 in 4, 8 in 16 (1: one of 4 lanes)
 # (GEMM dtype, token dtype) pairs the kernel is built for: one dtype throughout, or half-precision
 # inputs with fp32 tokens (autocast: x2 in fp16/bf16, the fp32 residual stream x_t). Every mix of
 # fp32/fp16/bf16 inputs maps to one of them (the token dtype is x_t's promoted with LayerNorm's).
 _DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float16, torch.float32),
                 (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32))
+
+
+@triton.jit
+def _pooled_projection(
+    x_ptr, w_ptr, pooled_ptr, b64, ph, pw, row_mask, t_global, cols_c, C, dw_stride, inv_area,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    STORE_POOLED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """(BLOCK_M, BLOCK_D) fp32 accumulator of avgpool(x2) @ W^T for the tokens at window corners
+    (ph, pw) of image b64: the s x s windows are averaged (fp32 sums) while loading the GEMM's A
+    operand, rounded to x2's dtype and multiplied with W. With STORE_POOLED the rounded means of
+    the rows in row_mask are also stored as rows t_global of the (B * N, C) pooled_ptr matrix
+    (row_mask is used for nothing else)."""
+    # Offset of each token's window corner in x2 (int64: batch strides can be large).
+    x_rows = (b64 * stride_xb + (ph * dw_stride).to(tl.int64) * stride_xh
+              + (pw * dw_stride).to(tl.int64) * stride_xw)
+    ks = tl.arange(0, BLOCK_K)
+    ps = tl.arange(0, BLOCK_P)
+    area = dw_stride * dw_stride
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        k = k0 + ks
+        k_mask = k < C
+        a_ptrs = x_ptr + (x_rows[:, None] + (k.to(tl.int64) * stride_xc)[None, :])[:, :, None]
+        # Average pool while loading A: BLOCK_P window pixels (row-major in the window) per load.
+        window_sum = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for p0 in range(0, area, BLOCK_P):
+            p = p0 + ps
+            p_c = tl.minimum(p, area - 1)
+            i = p_c // dw_stride
+            pix = i * stride_xh + (p_c - i * dw_stride) * stride_xw
+            v = tl.load(a_ptrs + pix[None, None, :], mask=k_mask[None, :, None] & (p < area)[None, None, :],
+                        other=0.0)
+            window_sum += tl.sum(v.to(tl.float32), axis=2)
+        a = (window_sum * inv_area).to(x_ptr.dtype.element_ty)
+        if STORE_POOLED:
+            tl.store(pooled_ptr + t_global[:, None] * C + k[None, :], a, mask=row_mask[:, None] & k_mask[None, :])
+        w = tl.load(w_ptr + k[:, None] + cols_c[None, :] * C, mask=k_mask[:, None], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -77,30 +126,10 @@ def fcu_down_kernel(
             cls += cls
         tl.store(out_ptr + b64 * (N + 1) * D + cols, cls, mask=col_mask)
 
-    # Offset of each token's window corner in x2 (int64: batch strides can be large).
-    x_rows = (b64 * stride_xb + (ph * dw_stride).to(tl.int64) * stride_xh
-              + (pw * dw_stride).to(tl.int64) * stride_xw)
-    ks = tl.arange(0, BLOCK_K)
-    ps = tl.arange(0, BLOCK_P)
-    area = dw_stride * dw_stride
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        k = k0 + ks
-        k_mask = k < C
-        a_ptrs = x_ptr + (x_rows[:, None] + (k.to(tl.int64) * stride_xc)[None, :])[:, :, None]
-        # Average pool while loading A: BLOCK_P window pixels (row-major in the window) per load.
-        window_sum = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for p0 in range(0, area, BLOCK_P):
-            p = p0 + ps
-            p_c = tl.minimum(p, area - 1)
-            i = p_c // dw_stride
-            pix = i * stride_xh + (p_c - i * dw_stride) * stride_xw
-            v = tl.load(a_ptrs + pix[None, None, :], mask=k_mask[None, :, None] & (p < area)[None, None, :],
-                        other=0.0)
-            window_sum += tl.sum(v.to(tl.float32), axis=2)
-        a = (window_sum * inv_area).to(x_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + k[:, None] + cols_c[None, :] * C, mask=k_mask[:, None], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    acc = _pooled_projection(x_ptr, w_ptr, x_ptr, b64, ph, pw, row_mask, t, cols_c, C, dw_stride, inv_area,
+                             stride_xb, stride_xc, stride_xh, stride_xw, STORE_POOLED=False,
+                             DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
+                             BLOCK_P=BLOCK_P)
 
     # + bias, LayerNorm over the D valid columns, exact GELU, (+ x_t), all fp32.
     z = tl.where(col_mask[None, :], acc + tl.load(bias_ptr + cols_c).to(tl.float32)[None, :], 0.0)
@@ -120,6 +149,111 @@ def fcu_down_kernel(
              mask=row_mask[:, None] & col_mask[None, :])
 
 
+@triton.jit
+def pooled_projection_kernel(
+    x_ptr, w_ptr, bias_ptr, pooled_ptr, z_ptr,
+    N, n_h, n_w, C, D, dw_stride, inv_area,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The backward's recompute, with the forward's exact arithmetic (its token blocks, pooling and
+    K loop): the pre-LayerNorm rows z = avgpool(x2) @ W^T + bias, stored fp32 as (B * N, D), and
+    the pooled rows (B * N, C) in x2's dtype (the weight grad's GEMM operand). No LayerNorm here,
+    so a program owns BLOCK_D columns (program_id(1)) instead of whole rows; the programs of the
+    first column block store the pooled rows."""
+    pid = tl.program_id(0)
+    n_seg = tl.cdiv(n_w, BLOCK_M)
+    b = pid // (n_h * n_seg)
+    rest = pid - b * (n_h * n_seg)
+    ph = rest // n_seg
+    pw = (rest - ph * n_seg) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = pw < n_w
+    pooled_mask = pw < n_w * (tl.program_id(1) == 0).to(tl.int32)  # valid rows, first column block only
+    pw = tl.minimum(pw, n_w - 1)
+    t_global = b.to(tl.int64) * N + ph * n_w + pw
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    cols_c = tl.minimum(cols, D - 1)
+    acc = _pooled_projection(x_ptr, w_ptr, pooled_ptr, b.to(tl.int64), ph, pw, pooled_mask, t_global,
+                             cols_c, C, dw_stride, inv_area, stride_xb, stride_xc, stride_xh, stride_xw,
+                             STORE_POOLED=True, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+                             BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P)
+    z = acc + tl.load(bias_ptr + cols_c).to(tl.float32)[None, :]
+    tl.store(z_ptr + t_global[:, None] * D + cols[None, :], z, mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def layer_norm_gelu_backward_kernel(
+    z_ptr, grad_ptr, ln_w_ptr, ln_b_ptr, grad_z_ptr, partial_bias_ptr, partial_ln_w_ptr, partial_ln_b_ptr,
+    M, N, D, eps, stride_gb, stride_gn, rows_per_program,
+    BLOCK_D: tl.constexpr,
+):
+    """Token rows [program_id(0) * rows_per_program, ...) of the (B * N, D) fp32 pre-LayerNorm rows z,
+    back through GELU(LayerNorm(z)), in fp32: grad_z in grad_z_ptr's dtype, and the program's partial
+    sums of grad_z (bias), grad_y * n (LayerNorm weight) and grad_y (LayerNorm bias) in row
+    program_id(0) of the (programs, D) fp32 buffers. grad_ptr is the (B, 1 + N, D) gradient of the
+    output tokens (row t of image b at b * stride_gb + (1 + t) * stride_gn)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    ln_w = tl.load(ln_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    ln_b = tl.load(ln_b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    partial_bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    partial_ln_w = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    partial_ln_b = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    first = pid * rows_per_program
+    row_start = first.to(tl.int64) * D  # scalars carried through the loop
+    for row in range(first, tl.minimum(first + rows_per_program, M)):
+        z = tl.load(z_ptr + row_start + cols, mask=mask, other=0.0)
+        image = row // N
+        g_start = image.to(tl.int64) * stride_gb + (row - image * N + 1).to(tl.int64) * stride_gn
+        g = tl.load(grad_ptr + g_start + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(z, axis=0) / D
+        n = tl.where(mask, z - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(n * n, axis=0) / D + eps)
+        n = n * rstd
+        y = n * ln_w + ln_b
+        # d GELU(y) / dy = Phi(y) + y * phi(y)
+        grad_y = g * (0.5 * (1.0 + tl.erf(y * 0.7071067811865476)) + y * tl.exp(-0.5 * y * y) * 0.3989422804014327)
+        grad_n = grad_y * ln_w
+        c_1 = tl.sum(grad_n, axis=0) / D
+        c_n = tl.sum(grad_n * n, axis=0) / D
+        grad_z = tl.where(mask, (grad_n - c_1 - n * c_n) * rstd, 0.0)
+        tl.store(grad_z_ptr + row_start + cols, grad_z.to(grad_z_ptr.dtype.element_ty), mask=mask)
+        partial_bias += grad_z
+        partial_ln_w += grad_y * n
+        partial_ln_b += grad_y
+        row_start += D
+    tl.store(partial_bias_ptr + pid * D + cols, partial_bias, mask=mask)
+    tl.store(partial_ln_w_ptr + pid * D + cols, partial_ln_w, mask=mask)
+    tl.store(partial_ln_b_ptr + pid * D + cols, partial_ln_b, mask=mask)
+
+
+@triton.jit
+def avg_pool_backward_kernel(
+    grad_pooled_ptr, grad_x_ptr,
+    ROWS, COLS, C, W, HW, n_w, N, dw_stride, inv_area,
+    CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The s x s average pool's adjoint: grad_x[b, c, i, j] = grad_pooled[b, (i // s) * n_w + j // s, c]
+    / s^2, grad_pooled (B * N, C) row-major, grad_x (B, C, H, W) viewed as a row-major (ROWS, COLS)
+    matrix: (batch, channel) x pixels when contiguous, (batch, pixel) x channels when channels_last."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
+    rows64 = rows.to(tl.int64)
+    if CHANNELS_LAST:
+        pixel = rows64 % HW
+        token = (rows64 // HW) * N + (pixel // W // dw_stride) * n_w + pixel % W // dw_stride
+        src = token[:, None] * C + cols[None, :]
+    else:
+        token = ((rows64 // C) * N)[:, None] + ((cols // W // dw_stride) * n_w + cols % W // dw_stride)[None, :]
+        src = token * C + (rows % C)[:, None]
+    g = tl.load(grad_pooled_ptr + src, mask=mask, other=0.0).to(tl.float32) * inv_area
+    tl.store(grad_x_ptr + rows64[:, None] * COLS + cols[None, :], g.to(grad_x_ptr.dtype.element_ty), mask=mask)
+
+
 def _launch_config(D: int, gemm_dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_K, BLOCK_D, num_warps, num_stages) for token rows of D elements: the whole row in one
     program (BLOCK_D = next_pow2(D), at least 128). Warps and K step are the fewest registers
@@ -129,6 +263,19 @@ def _launch_config(D: int, gemm_dtype: torch.dtype) -> tuple[int, int, int, int]
     block_d = max(_BLOCK_DS[0], triton.next_power_of_2(D))
     block_k = 8 if (block_d >= 1024 and gemm_dtype == torch.float32) else 16
     return block_k, block_d, _NUM_WARPS[block_d], 1
+
+
+def _row_backward_warps(block_d: int) -> int:
+    """num_warps of the row-wise LayerNorm + GELU backward: 4 elements per thread and row."""
+    return max(1, min(8, block_d // 128))
+
+
+def _avg_pool_backward_config(C: int, channels_last: bool) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) of the pool adjoint: a tile row is BLOCK_C channels of one pixel
+    (channels_last) or BLOCK_C pixels of one (batch, channel) plane (contiguous)."""
+    block_c = (max(_POOL_CHANNEL_BLOCKS[0], min(_POOL_CHANNEL_BLOCKS[-1], triton.next_power_of_2(C)))
+               if channels_last else _POOL_PIXEL_BLOCK)
+    return _POOL_BACKWARD_TILE // block_c, block_c
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -161,6 +308,59 @@ def fcu_down_op(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias:
     return out
 
 
+@triton_op("fastconformer::fcu_down_backward", mutates_args=())
+def fcu_down_backward_op(grad_out: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         ln_weight: torch.Tensor, ln_bias: torch.Tensor, dw_stride: int,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad_out (B, 1+N, D) in the token dtype with unit stride along D, the forward's x2 (any
+    strides), weight (D, C) and bias / ln_weight / ln_bias (D,) -> (grad x2 (B, C, H, W) in x2's
+    dtype, channels_last when x2 is, else contiguous; grad weight (D, C) in weight's dtype; grad
+    bias, grad ln_weight, grad ln_bias (D,) fp32). The cls row's gradient is not handled here.
+
+    The pre-LayerNorm rows are recomputed (the forward's pooled GEMM with its exact arithmetic)
+    into a transient (B * N, D) fp32 buffer that lives only during this backward, rather than
+    saved by the forward, which would hold B * N * D fp32 per FCU from forward to backward (19 MB
+    per block at Conformer-S, batch 64) to skip a GEMM with K = C_in. Then one row-wise kernel
+    goes back through GELU and LayerNorm."""
+    B, C, H, W = x2.shape
+    D = weight.shape[0]
+    s = dw_stride
+    n_h, n_w = H // s, W // s
+    N = n_h * n_w
+    M = B * N
+    dev = x2.device
+    grad_z = torch.empty((M, D), device=dev, dtype=x2.dtype)
+    pooled = torch.empty((M, C), device=dev, dtype=x2.dtype)
+    programs = max(1, min(M, _BACKWARD_PROGRAMS))
+    partials = [torch.zeros((programs, D), device=dev, dtype=torch.float32) for _ in range(3)]
+    if M > 0:
+        z = torch.empty((M, D), device=dev, dtype=torch.float32)
+        block_k, block_d, _, num_stages = _launch_config(D, x2.dtype)  # the forward's K step: its rounding
+        grid = (B * n_h * triton.cdiv(n_w, _BLOCK_M), triton.cdiv(D, _RECOMPUTE_BLOCK_D))
+        wrap_triton(pooled_projection_kernel)[grid](
+            x2, weight, bias, pooled, z, N, n_h, n_w, C, D, s, 1.0 / (s * s), *x2.stride(),
+            DOT_PRECISION=_dot_precision(x2.dtype), BLOCK_M=_BLOCK_M, BLOCK_K=block_k, BLOCK_D=_RECOMPUTE_BLOCK_D,
+            BLOCK_P=_BLOCK_P, num_warps=_RECOMPUTE_WARPS, num_stages=num_stages)
+        wrap_triton(layer_norm_gelu_backward_kernel)[(programs,)](
+            z, grad_out, ln_weight, ln_bias, grad_z, *partials, M, N, D, eps, grad_out.stride(0), grad_out.stride(1),
+            triton.cdiv(M, programs), BLOCK_D=block_d, num_warps=_row_backward_warps(block_d),
+            num_stages=_BACKWARD_STAGES)
+    with torch.autocast(dev.type, enabled=False):
+        grad_pooled = grad_z @ weight  # (B * N, C)
+        grad_weight = grad_z.t() @ pooled  # (D, C)
+    channels_last = x2.dim() == 4 and x2.is_contiguous(memory_format=torch.channels_last) and not x2.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    grad_x2 = torch.empty((B, C, H, W), device=dev, dtype=x2.dtype, memory_format=fmt)
+    rows, cols = (B * H * W, C) if channels_last else (B * C, H * W)
+    block_r, block_c = _avg_pool_backward_config(C, channels_last)
+    if rows > 0:
+        wrap_triton(avg_pool_backward_kernel)[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))](
+            grad_pooled, grad_x2, rows, cols, C, W, H * W, n_w, N, s, 1.0 / (s * s),
+            CHANNELS_LAST=channels_last, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_POOL_BACKWARD_WARPS)
+    grad_bias, grad_ln_w, grad_ln_b = (p.sum(0) for p in partials)
+    return grad_x2, grad_weight, grad_bias, grad_ln_w, grad_ln_b
+
+
 def _setup_context(ctx, inputs, output):
     x2, _, weight, bias, ln_weight, ln_bias, dw_stride, eps, add_x_t = inputs
     ctx.save_for_backward(x2, weight, bias, ln_weight, ln_bias)
@@ -168,32 +368,14 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
-    """Recomputes the pooled input, projection and LayerNorm statistics with torch ops, in the token
-    dtype (fp32 under mixed precision), and returns gradients in each input's dtype."""
+    """The Triton backward (GELU, LayerNorm and pool adjoints; the two GEMMs with torch.matmul),
+    plus the cls row's gradient; gradients in each input's dtype."""
     x2, weight, bias, ln_weight, ln_bias = ctx.saved_tensors
-    s, eps = ctx.dw_stride, ctx.eps
-    dtype = grad_out.dtype
-    B, C, H, W = x2.shape
-    D = weight.shape[0]
-    aten = torch.ops.aten
-
-    x2c = x2.to(dtype)
-    pooled = (aten.avg_pool2d(x2c, [s, s], [s, s]) if s > 1 else x2c).flatten(2).transpose(1, 2)  # (B, N, C)
-    wc = weight.to(dtype)
-    with torch.autocast(x2.device.type, enabled=False):
-        z = torch.nn.functional.linear(pooled, wc, bias)  # (B, N, D)
-    y, mean, rstd = aten.native_layer_norm(z, [D], ln_weight, ln_bias, eps)
-    grad_tokens = grad_out[:, 1:]
-    grad_y = aten.gelu_backward(grad_tokens, y)
-    grad_z, grad_ln_w, grad_ln_b = aten.native_layer_norm_backward(
-        grad_y, z, [D], mean, rstd, ln_weight, ln_bias, [True, ctx.needs_input_grad[4], ctx.needs_input_grad[5]])
-
-    grad_x2 = grad_x_t = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_pooled = (grad_z @ wc).transpose(1, 2).reshape(B, C, H // s, W // s)
-        if s > 1:
-            grad_pooled = aten.avg_pool2d_backward(grad_pooled, x2c, [s, s], [s, s], [0, 0], False, True, None)
-        grad_x2 = grad_pooled.to(x2.dtype)
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    grad_x2, grad_w, grad_b, grad_ln_w, grad_ln_b = fcu_down_backward_op(
+        grad_out, x2, weight, bias, ln_weight, ln_bias, ctx.dw_stride, ctx.eps)
+    grad_x_t = None
     if ctx.needs_input_grad[1]:
         if ctx.add_x_t:
             grad_x_t = grad_out.clone()
@@ -201,11 +383,10 @@ def _backward(ctx, grad_out):
         else:
             grad_x_t = torch.zeros_like(grad_out)
             grad_x_t[:, 0] = grad_out[:, 0]
-    if ctx.needs_input_grad[2]:
-        grad_w = (grad_z.reshape(-1, D).t() @ pooled.reshape(-1, C)).to(weight.dtype)
-    if ctx.needs_input_grad[3]:
-        grad_b = grad_z.sum((0, 1))
-    return grad_x2, grad_x_t, grad_w, grad_b, grad_ln_w, grad_ln_b, None, None, None
+    needs = ctx.needs_input_grad
+    return (grad_x2 if needs[0] else None, grad_x_t, grad_w if needs[2] else None,
+            grad_b.to(bias.dtype) if needs[3] else None, grad_ln_w.to(ln_weight.dtype) if needs[4] else None,
+            grad_ln_b.to(ln_bias.dtype) if needs[5] else None, None, None, None)
 
 
 fcu_down_op.register_autograd(_backward, setup_context=_setup_context)
@@ -244,7 +425,7 @@ def fcu_down_triton(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, b
 
 
 def compile_specs():
-    """Every (dtype pair, dot precision, BLOCK_D) the launcher can pick."""
+    """Every (kernel, dtype pair, dot precision, BLOCK_D or layout) the launchers can pick."""
     for gemm_dtype, token_dtype in _DTYPE_PAIRS:
         xp, tp = tl_dtype(gemm_dtype), tl_dtype(token_dtype)
         for precision in ("ieee", "tf32") if gemm_dtype == torch.float32 else ("ieee",):
@@ -266,3 +447,46 @@ def compile_specs():
                     num_warps=num_warps,
                     num_stages=num_stages,
                 )
+            for block_k in sorted({_launch_config(d, gemm_dtype)[0] for d in _BLOCK_DS}):
+                yield CompileSpec(
+                    name=f"pooled_projection[{xp[1:]}->{tp[1:]},{precision},BLOCK_K={block_k}]",
+                    kernel=pooled_projection_kernel,
+                    signature={"x_ptr": xp, "w_ptr": xp, "bias_ptr": tp, "pooled_ptr": xp, "z_ptr": "*fp32",
+                               **dict.fromkeys(("N", "n_h", "n_w", "C", "D", "dw_stride"), "i32"),
+                               "inv_area": "fp32",
+                               **dict.fromkeys(("stride_xb", "stride_xc", "stride_xh", "stride_xw"), "i32"),
+                               **dict.fromkeys(("DOT_PRECISION", "BLOCK_M", "BLOCK_K", "BLOCK_D", "BLOCK_P"),
+                                               "constexpr")},
+                    constexprs={"DOT_PRECISION": precision, "BLOCK_M": _BLOCK_M, "BLOCK_K": block_k,
+                                "BLOCK_D": _RECOMPUTE_BLOCK_D, "BLOCK_P": _BLOCK_P},
+                    num_warps=_RECOMPUTE_WARPS,
+                    num_stages=_launch_config(MAX_D, gemm_dtype)[3],
+                )
+        for block_d in _BLOCK_DS:
+            yield CompileSpec(
+                name=f"layer_norm_gelu_backward[{xp[1:]}->{tp[1:]},BLOCK_D={block_d}]",
+                kernel=layer_norm_gelu_backward_kernel,
+                signature={"z_ptr": "*fp32", "grad_ptr": tp, "ln_w_ptr": tp, "ln_b_ptr": tp, "grad_z_ptr": xp,
+                           **dict.fromkeys(("partial_bias_ptr", "partial_ln_w_ptr", "partial_ln_b_ptr"), "*fp32"),
+                           "M": "i32", "N": "i32", "D": "i32", "eps": "fp32", "stride_gb": "i32", "stride_gn": "i32",
+                           "rows_per_program": "i32", "BLOCK_D": "constexpr"},
+                constexprs={"BLOCK_D": block_d},
+                num_warps=_row_backward_warps(block_d),
+                num_stages=_BACKWARD_STAGES,
+            )
+        if token_dtype != gemm_dtype:
+            continue
+        layouts = [(False, _POOL_PIXEL_BLOCK)] + [(True, c) for c in _POOL_CHANNEL_BLOCKS]
+        for channels_last, channels in layouts:
+            block_r, block_c = _avg_pool_backward_config(channels, channels_last)
+            layout = "channels_last" if channels_last else "contiguous"
+            yield CompileSpec(
+                name=f"avg_pool_backward[{xp[1:]},{layout},BLOCK_C={block_c}]",
+                kernel=avg_pool_backward_kernel,
+                signature={"grad_pooled_ptr": xp, "grad_x_ptr": xp,
+                           **dict.fromkeys(("ROWS", "COLS", "C", "W", "HW", "n_w", "N", "dw_stride"), "i32"),
+                           "inv_area": "fp32", "CHANNELS_LAST": "constexpr", "BLOCK_R": "constexpr",
+                           "BLOCK_C": "constexpr"},
+                constexprs={"CHANNELS_LAST": channels_last, "BLOCK_R": block_r, "BLOCK_C": block_c},
+                num_warps=_POOL_BACKWARD_WARPS,
+            )

@@ -33,10 +33,18 @@ _EXPAND_BLOCK_NS = (16, 32, 64)
 _EXPAND_BLOCK_K = 32
 _EXPAND_WARPS = 8
 _EXPAND_STAGES = 3
+_EXPAND_BW_BLOCK_M = 64  # the expand's backward GEMM: tokens x embed dims, K over channels
+_EXPAND_BW_BLOCK_N = 64
+_EXPAND_BW_BLOCK_K = 32
+_EXPAND_BW_WARPS = 8
+_EXPAND_BW_STAGES = 2
 _ELEMENTWISE_TILE = 2048  # elements per program of the upsample-add
 _ELEMENTWISE_WARPS = 8  # 8 elements per thread
 _CHANNEL_BLOCKS = (16, 32, 64, 128)  # channels_last: a tile row is BLOCK_C channels of one pixel
 _PIXEL_BLOCK = 128  # contiguous (NCHW): a tile row is BLOCK_C pixels of one (batch, channel) plane
+_BACKWARD_TILE = 1024  # low-resolution elements per program of the upsample-add's backward
+_BACKWARD_WARPS = 4
+_BACKWARD_STAGES = 1  # the window loop is not software-pipelined
 
 
 @triton.jit
@@ -73,6 +81,51 @@ def fcu_up_expand_kernel(
     y = tl.where((y < 0) & (apply_relu != 0), 0.0, y)  # NaN stays NaN, as torch.relu
     out_ptrs = out_ptr + batch * N * C + rows[:, None] * C + cols[None, :]
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def fcu_up_expand_backward_kernel(
+    grad_ptr, out_ptr, w_ptr, scale_ptr, grad_tok_ptr, masked_ptr,
+    N, C, D,
+    stride_wc, stride_wd,
+    apply_relu,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (BLOCK_M tokens x BLOCK_N embed dims) tile of grad x_t[b] = (g' * scale) @ W for batch
+    element program_id(2), g' = grad_out masked by the ReLU (out > 0), both read as the row-major
+    (N, C) matrices of their channels_last (B, C, h, w) tensors. The result goes to rows 1.. of the
+    (B, 1 + N, D) grad of x_t (the first token block also zeroes the cls row); the programs of the
+    first embed-dim block also store g' (the weight grad's GEMM operand) as (B * N, C)."""
+    batch = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_mask = rows < N
+    col_mask = cols < D
+    store_masked = tl.program_id(1) == 0
+    g_offsets = batch * N * C + rows[:, None] * C + ks[None, :]
+    w_ptrs = w_ptr + ks[:, None] * stride_wc + cols[None, :] * stride_wd
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        k_mask = ks < C - k0
+        a_mask = row_mask[:, None] & k_mask[None, :]
+        g = tl.load(grad_ptr + g_offsets, mask=a_mask, other=0.0)
+        if apply_relu != 0:
+            g = tl.where(tl.load(out_ptr + g_offsets, mask=a_mask, other=0.0) > 0, g, 0.0)
+        if store_masked:
+            tl.store(masked_ptr + g_offsets, g.to(masked_ptr.dtype.element_ty), mask=a_mask)
+        scale = tl.load(scale_ptr + k0 + ks, mask=k_mask, other=0.0)
+        a = (g.to(tl.float32) * scale[None, :]).to(w_ptr.dtype.element_ty)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        g_offsets += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wc
+    out_rows = batch * (N + 1) + rows + 1
+    tl.store(grad_tok_ptr + out_rows[:, None] * D + cols[None, :], acc.to(grad_tok_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+    if tl.program_id(0) == 0:
+        tl.store(grad_tok_ptr + batch * (N + 1) * D + cols, tl.zeros((BLOCK_N,), dtype=tl.float32).to(
+            grad_tok_ptr.dtype.element_ty), mask=col_mask)
 
 
 @triton.jit
@@ -113,6 +166,67 @@ def bn_relu_add_upsampled_kernel(
     tl.store(out_ptr + offsets, (y + low).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def bn_relu_add_upsampled_backward_kernel(
+    grad_ptr, x_ptr, scale_ptr, shift_ptr, grad_x_ptr, grad_low_ptr, partial_scale_ptr, partial_shift_ptr,
+    ROWS, COLS, C, W, HW, w_low, hw_low, up,
+    CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One (BLOCK_R x BLOCK_C) tile of the low-resolution grad viewed as a row-major (ROWS, COLS)
+    matrix, in x's layout: contiguous x: rows are (batch, channel) planes, columns the h*w
+    low-resolution pixels; channels_last x: rows are (batch, low pixel), columns the C channels.
+
+    The tile loops over the up x up window offsets: each step reads grad and x at those
+    full-resolution pixels once, stores grad_x = grad * (bn > 0) * scale and accumulates
+    grad_low (the nearest-upsampling adjoint) and, in fp32, the per-channel partial sums of
+    grad * (bn > 0) * x (grad of scale) and grad * (bn > 0) (grad of shift). Partial sums go to
+    row program_id(0) of a (programs, C) buffer (channels_last) or to column program_id(1) of a
+    (ROWS, programs) buffer (contiguous)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_mask = rows < ROWS
+    col_mask = cols < COLS
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)
+    if CHANNELS_LAST:
+        low_pixel = rows64 % hw_low
+        # Offset of the window's top-left full-resolution element, and the step between pixels.
+        base = ((rows64 // hw_low) * HW + (low_pixel // w_low) * up * W + (low_pixel % w_low) * up) * C
+        base = base[:, None] + cols[None, :]
+        step_w = C
+        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)[None, :]
+        shift = tl.load(shift_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    else:
+        channel = rows % C
+        base = rows64[:, None] * HW + ((cols // w_low) * up * W + (cols % w_low) * up)[None, :]
+        step_w = 1
+        scale = tl.load(scale_ptr + channel, mask=row_mask, other=0.0)[:, None]
+        shift = tl.load(shift_ptr + channel, mask=row_mask, other=0.0)[:, None]
+    grad_low = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    grad_scale = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    grad_shift = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for di in range(up):
+        for dj in range(up):
+            offsets = base + (di * W + dj) * step_w
+            g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            g_pre = tl.where(x * scale + shift > 0, g, 0.0)
+            tl.store(grad_x_ptr + offsets, (g_pre * scale).to(grad_x_ptr.dtype.element_ty), mask=mask)
+            grad_low += g
+            grad_scale += g_pre * x
+            grad_shift += g_pre
+    tl.store(grad_low_ptr + rows64[:, None] * COLS + cols[None, :], grad_low.to(grad_low_ptr.dtype.element_ty),
+             mask=mask)
+    if CHANNELS_LAST:
+        partial = tl.program_id(0) * C + cols
+        tl.store(partial_scale_ptr + partial, tl.sum(grad_scale, axis=0), mask=col_mask)
+        tl.store(partial_shift_ptr + partial, tl.sum(grad_shift, axis=0), mask=col_mask)
+    else:
+        partial = rows64 * tl.num_programs(1) + tl.program_id(1)
+        tl.store(partial_scale_ptr + partial, tl.sum(grad_scale, axis=1), mask=row_mask)
+        tl.store(partial_shift_ptr + partial, tl.sum(grad_shift, axis=1), mask=row_mask)
+
+
 def _expand_block_ns(dtype: torch.dtype, precision: str) -> tuple[int, ...]:
     """The BLOCK_N choices for ``dtype`` and dot precision: fp32 without TF32 runs the dot on FMA
     units, where a 64-channel tile spills, so it stops at 32."""
@@ -131,6 +245,12 @@ def _elementwise_config(C: int, channels_last: bool) -> tuple[int, int]:
     block_c = (max(_CHANNEL_BLOCKS[0], min(_CHANNEL_BLOCKS[-1], triton.next_power_of_2(C))) if channels_last
                else _PIXEL_BLOCK)
     return _ELEMENTWISE_TILE // block_c, block_c
+
+
+def _upsample_add_backward_config(C: int, channels_last: bool) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) of the upsample-add's backward (a tile of low-resolution elements)."""
+    _, block_c = _elementwise_config(C, channels_last)
+    return _BACKWARD_TILE // block_c, block_c
 
 
 @triton_op("fastconformer::fcu_up_expand", mutates_args=())
@@ -157,25 +277,56 @@ def _expand_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x_t, weight, scale, output if apply_relu else None)
 
 
+def _expand_backward_tiles(dtype: torch.dtype, precision: str) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of the expand's backward GEMM: fp32 without TF32 runs the dot on FMA
+    units, where the (64, 32) grad tiles only fit in registers with an (8, 32) W tile."""
+    if dtype == torch.float32 and precision == "ieee":
+        return _EXPAND_BW_BLOCK_N // 2, 8
+    return _EXPAND_BW_BLOCK_N, _EXPAND_BW_BLOCK_K
+
+
+@triton_op("fastconformer::fcu_up_expand_backward", mutates_args=())
+def fcu_up_expand_backward_op(grad_out: torch.Tensor, out: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor,
+                              scale: torch.Tensor,
+                              apply_relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad_out and the forward's out (B, C, h, w) channels_last in x_t's dtype, x_t (B, 1+N, D),
+    weight (C, D), scale (C,) fp32 -> (grad x_t (B, 1+N, D) contiguous in x_t's dtype with a zero
+    cls row, grad weight (C, D) in weight's dtype, grad scale (C,) fp32, grad shift (C,) fp32).
+
+    One Triton GEMM masks grad_out by the ReLU, scales it and multiplies with W straight into the
+    token layout, storing the masked grad g' on the way; the weight grad is g'^T @ tokens
+    (torch.matmul), scaled per channel, and the scale's grad reuses it: sum_(b,n) g' * (tokens @ W^T)
+    = rowsum(W * (g'^T @ tokens)), so the forward GEMM is not recomputed."""
+    B, _, D = x_t.shape
+    C = weight.shape[0]
+    N = out.shape[2] * out.shape[3]
+    grad_x_t = torch.empty((B, N + 1, D), device=x_t.device, dtype=x_t.dtype)
+    masked = torch.empty((B * N, C), device=x_t.device, dtype=x_t.dtype)
+    precision = "tf32" if allow_tf32(x_t.dtype) else "ieee"
+    block_n, block_k = _expand_backward_tiles(x_t.dtype, precision)
+    grid = (triton.cdiv(N, _EXPAND_BW_BLOCK_M), triton.cdiv(D, block_n), B)
+    wrap_triton(fcu_up_expand_backward_kernel)[grid](
+        grad_out, out, weight, scale, grad_x_t, masked, N, C, D, weight.stride(0), weight.stride(1),
+        int(apply_relu), DOT_PRECISION=precision, BLOCK_M=_EXPAND_BW_BLOCK_M, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=_EXPAND_BW_WARPS, num_stages=_EXPAND_BW_STAGES)
+    with torch.autocast(x_t.device.type, enabled=False):
+        grad_w_unscaled = masked.t() @ x_t[:, 1:].reshape(B * N, D)  # (C, D)
+    grad_weight = (grad_w_unscaled.float() * scale[:, None]).to(weight.dtype)
+    grad_scale = (grad_w_unscaled.float() * weight.float()).sum(1)
+    grad_shift = masked.sum(0, dtype=torch.float32)
+    return grad_x_t, grad_weight, grad_scale, grad_shift
+
+
 def _expand_backward(ctx, grad_out):
-    """Recompute the GEMM with torch ops: d/d(x_t, weight, scale, shift) of act(scale * (tokens @ W^T) + shift)."""
+    """d/d(x_t, weight, scale, shift) of act(scale * (tokens @ W^T) + shift): one Triton GEMM for
+    grad x_t, torch.matmul for the weight."""
     x_t, weight, scale, out = ctx.saved_tensors
-    B, C = x_t.shape[0], weight.shape[0]
-    grad_pre = grad_out.float() if out is None else grad_out.float() * (out > 0)
-    grad_pre = grad_pre.permute(0, 2, 3, 1).reshape(B, -1, C)  # (B, N, C)
-    tokens = x_t[:, 1:].float()
-    grad_x_t = grad_weight = grad_scale = grad_shift = None
-    grad_acc = grad_pre * scale
-    if ctx.needs_input_grad[0]:
-        grad_x_t = torch.zeros(x_t.shape, device=x_t.device, dtype=x_t.dtype)
-        grad_x_t[:, 1:] = grad_acc @ weight.float()
-    if ctx.needs_input_grad[1]:
-        grad_weight = torch.einsum("bnc,bnd->cd", grad_acc, tokens).to(weight.dtype)
-    if ctx.needs_input_grad[2]:
-        grad_scale = (grad_pre * (tokens @ weight.float().t())).sum((0, 1))
-    if ctx.needs_input_grad[3]:
-        grad_shift = grad_pre.sum((0, 1))
-    return grad_x_t, grad_weight, grad_scale, grad_shift, None, None, None
+    grad_out = grad_out.to(x_t.dtype).contiguous(memory_format=torch.channels_last)
+    grad_x_t, grad_weight, grad_scale, grad_shift = fcu_up_expand_backward_op(
+        grad_out, grad_out if out is None else out, x_t, weight, scale, out is not None)
+    needs = ctx.needs_input_grad
+    return (grad_x_t if needs[0] else None, grad_weight if needs[1] else None, grad_scale if needs[2] else None,
+            grad_shift if needs[3] else None, None, None, None)
 
 
 fcu_up_expand_op.register_autograd(_expand_backward, setup_context=_expand_setup_context)
@@ -206,22 +357,46 @@ def _upsample_add_setup_context(ctx, inputs, output):
     ctx.low_dtype = low.dtype
 
 
-def _upsample_add_backward(ctx, grad_out):
-    """d/d(x, scale, shift, low) of relu(scale * x + shift) + upsample(low), with torch ops."""
-    x, scale, shift = ctx.saved_tensors
+@triton_op("fastconformer::bn_relu_add_upsampled_backward", mutates_args=())
+def bn_relu_add_upsampled_backward_op(grad_out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
+                                      shift: torch.Tensor, up: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor, torch.Tensor]:
+    """grad_out and x (B, C, H, W) of one dtype and one memory format (contiguous or channels_last),
+    scale/shift (C,) fp32 -> (grad x (B, C, H, W) like x, grad low (B, C, H/up, W/up) in x's dtype
+    and memory format, grad scale (C,) fp32, grad shift (C,) fp32)."""
     B, C, H, W = x.shape
-    up = ctx.up
-    xf = x.float()
-    channel = (1, C, 1, 1)
-    grad = grad_out.float()
-    grad_pre = grad * ((xf * scale.view(channel) + shift.view(channel)) > 0)
-    grad_x = (grad_pre * scale.view(channel)).to(x.dtype) if ctx.needs_input_grad[0] else None
-    grad_scale = (grad_pre * xf).sum((0, 2, 3)) if ctx.needs_input_grad[1] else None
-    grad_shift = grad_pre.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
-    grad_low = None
-    if ctx.needs_input_grad[3]:
-        grad_low = grad.reshape(B, C, H // up, up, W // up, up).sum((3, 5)).to(ctx.low_dtype)
-    return grad_x, grad_scale, grad_shift, grad_low, None
+    h, w = H // up, W // up
+    channels_last = not x.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    grad_x = torch.empty_like(x)
+    grad_low = torch.empty((B, C, h, w), device=x.device, dtype=x.dtype, memory_format=fmt)
+    rows, cols = (B * h * w, C) if channels_last else (B * C, h * w)
+    block_r, block_c = _upsample_add_backward_config(C, channels_last)
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    partial_shape = (grid[0], C) if channels_last else (rows, grid[1])
+    partial_scale = torch.empty(partial_shape, device=x.device, dtype=torch.float32)
+    partial_shift = torch.empty(partial_shape, device=x.device, dtype=torch.float32)
+    wrap_triton(bn_relu_add_upsampled_backward_kernel)[grid](
+        grad_out, x, scale, shift, grad_x, grad_low, partial_scale, partial_shift,
+        rows, cols, C, W, H * W, w, h * w, up,
+        CHANNELS_LAST=channels_last, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_BACKWARD_WARPS,
+        num_stages=_BACKWARD_STAGES)
+    if channels_last:
+        grad_scale, grad_shift = partial_scale.sum(0), partial_shift.sum(0)
+    else:
+        grad_scale, grad_shift = (p.view(B, C, -1).sum((0, 2)) for p in (partial_scale, partial_shift))
+    return grad_x, grad_low, grad_scale, grad_shift
+
+
+def _upsample_add_backward(ctx, grad_out):
+    """d/d(x, scale, shift, low) of relu(scale * x + shift) + upsample(low): one Triton pass over grad_out."""
+    x, scale, shift = ctx.saved_tensors
+    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    grad_x, grad_low, grad_scale, grad_shift = bn_relu_add_upsampled_backward_op(
+        grad_out.to(x.dtype).contiguous(memory_format=fmt), x, scale, shift, ctx.up)
+    needs = ctx.needs_input_grad
+    return (grad_x if needs[0] else None, grad_scale if needs[1] else None, grad_shift if needs[2] else None,
+            grad_low.to(ctx.low_dtype) if needs[3] else None, None)
 
 
 bn_relu_add_upsampled_op.register_autograd(_upsample_add_backward, setup_context=_upsample_add_setup_context)
@@ -247,11 +422,24 @@ def bn_relu_add_upsampled_triton(x: torch.Tensor, scale: torch.Tensor, shift: to
 
 
 def compile_specs():
-    """Every (kernel, dtype, dot precision, block shape) the two launchers can pick."""
+    """Every (kernel, dtype, dot precision, block shape) the launchers can pick."""
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         ptr = tl_dtype(dtype)
         precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
         for precision in precisions:
+            block_n, block_k = _expand_backward_tiles(dtype, precision)
+            yield CompileSpec(
+                name=f"fcu_up_expand_backward[{ptr[1:]},{precision},BLOCK_N={block_n},BLOCK_K={block_k}]",
+                kernel=fcu_up_expand_backward_kernel,
+                signature={"grad_ptr": ptr, "out_ptr": ptr, "w_ptr": ptr, "scale_ptr": "*fp32",
+                           "grad_tok_ptr": ptr, "masked_ptr": ptr, "N": "i32", "C": "i32", "D": "i32",
+                           "stride_wc": "i32", "stride_wd": "i32", "apply_relu": "i32",
+                           "DOT_PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                           "BLOCK_K": "constexpr"},
+                constexprs={"DOT_PRECISION": precision, "BLOCK_M": _EXPAND_BW_BLOCK_M, "BLOCK_N": block_n,
+                            "BLOCK_K": block_k},
+                num_warps=_EXPAND_BW_WARPS, num_stages=_EXPAND_BW_STAGES,
+            )
             for block_n in _expand_block_ns(dtype, precision):
                 yield CompileSpec(
                     name=f"fcu_up_expand[{ptr[1:]},{precision},BLOCK_N={block_n}]",
@@ -279,4 +467,17 @@ def compile_specs():
                            "BLOCK_C": "constexpr"},
                 constexprs={"CHANNELS_LAST": channels_last, "BLOCK_R": block_r, "BLOCK_C": block_c},
                 num_warps=_ELEMENTWISE_WARPS,
+            )
+            block_r, block_c = _upsample_add_backward_config(channels, channels_last)
+            yield CompileSpec(
+                name=f"bn_relu_add_upsampled_backward[{ptr[1:]},{layout},BLOCK_C={block_c}]",
+                kernel=bn_relu_add_upsampled_backward_kernel,
+                signature={"grad_ptr": ptr, "x_ptr": ptr, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
+                           "grad_x_ptr": ptr, "grad_low_ptr": ptr, "partial_scale_ptr": "*fp32",
+                           "partial_shift_ptr": "*fp32", "ROWS": "i32", "COLS": "i32", "C": "i32", "W": "i32",
+                           "HW": "i32", "w_low": "i32", "hw_low": "i32", "up": "i32",
+                           "CHANNELS_LAST": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
+                constexprs={"CHANNELS_LAST": channels_last, "BLOCK_R": block_r, "BLOCK_C": block_c},
+                num_warps=_BACKWARD_WARPS,
+                num_stages=_BACKWARD_STAGES,
             )

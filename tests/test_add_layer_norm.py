@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastconformer import backend
 from fastconformer.modules import add_layer_norm
 from fastconformer.testing import assert_matches, to_float64
 
@@ -30,19 +31,47 @@ def test_matches_reference(backend_name, device, gen, shape, dtype):
         assert_matches(out[i], ref[i], baseline=None if baseline is None else baseline[i], name=name)
 
 
-def test_gradients_match(backend_name, device, gen):
-    shape, D = (3, 17, 384), 384
+# (shape, dtype, which outputs get a gradient): a FusedBlock's rows (Conformer-S: D 384, 197 tokens),
+# an odd D, only the normed rows' gradient (the sum unused downstream).
+GRAD_CASES = [
+    ((3, 17, 384), torch.float32, "both"),
+    ((2, 197, 384), torch.float16, "both"),  # 394 rows: programs loop over 2 rows each
+    ((2, 5, 1000), torch.float32, "normed"),
+    ((2, 9, 576), torch.float16, "normed"),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,outputs", GRAD_CASES,
+                         ids=[f"{c[0][-1]}-{str(c[1])[6:]}-{c[2]}" for c in GRAD_CASES])
+def test_gradients_match(backend_name, device, gen, shape, dtype, outputs):
+    D = shape[-1]
     leaves = [torch.randn(shape, generator=gen), torch.randn(shape, generator=gen),
               1 + 0.3 * torch.randn(D, generator=gen), 0.2 * torch.randn(D, generator=gen)]
     g_s, g_n = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
 
     def grads(dtype, fn):
-        ts = [t.to(device, dtype).requires_grad_() for t in leaves]
+        ts = [t.detach().to(device, dtype).requires_grad_() for t in leaves]
         s, n = fn(*ts, 1e-6)
-        torch.autograd.backward((s, n), (g_s.to(device, dtype), g_n.to(device, dtype)))
+        if outputs == "both":
+            torch.autograd.backward((s, n), (g_s.to(device, dtype), g_n.to(device, dtype)))
+        else:
+            n.backward(g_n.to(device, dtype))
         return [t.grad for t in ts]
 
     ref = grads(torch.float64, _reference)
-    out = grads(torch.float32, add_layer_norm)
-    for name, o, r in zip(("x", "y", "weight", "bias"), out, ref):
-        assert_matches(o, r, name=f"grad {name}")
+    out = grads(dtype, add_layer_norm)
+    baseline = grads(dtype, _reference) if dtype != torch.float32 else [None] * 4
+    for name, o, r, base in zip(("x", "y", "weight", "bias"), out, ref, baseline):
+        assert o.dtype == dtype
+        assert_matches(o, r, baseline=base, name=f"grad {name}")
+
+
+def test_gradcheck():
+    """The torch path's backward, by finite differences in float64."""
+    gen = torch.Generator().manual_seed(7)
+    args = [torch.randn(2, 3, 8, generator=gen, dtype=torch.float64) for _ in range(2)]
+    args += [1 + 0.3 * torch.randn(8, generator=gen, dtype=torch.float64),
+             0.2 * torch.randn(8, generator=gen, dtype=torch.float64)]
+    with backend("torch"):
+        assert torch.autograd.gradcheck(lambda *a: add_layer_norm(*a, 1e-6), [a.requires_grad_() for a in args],
+                                        fast_mode=True)

@@ -99,17 +99,30 @@ def test_odd_channels_and_embed_dims(backend_name, device, gen, C, s, D, H, W):
         assert_matches(fused(x2, x_t, add_x_t=add_x_t), _expected(ref, x2, x_t, add_x_t), name=f"add_x_t={add_x_t}")
 
 
-@pytest.mark.parametrize("add_x_t", [False, True])
-def test_gradients_match(backend_name, device, gen, add_x_t):
-    C, s, D, H, W = 24, 2, 384, 8, 12
+# ((C_in, dw_stride, D, H, W), batch, layout, dtype, add_x_t): an odd small case, then Conformer-S's
+# three stages at 224 (stage 3 with Conformer-B's D) in fp32 and fp16, NCHW and channels_last.
+_GRAD_CASES = [
+    ((24, 2, 384, 8, 12), 3, "channels_last", torch.float32, False),
+    ((24, 2, 384, 8, 12), 3, "contiguous", torch.float32, True),
+    ((64, 4, 384, 56, 56), 1, "contiguous", torch.float32, True),
+    ((128, 2, 384, 28, 28), 2, "channels_last", torch.float16, False),
+    ((256, 1, 576, 14, 14), 1, "contiguous", torch.float16, True),
+]
+
+
+@pytest.mark.parametrize("shape,B,layout,dtype,add_x_t", _GRAD_CASES,
+                         ids=[f"C{c[0][0]}-s{c[0][1]}-D{c[0][2]}-{c[2]}-{str(c[3])[6:]}" + ("-add_x_t" if c[4] else "")
+                              for c in _GRAD_CASES])
+def test_gradients_match(backend_name, device, gen, shape, B, layout, dtype, add_x_t):
+    C, s, D, H, W = shape
     ref, fused = _modules(C, D, s, gen, device)
-    x2, x_t = _inputs(3, C, D, s, H, W, gen, device)
+    x2, x_t = _inputs(B, C, D, s, H, W, gen, device)
     grad = torch.randn(x_t.shape, generator=gen).to(device)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
     def grads(module, dtype, fn):
         module = copy.deepcopy(module).to(dtype)
-        leaves = [x2.to(dtype).to(memory_format=torch.channels_last).requires_grad_(),
-                  x_t.to(dtype).requires_grad_()]
+        leaves = [x2.to(dtype).contiguous(memory_format=fmt).requires_grad_(), x_t.to(dtype).requires_grad_()]
         fn(module, *leaves).backward(grad.to(dtype))
         params = [module.conv_project.weight, module.conv_project.bias, module.ln.weight, module.ln.bias]
         return [t.grad for t in leaves + params]
@@ -118,9 +131,26 @@ def test_gradients_match(backend_name, device, gen, add_x_t):
         return m(a, b) + b if add_x_t else m(a, b)
 
     want = grads(ref, torch.float64, reference)
-    got = grads(fused, torch.float32, lambda m, a, b: m(a, b, add_x_t=add_x_t))
-    for name, g, w in zip(("x2", "x_t", "conv weight", "conv bias", "ln weight", "ln bias"), got, want):
-        assert_matches(g, w, name=f"grad {name}")
+    got = grads(fused, dtype, lambda m, a, b: m(a, b, add_x_t=add_x_t))
+    baseline = grads(ref, dtype, reference) if dtype != torch.float32 else [None] * 6
+    assert got[0].dtype == dtype and got[0].is_contiguous(memory_format=fmt)
+    for name, g, w, base in zip(("x2", "x_t", "conv weight", "conv bias", "ln weight", "ln bias"), got, want,
+                                baseline):
+        assert_matches(g, w, baseline=base, name=f"grad {name}")
+
+
+def test_gradcheck():
+    """The torch path's backward, by finite differences in float64."""
+    gen = torch.Generator().manual_seed(3)
+    C, s, D, H, W = 3, 2, 5, 4, 4
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    args = [draw(1, C, H, W), draw(1, 1 + (H // s) * (W // s), D), draw(D, C), draw(D), draw(D), draw(D)]
+    with dispatch.backend("torch"):
+        for add_x_t in (False, True):
+            assert torch.autograd.gradcheck(lambda *a, add=add_x_t: fcu_down(*a, s, 1e-6, add), args, fast_mode=True)
 
 
 def test_autocast_cpu_bf16_matches_reference_dtype(gen):

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastconformer import backend
 from fastconformer.modules import conv_trans_block as conv_trans_block_module
 from fastconformer.modules.conv_trans_block import FusedConvTransBlock
 from fastconformer.modules.fcu_up import (FusedFCUUp, batch_norm_scale_shift, bn_relu_add_upsampled,
@@ -128,8 +129,66 @@ def test_fcu_up_gradients(backend_name, gen, mode):
             assert_matches(g, expected[name], name=f"grad {name}")
 
 
+# (D, C, token grid, batch, non-contiguous tokens, ReLU, dtype): Conformer-S's stage-1 and stage-3 expand, odd C.
+EXPAND_GRAD_CASES = [
+    (384, 64, (14, 14), 2, False, True, torch.float32),
+    (384, 40, (7, 7), 3, True, False, torch.float32),
+    (384, 16, (14, 14), 1, False, True, HALF),
+    (576, 192, (7, 7), 2, True, True, HALF),
+]
+
+
+def _expand_reference(x_t, weight, scale, shift, h, w, apply_relu):
+    B, C = x_t.shape[0], weight.shape[0]
+    y = (x_t[:, 1:] @ weight.t()) * scale.to(x_t.dtype) + shift.to(x_t.dtype)
+    y = torch.relu(y) if apply_relu else y
+    return y.transpose(1, 2).reshape(B, C, h, w)
+
+
+@pytest.mark.parametrize("D,C,hw,B,noncontiguous,apply_relu,dtype", EXPAND_GRAD_CASES,
+                         ids=[f"D{c[0]}-C{c[1]}-{c[2][0]}x{c[2][1]}-{'relu' if c[5] else 'linear'}-{str(c[6])[6:]}"
+                              for c in EXPAND_GRAD_CASES])
+def test_fcu_up_expand_gradients(backend_name, gen, D, C, hw, B, noncontiguous, apply_relu, dtype):
+    h, w = hw
+    x_t = _tokens(B, h, w, D, gen, noncontiguous)
+    leaves = [torch.randn(C, D, generator=gen) / D**0.5, 1 + 0.5 * torch.randn(C, generator=gen),
+              0.5 * torch.randn(C, generator=gen)]
+    grad_out = torch.randn(B, C, h, w, generator=gen)
+
+    def grads(dtype, fn):
+        x = x_t.detach().to(dtype).requires_grad_()
+        weight = leaves[0].detach().to(dtype).requires_grad_()
+        affine = [t.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
+                  for t in leaves[1:]]
+        fn(x, weight, *affine, h, w, apply_relu).backward(grad_out.to(dtype))
+        return [x.grad, weight.grad] + [t.grad for t in affine]
+
+    expected = grads(torch.float64, _expand_reference)
+    got = grads(dtype, fcu_up_expand)
+    assert got[0].dtype == dtype and got[0].shape == x_t.shape
+    assert (got[0][:, 0] == 0).all()
+    baseline = grads(dtype, _expand_reference) if dtype == HALF else [None] * 4
+    for name, g, e, base in zip(("x_t", "weight", "scale", "shift"), got, expected, baseline):
+        if base is None:
+            assert_matches(g, e, name=f"grad {name}")
+        else:
+            _assert_matches_baseline(g, e, base, name=f"grad {name}")
+
+
+def test_fcu_up_expand_gradcheck(gen):
+    """The torch path's backward, by finite differences in float64."""
+    B, D, C, h, w = 1, 5, 3, 2, 3
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    args = [draw(B, 1 + h * w, D), draw(C, D), draw(C), draw(C)]
+    with backend("torch"):
+        for apply_relu in (False, True):
+            assert torch.autograd.gradcheck(lambda *a, relu=apply_relu: fcu_up_expand(*a, h, w, relu), args)
+
+
 def test_fcu_up_autocast_bf16(gen):
-    from fastconformer import backend
 
     ref = randomize_module(FCUUp(384, 64, 4), gen)
     x_t = _tokens(2, 14, 14, 384, gen)
@@ -197,22 +256,57 @@ def test_bn_relu_add_upsampled(backend_name, gen, C, up, hw, B, layout, dtype):
     assert_matches(out, expected, baseline=baseline)
 
 
-def test_bn_relu_add_upsampled_gradients(backend_name, gen):
-    B, C, H, W, up = 2, 24, 16, 20, 4
-    leaves = [torch.randn(B, C, H, W, generator=gen), 1 + 0.5 * torch.randn(C, generator=gen),
-              0.5 * torch.randn(C, generator=gen), torch.randn(B, C, H // up, W // up, generator=gen)]
+# (B, C, H, W, up, layout, dtype): FusedConvTransBlock's shapes (stage 1 and 3 of Conformer-S) and an odd one.
+UPSAMPLE_ADD_GRAD_CASES = [
+    (2, 24, 16, 20, 4, "contiguous", torch.float32),
+    (1, 64, 56, 56, 4, "channels_last", torch.float32),
+    (3, 16, 28, 28, 2, "channels_last", HALF),
+    (1, 256, 14, 14, 1, "contiguous", HALF),
+]
+
+
+def _upsample_add_reference(x, s, t, low, up):
+    C, H, W = x.shape[1:]
+    return torch.relu(x * s.view(1, C, 1, 1) + t.view(1, C, 1, 1)) + F.interpolate(low, size=(H, W))
+
+
+@pytest.mark.parametrize("B,C,H,W,up,layout,dtype", UPSAMPLE_ADD_GRAD_CASES,
+                         ids=[f"C{c[1]}-s{c[4]}-{c[5]}-{str(c[6])[6:]}" for c in UPSAMPLE_ADD_GRAD_CASES])
+def test_bn_relu_add_upsampled_gradients(backend_name, gen, B, C, H, W, up, layout, dtype):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    leaves = [torch.randn(B, C, H, W, generator=gen).contiguous(memory_format=fmt),
+              1 + 0.5 * torch.randn(C, generator=gen), 0.5 * torch.randn(C, generator=gen),
+              torch.randn(B, C, H // up, W // up, generator=gen)]
     grad_out = torch.randn(B, C, H, W, generator=gen)
 
     def grads(dtype, fn):
-        ts = [t.to(dtype).requires_grad_() for t in leaves]
-        fn(*ts).backward(grad_out.to(dtype))
+        ts = [t.detach().to(dtype).requires_grad_() for t in leaves]
+        ts[1:3] = [t.detach().float().requires_grad_() if dtype == HALF else t for t in ts[1:3]]
+        fn(*ts, up).backward(grad_out.to(dtype))
         return [t.grad for t in ts]
 
-    expected = grads(torch.float64, lambda x, s, t, low: torch.relu(x * s.view(1, C, 1, 1) + t.view(1, C, 1, 1))
-                     + F.interpolate(low, size=(H, W)))
-    got = grads(torch.float32, lambda x, s, t, low: bn_relu_add_upsampled(x, s, t, low, up))
-    for name, g, e in zip(("x", "scale", "shift", "low"), got, expected):
-        assert_matches(g, e, name=f"grad {name}")
+    expected = grads(torch.float64, _upsample_add_reference)
+    got = grads(dtype, bn_relu_add_upsampled)
+    baseline = grads(dtype, lambda x, s, t, low, up: _upsample_add_reference(x, s.to(dtype), t.to(dtype), low, up)
+                     ) if dtype == HALF else [None] * 4
+    assert got[0].shape == leaves[0].shape and got[0].dtype == dtype
+    for name, g, e, base in zip(("x", "scale", "shift", "low"), got, expected, baseline):
+        if base is None:
+            assert_matches(g, e, name=f"grad {name}")
+        else:  # grads of the fp32 scale and shift carry the fp16 grad's rounding: the half policy for all
+            _assert_matches_baseline(g, e, base, name=f"grad {name}")
+
+
+def test_bn_relu_add_upsampled_gradcheck(gen):
+    """The torch path's backward, by finite differences in float64."""
+    B, C, H, W, up = 1, 3, 4, 6, 2
+    args = [torch.randn(B, C, H, W, generator=gen, dtype=torch.float64), 1 + torch.rand(C, dtype=torch.float64),
+            0.3 * torch.randn(C, generator=gen, dtype=torch.float64),
+            torch.randn(B, C, H // up, W // up, generator=gen, dtype=torch.float64)]
+    with backend("torch"):
+        assert torch.autograd.gradcheck(lambda *a: bn_relu_add_upsampled(*a, up),
+                                        [a.requires_grad_() for a in args],
+                                        fast_mode=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +403,6 @@ def test_conv_trans_block_gradients(backend_name, gen, mode):
 
 
 def test_conv_trans_block_autocast_bf16(gen):
-    from fastconformer import backend
 
     block = randomize_module(ConvTransBlock(64, 64, False, 1, 4, 384, num_heads=6, qkv_bias=True), gen).eval()
     x, x_t = torch.randn(2, 64, 56, 56, generator=gen), torch.randn(2, 197, 384, generator=gen)
@@ -428,7 +521,6 @@ def test_sync_batchnorm(backend_name, gen, monkeypatch):
 
 
 def test_float64_on_the_torch_backend(gen):
-    from fastconformer import backend
 
     block = randomize_module(ConvTransBlock(64, 128, True, 2, 2, 384, num_heads=6, qkv_bias=True), gen).double()
     x, x_t = torch.randn(1, 64, 56, 56, generator=gen).double(), torch.randn(1, 197, 384, generator=gen).double()
