@@ -102,7 +102,10 @@ def convert(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
 
     model: a :class:`fastconformer.reference.Conformer` or a model built by the official
     repository's ``Conformer`` (matched by structure). channels_last: run the CNN branch in
-    channels_last memory format (faster convolutions on CPUs with oneDNN and on GPUs).
+    channels_last memory format (faster convolutions on CPUs with oneDNN and on GPUs). For
+    fp32 training on the CPU prefer ``channels_last=False``: torch's channels_last BatchNorm
+    backward there is about 10x less precise than its NCHW one (the reference model converted to
+    channels_last loses the same precision; the fused ops are not the cause).
     Parameters keep their identity (an optimizer built before conversion stays valid) and
     state_dict keys are unchanged. Converting twice is a no-op.
     """

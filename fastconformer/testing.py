@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["MODULE_TOL", "MODEL_TOL", "Comparison", "rel_error", "compare", "assert_matches",
-           "randomize_module", "to_float64"]
+           "randomize_module", "saved_activation_bytes", "to_float64"]
 
 MODULE_TOL = 1e-5
 MODEL_TOL = 1e-4
@@ -122,3 +122,25 @@ def randomize_module(module: nn.Module, generator: torch.Generator | None = None
             m.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=generator)))
     return module
 
+
+
+def saved_activation_bytes(model: nn.Module, *inputs, autocast_dtype: torch.dtype | None = None) -> int:
+    """Bytes of the distinct storages autograd saves for backward during one forward of ``model``
+    (parameters excluded: they exist anyway), i.e. the activation memory a training step holds at
+    its peak; under autocast in ``autocast_dtype`` on the inputs' device type if given.
+    Deterministic, unlike allocator peaks."""
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    device_type = inputs[0].device.type
+    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+          torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)):
+        out = model(*inputs)
+    del out
+    return sum(saved.values())
