@@ -74,10 +74,21 @@ def test_large_logits(backend_name, device, gen, dtype):
     _check_forward(ref, x, dtype, device, fp32_tol=None)
 
 
-def test_follows_tf32_setting(backend_name, device, gen, monkeypatch):
+@pytest.fixture
+def tf32_matmuls():
+    """torch's TF32 matmul switch on for the test (restored after; monkeypatch cannot delete the
+    attribute of torch's cuBLAS settings module on teardown)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_follows_tf32_setting(backend_name, device, gen, tf32_matmuls):
     """With torch's TF32 matmuls on, the kernel takes its TF32 launch config (tl.dot in TF32 on GPUs);
     the bound is then 2x the plain float32 module's own (TF32) error, as for half precision."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     ref = _reference(384, 6, gen, "rand")
     _check_forward(ref, torch.randn(1, 197, 384, generator=gen), torch.float32, device, fp32_tol=None)
 
@@ -152,9 +163,8 @@ def test_gradients_large_logits(backend_name, device, gen, dtype):
     _check_gradients(ref, x, dtype, device, gen, fp32_tol=None, grad_scale=1e-3)
 
 
-def test_gradients_follow_tf32_setting(backend_name, device, gen, monkeypatch):
+def test_gradients_follow_tf32_setting(backend_name, device, gen, tf32_matmuls):
     """The backward kernels take the TF32 config too; bound: 2x the plain float32 module's own error."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     ref = _reference(160, 2, gen, "rand")
     _check_gradients(ref, torch.randn(3, 17, 160, generator=gen), torch.float32, device, gen, fp32_tol=None)
 
