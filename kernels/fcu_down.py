@@ -51,6 +51,21 @@ _DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.float16, torch.float16), 
 
 
 @triton.jit
+def _token_segment(n_h, n_w, BLOCK_M: tl.constexpr):
+    """The tokens of program_id(0): (image b, token row ph, clamped columns pw (BLOCK_M,), their
+    validity mask, and ``rest``, the program's index within its image). Shared by the forward and
+    the backward's recompute so that both walk the same token blocks."""
+    pid = tl.program_id(0)
+    n_seg = tl.cdiv(n_w, BLOCK_M)
+    b = pid // (n_h * n_seg)
+    rest = pid - b * (n_h * n_seg)
+    ph = rest // n_seg
+    pw = (rest - ph * n_seg) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = pw < n_w
+    return b, rest, ph, tl.minimum(pw, n_w - 1), row_mask
+
+
+@triton.jit
 def _pooled_projection(
     x_ptr, w_ptr, pooled_ptr, b64, ph, pw, row_mask, t_global, cols_c, C, dw_stride, inv_area,
     stride_xb, stride_xc, stride_xh, stride_xw,
@@ -106,14 +121,7 @@ def fcu_down_kernel(
     Indices are clamped instead of masked wherever the extra lanes cannot reach the output (tokens
     past the row repeat its last token, columns past D repeat column D - 1): masks that live across
     the K loop cost more registers than the data they guard."""
-    pid = tl.program_id(0)
-    n_seg = tl.cdiv(n_w, BLOCK_M)
-    b = pid // (n_h * n_seg)
-    rest = pid - b * (n_h * n_seg)
-    ph = rest // n_seg
-    pw = (rest - ph * n_seg) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = pw < n_w
-    pw = tl.minimum(pw, n_w - 1)
+    b, rest, ph, pw, row_mask = _token_segment(n_h, n_w, BLOCK_M)
     t = ph * n_w + pw  # token index within the image
     b64 = b.to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -162,15 +170,9 @@ def pooled_projection_kernel(
     the pooled rows (B * N, C) in x2's dtype (the weight grad's GEMM operand). No LayerNorm here,
     so a program owns BLOCK_D columns (program_id(1)) instead of whole rows; the programs of the
     first column block store the pooled rows."""
-    pid = tl.program_id(0)
-    n_seg = tl.cdiv(n_w, BLOCK_M)
-    b = pid // (n_h * n_seg)
-    rest = pid - b * (n_h * n_seg)
-    ph = rest // n_seg
-    pw = (rest - ph * n_seg) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = pw < n_w
-    pooled_mask = pw < n_w * (tl.program_id(1) == 0).to(tl.int32)  # valid rows, first column block only
-    pw = tl.minimum(pw, n_w - 1)
+    b, _, ph, pw, row_mask = _token_segment(n_h, n_w, BLOCK_M)
+    # valid rows, first column block only (integer product: the interpreter rejects bool & scalar masks)
+    pooled_mask = (row_mask.to(tl.int32) * (tl.program_id(1) == 0).to(tl.int32)) != 0
     t_global = b.to(tl.int64) * N + ph * n_w + pw
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
