@@ -200,39 +200,97 @@ def test_dropout_and_drop_path_draw_the_reference_masks(rates):
 # --- loss curve -----------------------------------------------------------------------------------
 
 
+def _adamw_curve(model, x, y, dtype, steps=20):
+    """Losses of ``steps`` AdamW steps in train mode (batches of 4 alternating over ``x``), run on a
+    copy of ``model`` cast to ``dtype``."""
+    model = copy.deepcopy(model).to(dtype).train()
+    x = x.to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.05)
+    curve = []
+    for step in range(steps):
+        sl = slice(4 * (step % 2), 4 * (step % 2) + 4)
+        opt.zero_grad(set_to_none=True)
+        loss = sum(F.cross_entropy(o, y[sl]) for o in model(x[sl]))  # in ``dtype``, unlike _loss
+        loss.backward()
+        opt.step()
+        curve.append(loss.item())
+    return curve
+
+
+def _max_rel(curve, expected):
+    return max(abs(a - b) / abs(b) for a, b in zip(curve, expected))
+
+
 def test_adamw_loss_curve_tracks_reference():
     """20 AdamW steps (8 images, 10 classes, batch 4, train mode) from the same weights: the fast
     model's loss curve tracks the reference's, and both learn.
 
-    The bound is what fp32 rounding alone produces here, not 1e-3: training with batch statistics
-    over 2x2 / 1x1 maps (64x64 inputs) amplifies any rounding difference step by step. Measured
-    with this setup: the fp32 reference vs the float64 reference differ by up to 1.6e-2 within 20
-    steps, the reference run in channels_last memory format (only the rounding changes) vs itself
-    in NCHW by up to 2.8e-2, the fast model vs the reference by up to 1.7e-2; after the first step
-    all of them differ by ~1e-3. So: identical first losses (same weights), <= 2e-3 after one step,
-    <= 5e-2 at every step."""
+    In float64 the curves agree to far better than 1e-3 at every step: the fast model trains the
+    same function. In fp32 the yardstick is the equality policy's half-precision rule applied to
+    training: the fast curve may deviate from the float64 reference curve by at most twice what the
+    fp32 reference itself deviates (+1e-3). A fixed 1e-3 cannot hold in fp32 for any
+    implementation whose rounding differs from the reference's: the official model's own fp32
+    train-mode gradient is several 1e-3 away from the exact one at initialisation (measured: 3e-2 at
+    64x64 batch 4, 5e-3 at 224x224 batch 4; the fusion blocks' conv1/BN backward at the small last
+    stage loses the digits), and AdamW turns that into loss differences of ~1e-2 within 20 steps
+    (fp32 reference vs float64 reference here: 1.5e-2)."""
     model, fast = _pair(seed=13, randomize=False, depth=6)
     x, y = _batch(8, 64, seed=14)
-    curves = {}
     with fastconformer.backend("torch"):
-        for name, m in (("reference", model), ("fast", fast)):
-            m.train()
-            opt = torch.optim.AdamW(m.parameters(), lr=2e-4, weight_decay=0.05)
-            curve = []
-            for step in range(20):
-                sl = slice(4 * (step % 2), 4 * (step % 2) + 4)
-                opt.zero_grad(set_to_none=True)
-                loss = _loss(m(x[sl]), y[sl])
-                loss.backward()
-                opt.step()
-                curve.append(loss.item())
-            curves[name] = curve
-    ref, fast_curve = curves["reference"], curves["fast"]
-    rel = [abs(a - b) / abs(b) for a, b in zip(fast_curve, ref)]
-    assert rel[0] <= MODEL_TOL and rel[1] <= 2e-3, rel[:2]
-    assert max(rel) <= 5e-2, f"loss curves diverge: max relative difference {max(rel):.3g} at step " \
-        f"{rel.index(max(rel))}"
-    assert ref[-1] < 0.75 * ref[0] and fast_curve[-1] < 0.75 * fast_curve[0], (ref, fast_curve)
+        curves = {(name, dtype): _adamw_curve(m, x, y, dtype)
+                  for name, m in (("reference", model), ("fast", fast))
+                  for dtype in (torch.float64, torch.float32)}
+    exact = curves["reference", torch.float64]
+    assert _max_rel(curves["fast", torch.float64], exact) <= 1e-9
+    ref32, fast32 = curves["reference", torch.float32], curves["fast", torch.float32]
+    assert _max_rel(fast32[:1], ref32[:1]) <= MODEL_TOL, "same weights, same batch: the first losses differ"
+    own = _max_rel(ref32, exact)
+    deviation = _max_rel(fast32, exact)
+    assert deviation <= HALF_FACTOR * own + 1e-3, \
+        f"fast fp32 curve deviates {deviation:.3g} from float64, the reference's fp32 curve {own:.3g}"
+    for curve in curves.values():
+        assert curve[-1] < 0.75 * curve[0], f"did not learn: {curve}"
+
+
+# --- torch.compile --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_forward_backward():
+    """torch.compile(fast, fullgraph=True) with inductor traces the fast model's forward and backward
+    without a graph break (the dispatch is plain Python that dynamo folds away), and the compiled
+    logits and gradients (input and every parameter) meet the policy against float64. Eval mode
+    keeps the float64 comparison well conditioned (see the loss-curve test). This runs the torch
+    backend: under TRITON_INTERPRET torch's wrap_triton returns the interpreted kernel untraced, so
+    the Triton ops' tracing needs CUDA (tests/test_attention.py::test_compiled_training_step)."""
+    model, fast = _pair(seed=7, depth=3)
+    model.eval(), fast.eval()
+    x, y = _batch(2, 64, seed=8)
+    with fastconformer.backend("torch"):
+        out64, _, grads64 = _grad_step(copy.deepcopy(model).double(), x.double(), y)
+        torch.compiler.reset()
+        out, _, grads = _grad_step(torch.compile(fast, fullgraph=True), x, y)
+    assert_matches(out, out64, fp32_tol=MODEL_TOL, name="compiled logits")
+    assert_matches(grads, grads64, fp32_tol=MODEL_TOL, name="compiled gradients")
+
+
+def test_torch_compile_train_mode_matches_eager():
+    """Train mode (batch statistics, running-stat updates, dropout and drop-path) under
+    torch.compile(fullgraph=True) with the aot_eager backend: same logits, gradients and running
+    statistics as eager, and the same random draws."""
+    _, fast = _pair(seed=9, depth=3, drop_rate=0.1, drop_path_rate=0.1)
+    fast.train()
+    eager, compiled = copy.deepcopy(fast), copy.deepcopy(fast)
+    x, y = _batch(2, 64, seed=10)
+    with fastconformer.backend("torch"):
+        torch.manual_seed(11)
+        out, _, grads = _grad_step(eager, x, y)
+        torch.compiler.reset()
+        torch.manual_seed(11)
+        out_c, _, grads_c = _grad_step(torch.compile(compiled, fullgraph=True, backend="aot_eager"), x, y)
+    assert rel_error(out_c, out) <= MODULE_TOL and rel_error(grads_c, grads) <= MODULE_TOL
+    buffers, buffers_c = dict(eager.named_buffers()), dict(compiled.named_buffers())
+    assert rel_error(list(buffers_c.values()), [buffers[k] for k in buffers_c]) <= MODULE_TOL
 
 
 # --- SyncBatchNorm and DistributedDataParallel ----------------------------------------------------
