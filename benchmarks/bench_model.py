@@ -1,7 +1,9 @@
 """The whole model, forward (inference, eval mode): reference eager vs the fast model vs
 ``torch.compile(reference)``, same weights and inputs, side by side in one run.
 
-Conformer-S/16 at 224x224; batch 8 fp32 on the CPU, batch 64 under bf16 autocast on a GPU.
+Conformer-S/16 at 224x224; batch 8 fp32 on the CPU, batch 64 under bf16 autocast on a GPU. On
+the CPU the fast model also runs with oneDNN's fused linear/convolution epilogues switched off
+(``fast (no oneDNN)``), to show what they add.
 """
 
 import contextlib
@@ -12,11 +14,12 @@ import torch
 
 import fastconformer
 from benchmarks.conftest import HAS_CUDA, run_benchmark
+from fastconformer.dispatch import onednn
 
 MODEL = "conformer_small_patch16"
 B = 64 if HAS_CUDA else 8
 AUTOCAST = torch.bfloat16 if HAS_CUDA else None
-IMPLS = ["reference", "fast", "compile(reference)"]
+IMPLS = ["reference", "fast", "compile(reference)"] + ([] if HAS_CUDA else ["fast (no oneDNN)"])
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,8 @@ def models(device):
     reference = fastconformer.create_model(MODEL).eval()
     fast = fastconformer.convert(copy.deepcopy(reference)).to(device)
     reference = reference.to(device)
-    return {"reference": reference, "fast": fast, "compile(reference)": torch.compile(reference)}
+    return {"reference": reference, "fast": fast, "compile(reference)": torch.compile(reference),
+            "fast (no oneDNN)": fast}
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +45,9 @@ def test_model_inference(benchmark, models, device, impl):
                 else contextlib.nullcontext())
 
     def run():
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast, onednn(impl != "fast (no oneDNN)"):
             return model(x)
 
     run()  # compile / warm up outside the timing
     run_benchmark(benchmark, run, group=f"{MODEL}[B={B},224,{'fp32' if AUTOCAST is None else 'amp-bf16'},eval]",
-                  impl=impl, rounds=5, batch=B, images=B)
+                  impl=impl, rounds=8, batch=B, images=B)

@@ -137,7 +137,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Module and whole-model equality checks on this machine; exit status 1 on any failure."""
-    from .validation import run_checks
+    from .validation import CHECKS, run_checks
 
     device = _device(args.device)
     backends = ["torch"]
@@ -145,17 +145,18 @@ def cmd_check(args: argparse.Namespace) -> int:
         backends.append("triton")
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
     print(f"equality checks on {device_name(device)}, torch {torch.__version__}, triton {_triton_version()}")
-    print(f"{'check':<30}{'backend':<9}{'dtype':<10}{'rel. error':>12}{'bound':>11}  verdict")
+    width = max(len(c.name) for c in CHECKS) + 2
+    print(f"{'check':<{width}}{'backend':<9}{'dtype':<10}{'rel. error':>12}{'bound':>11}  verdict")
     failures = 0
     for result in run_checks(device, tuple(dtypes), tuple(backends), seed=args.seed, only=args.only):
         dtype = str(result.dtype).replace("torch.", "")
         if result.comparison is not None:
             c = result.comparison
             verdict = "pass" if c.passed else "FAIL"
-            print(f"{result.check:<30}{result.backend:<9}{dtype:<10}{c.error:>12.2e}{c.bound:>11.2e}  {verdict}",
+            print(f"{result.check:<{width}}{result.backend:<9}{dtype:<10}{c.error:>12.2e}{c.bound:>11.2e}  {verdict}",
                   flush=True)
         else:
-            print(f"{result.check:<30}{result.backend:<9}{dtype:<10}{'-':>12}{'-':>11}  FAIL ({result.error})",
+            print(f"{result.check:<{width}}{result.backend:<9}{dtype:<10}{'-':>12}{'-':>11}  FAIL ({result.error})",
                   flush=True)
         failures += not result.passed
     print("all checks passed" if not failures else f"{failures} check(s) FAILED")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .modules.attention import FusedAttention
 from .modules.conv_block import FusedConvBlock, conv_bn
 from .modules.conv_trans_block import FusedConvTransBlock
 from .modules.fcu_down import FusedFCUDown
@@ -82,8 +81,6 @@ def is_converted(model: nn.Module) -> bool:
 
 
 def _fast_transformer_block(block: nn.Module) -> FusedBlock:
-    if not isinstance(block.attn, FusedAttention):
-        block.attn = FusedAttention.from_reference(block.attn)
     return block if isinstance(block, FusedBlock) else FusedBlock.from_reference(block)
 
 

@@ -11,6 +11,11 @@ Rules, for the backend chosen with :func:`backend` (default ``"auto"``):
   interpreter is a verification tool, so ``auto`` never picks it for CPU tensors.
 
 The environment variable ``FASTCONFORMER_BACKEND`` sets the default for a process.
+
+Inside the PyTorch implementation, CPU inference may go one step further: :func:`use_onednn` says
+when float32 CPU work with no autograd graph may run through oneDNN's fused primitives (a linear
+layer with its GELU or residual add in one call, the primitives inductor's CPU backend emits).
+:func:`onednn` (or ``FASTCONFORMER_ONEDNN=0``) switches that off, e.g. to measure what it buys.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["BACKENDS", "backend", "current_backend", "fused_op", "interpreter_enabled", "triton_available",
-           "use_triton"]
+__all__ = ["BACKENDS", "backend", "current_backend", "fused_op", "interpreter_enabled", "onednn", "triton_available",
+           "use_onednn", "use_triton"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -42,6 +47,16 @@ def _validate(name: object, source: str) -> str:
 _STATE = {"backend": _validate(os.environ.get("FASTCONFORMER_BACKEND", "auto"), "FASTCONFORMER_BACKEND")}
 
 
+def _onednn_default() -> bool:
+    value = os.environ.get("FASTCONFORMER_ONEDNN", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"FASTCONFORMER_ONEDNN must be '0' or '1', got {value!r}")
+    return value == "1"
+
+
+_STATE["onednn"] = _onednn_default()
+
+
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[str]:
     """Force the implementation of every fused op inside the ``with`` block (process-wide):
@@ -54,6 +69,20 @@ def backend(name: str) -> Iterator[str]:
         _STATE["backend"] = previous
 
 
+@contextlib.contextmanager
+def onednn(enabled: bool) -> Iterator[bool]:
+    """Allow (True) or forbid (False) oneDNN's fused inference primitives inside the ``with`` block
+    (process-wide; see :func:`use_onednn`)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"onednn(enabled) takes a bool, got {type(enabled).__name__}")
+    previous = _STATE["onednn"]
+    _STATE["onednn"] = enabled
+    try:
+        yield enabled
+    finally:
+        _STATE["onednn"] = previous
+
+
 def current_backend() -> str:
     """The backend in force: the innermost :func:`backend` block, else FASTCONFORMER_BACKEND, else auto."""
     return _STATE["backend"]
@@ -63,6 +92,9 @@ def current_backend() -> str:
 # itself, fastconformer must be imported after TRITON_INTERPRET is set.
 _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 _INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# oneDNN's fused primitives ship with every torch built with mkldnn (the x86 and aarch64 wheels).
+_ONEDNN_AVAILABLE = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                     and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
 
 
 def triton_available() -> bool:
@@ -96,6 +128,20 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         f"backend('triton') needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is "
         f"imported; got tensors on {sorted(devices)} with TRITON_INTERPRET="
         f"{os.environ.get('TRITON_INTERPRET', 'unset')} when fastconformer was imported")
+
+
+def use_onednn(*tensors: torch.Tensor) -> bool:
+    """Whether the PyTorch path may run ``tensors`` through oneDNN's fused inference primitives:
+    the switch is on (:func:`onednn`), torch has them, the fused ops would not pick Triton for
+    ``tensors``, all are float32 CPU tensors, no autograd graph is being built for them and CPU
+    autocast is off."""
+    if not (_ONEDNN_AVAILABLE and _STATE["onednn"]) or use_triton(*tensors):
+        return False
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return not torch.is_autocast_enabled("cpu")
 
 
 def fused_op(triton_impl: str) -> Callable[[Callable], Callable]:

@@ -20,9 +20,11 @@ from . import reference as ref
 from .convert import convert
 from .dispatch import backend
 from .modules.attention import FusedAttention
+from .modules.conv_block import FusedConvBlock
 from .modules.conv_trans_block import FusedConvTransBlock
 from .modules.fcu_down import FusedFCUDown
 from .modules.fcu_up import FusedFCUUp
+from .modules.transformer import FusedBlock
 from .registry import create_model
 from .testing import MODEL_TOL, MODULE_TOL, Comparison, compare, randomize_module, to_float64
 
@@ -58,6 +60,10 @@ CHECKS = (
           lambda g: (torch.randn(3, 197, 384, generator=g), 14, 14)),
     Check("attention (6 heads, N=197)", lambda: ref.Attention(384, 6, qkv_bias=True), FusedAttention.from_reference,
           lambda g: (torch.randn(3, 197, 384, generator=g),)),
+    Check("transformer Block (384, 6 heads)", lambda: ref.Block(384, 6, qkv_bias=True), FusedBlock.from_reference,
+          lambda g: (torch.randn(3, 197, 384, generator=g),)),
+    Check("bottleneck (ConvBlock, S stage 1)", lambda: ref.ConvBlock(64, 256, res_conv=True),
+          FusedConvBlock.from_reference, lambda g: (torch.randn(3, 64, 56, 56, generator=g),)),
     Check("ConvTransBlock (S block 5)", _conv_trans_block, _fast_conv_trans_block,
           lambda g: (torch.randn(2, 256, 56, 56, generator=g), torch.randn(2, 197, 384, generator=g))),
     Check("whole model (tiny, 224)", lambda: create_model("conformer_tiny_patch16"), convert,

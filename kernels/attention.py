@@ -62,6 +62,21 @@ _CONFIGS = {
 
 
 @triton.jit
+def _head_block(N, H, head_dim, BLOCK: tl.constexpr):
+    """This program's (batch·head index bh (int64), batch b, head h, the indices of its block of
+    BLOCK rows (BLOCK,) and their mask (< N), model width H·head_dim); the blocks of one head are
+    adjacent in launch order."""
+    num_blocks = tl.cdiv(N, BLOCK)
+    pid = tl.program_id(0)
+    bh = (pid // num_blocks).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs = (pid % num_blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    return bh, b, h, offs, mask, H * head_dim
+
+
+@triton.jit
 def attention_fwd_kernel(
     qkv_ptr, out_ptr, lse_ptr,
     N, H, head_dim, qk_scale,
@@ -73,18 +88,10 @@ def attention_fwd_kernel(
     qkv (B, N, 3, H, head_dim) with unit stride along the last three dims flattened (the Linear's
     output); out (B, N, H, head_dim) likewise; lse (B, H, N) fp32, contiguous. qk_scale is the
     softmax scale times log2(e)."""
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = (pid // num_m).to(tl.int64)
-    start_m = (pid % num_m) * BLOCK_M
-    b = bh // H
-    h = bh % H
-    dim = H * head_dim
+    bh, b, h, offs_m, mask_m, dim = _head_block(N, H, head_dim, BLOCK_M)
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_DH)
-    mask_m = offs_m < N
     mask_d = offs_d < head_dim
 
     q_base = qkv_ptr + b * stride_qkv_b + h * head_dim
@@ -184,15 +191,8 @@ def attention_bwd_preprocess_kernel(
 
     One program per (batch, head, block of BLOCK_M rows). out and dout (B, N, H, head_dim) with unit
     stride along the last two dims flattened; delta (B, H, N) fp32, contiguous."""
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = (pid // num_m).to(tl.int64)
-    start_m = (pid % num_m) * BLOCK_M
-    b = bh // H
-    h = bh % H
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    bh, b, h, offs_m, mask_m, _ = _head_block(N, H, head_dim, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_DH)
-    mask_m = offs_m < N
     mask = mask_m[:, None] & (offs_d < head_dim)[None, :]
     cols = h * head_dim + offs_d[None, :]
     o = tl.load(out_ptr + b * stride_out_b + offs_m[:, None] * stride_out_n + cols, mask=mask, other=0.0)
@@ -213,18 +213,10 @@ def attention_bwd_dkdv_kernel(
     qkv and dqkv (B, N, 3, H, head_dim), dout (B, N, H, head_dim), each with unit stride along its
     last dims flattened; lse (natural log) and delta (B, H, N) fp32, contiguous. scale is the
     softmax scale, qk_scale = scale·log2(e). Writes the k and v slots of dqkv."""
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0)
-    bh = (pid // num_n).to(tl.int64)
-    start_n = (pid % num_n) * BLOCK_N
-    b = bh // H
-    h = bh % H
-    dim = H * head_dim
+    bh, b, h, offs_n, mask_n, dim = _head_block(N, H, head_dim, BLOCK_N)
 
-    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_DH)
-    mask_n = offs_n < N
     mask_d = offs_d < head_dim
     mask_nd = mask_n[:, None] & mask_d[None, :]
 
@@ -268,18 +260,10 @@ def attention_bwd_dq_kernel(
     """dQ of one (batch, head, block of BLOCK_M queries), streaming the keys in blocks of BLOCK_N.
 
     Same arguments and layouts as :func:`attention_bwd_dkdv_kernel`; writes the q slot of dqkv."""
-    num_m = tl.cdiv(N, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = (pid // num_m).to(tl.int64)
-    start_m = (pid % num_m) * BLOCK_M
-    b = bh // H
-    h = bh % H
-    dim = H * head_dim
+    bh, b, h, offs_m, mask_m, dim = _head_block(N, H, head_dim, BLOCK_M)
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_DH)
-    mask_m = offs_m < N
     mask_d = offs_d < head_dim
     mask_md = mask_m[:, None] & mask_d[None, :]
 

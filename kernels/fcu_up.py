@@ -129,6 +129,15 @@ def fcu_up_expand_backward_kernel(
 
 
 @triton.jit
+def _tile(ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of a row-major (ROWS, COLS) matrix: (row indices (BLOCK_R,), column
+    indices (BLOCK_C,), their masks, the row indices as int64)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return rows, cols, rows < ROWS, cols < COLS, rows.to(tl.int64)
+
+
+@triton.jit
 def bn_relu_add_upsampled_kernel(
     x_ptr, scale_ptr, shift_ptr, low_ptr, out_ptr,
     ROWS, COLS, C, W, HW, up,
@@ -140,12 +149,8 @@ def bn_relu_add_upsampled_kernel(
     Contiguous x: rows are (batch, channel) planes, columns the H*W pixels of a plane.
     channels_last x: rows are (batch, pixel), columns the C channels. Either way the index
     decoding is one vector per tile side; low is read at (batch, channel, i // up, j // up)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_mask = rows < ROWS
-    col_mask = cols < COLS
+    rows, cols, row_mask, col_mask, rows64 = _tile(ROWS, COLS, BLOCK_R, BLOCK_C)
     mask = row_mask[:, None] & col_mask[None, :]
-    rows64 = rows.to(tl.int64)
     if CHANNELS_LAST:
         pixel = rows64 % HW
         low_rows = (rows64 // HW) * stride_lb + (pixel // W // up) * stride_lh + (pixel % W // up) * stride_lw
@@ -182,12 +187,8 @@ def bn_relu_add_upsampled_backward_kernel(
     grad * (bn > 0) * x (grad of scale) and grad * (bn > 0) (grad of shift). Partial sums go to
     row program_id(0) of a (programs, C) buffer (channels_last) or to column program_id(1) of a
     (ROWS, programs) buffer (contiguous)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_mask = rows < ROWS
-    col_mask = cols < COLS
+    rows, cols, row_mask, col_mask, rows64 = _tile(ROWS, COLS, BLOCK_R, BLOCK_C)
     mask = row_mask[:, None] & col_mask[None, :]
-    rows64 = rows.to(tl.int64)
     if CHANNELS_LAST:
         low_pixel = rows64 % hw_low
         # Offset of the window's top-left full-resolution element, and the step between pixels.

@@ -2,6 +2,10 @@
 
 ``add_layer_norm``: the residual add that every pre-norm block ends a half with, fused with the
 LayerNorm that reads the sum next (Triton kernel: ``fastconformer.kernels.add_layer_norm``).
+
+``onednn_linear``: CPU inference only; a linear layer with its exact GELU or its residual add in
+one oneDNN primitive. On the 2-core CPU of benchmarks/results, Conformer-S's batch-8 fc1+GELU
+takes 9.5 ms this way against 14.4 ms for F.linear then F.gelu, fc2 + residual 9.0 against 10.6.
 """
 
 from __future__ import annotations
@@ -10,9 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..dispatch import fused_op
+from ..dispatch import fused_op, use_onednn
+from .attention import FusedAttention, attention
 
-__all__ = ["add_layer_norm", "FusedBlock"]
+__all__ = ["add_layer_norm", "onednn_linear", "FusedBlock"]
 
 
 @fused_op(triton_impl="add_layer_norm:add_layer_norm_triton")
@@ -23,12 +28,25 @@ def add_layer_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias:
     return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
 
 
+def onednn_linear(x: torch.Tensor, linear: nn.Linear, *, gelu: bool = False,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(x)``, then exact GELU (``gelu``) or ``+ residual``, as one oneDNN inner product.
+
+    x (..., in_features) float32 on the CPU -> (..., out_features); ``residual`` has the output's
+    shape. No autograd: call it only where :func:`fastconformer.dispatch.use_onednn` allows."""
+    pointwise = torch.ops.mkldnn._linear_pointwise
+    if residual is not None:
+        return pointwise.binary(x, residual, linear.weight, linear.bias, "add")
+    return pointwise(x, linear.weight, linear.bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+
+
 class FusedBlock(nn.Module):
     """Drop-in for the reference transformer ``Block`` (same submodules, so the same state_dict).
 
     ``forward(x)``: x (B, N, dim) -> (B, N, dim). The residual add after attention is fused with
     norm2 (:func:`add_layer_norm`). (In a ConvTransBlock the sum before norm1, x_st + x_t, comes
-    straight out of the fused squeeze.)
+    straight out of the fused squeeze.) CPU inference in eval mode instead fuses each linear layer
+    with what follows it (:func:`onednn_linear`): qkv; proj + residual; fc1 + GELU; fc2 + residual.
     """
 
     def __init__(self, reference: nn.Module):
@@ -38,13 +56,33 @@ class FusedBlock(nn.Module):
 
     @classmethod
     def from_reference(cls, block: nn.Module) -> "FusedBlock":
-        """Wrap a reference (ours or the official repository's) Block, sharing its submodules."""
+        """Wrap a reference (ours or the official repository's) Block, sharing its submodules (the
+        parameters themselves), its attention as a :class:`FusedAttention`; ``block`` is unchanged."""
         missing = [n for n in ("norm1", "attn", "drop_path", "norm2", "mlp") if not hasattr(block, n)]
         if missing:
             raise TypeError(f"block must be a pre-norm transformer Block; {type(block).__name__} lacks {missing}")
-        return cls(block)
+        fused = cls(block)
+        if not isinstance(fused.attn, FusedAttention):
+            fused.attn = FusedAttention.from_reference(block.attn)
+        return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and use_onednn(x, self.mlp.fc1.weight):
+            return self._forward_onednn(x)
         attn = self.drop_path(self.attn(self.norm1(x)))
         x, h = add_layer_norm(x, attn, self.norm2.weight, self.norm2.bias, self.norm2.eps)
         return x + self.drop_path(self.mlp(h))
+
+    def _forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval mode (dropout and drop-path are identities) through :func:`onednn_linear`."""
+        attn, mlp = self.attn, self.mlp
+        if x.ndim != 3 or x.shape[-1] != attn.qkv.in_features:
+            raise ValueError(f"FusedBlock: x must be (B, N, {attn.qkv.in_features}), got shape {tuple(x.shape)}")
+        qkv = onednn_linear(self.norm1(x), attn.qkv)
+        x = onednn_linear(attention(qkv, attn.num_heads, attn.scale), attn.proj, residual=x)
+        h = self.norm2(x)
+        if type(mlp.act) is nn.GELU and mlp.act.approximate == "none":
+            h = onednn_linear(h, mlp.fc1, gelu=True)
+        else:
+            h = mlp.act(onednn_linear(h, mlp.fc1))
+        return onednn_linear(h, mlp.fc2, residual=x)
