@@ -2,7 +2,7 @@
 ``torch.compile(reference)``, same weights and inputs, side by side in one run.
 
 Conformer-S/16 at 224x224; batch 8 fp32 on the CPU, batch 64 under bf16 autocast on a GPU. On
-the CPU the fast model also runs with oneDNN's fused linear/convolution epilogues switched off
+the CPU the fast model also runs with oneDNN's fused linear epilogues switched off
 (``fast (no oneDNN)``), to show what they add.
 """
 

@@ -13,8 +13,8 @@ Rules, for the backend chosen with :func:`backend` (default ``"auto"``):
 The environment variable ``FASTCONFORMER_BACKEND`` sets the default for a process.
 
 Inside the PyTorch implementation, CPU inference may go one step further: :func:`use_onednn` says
-when float32 CPU work with no autograd graph may run through oneDNN's fused primitives (a linear
-layer with its GELU or residual add in one call, the primitives inductor's CPU backend emits).
+when float32 CPU work with no autograd graph may run through oneDNN's fused linear primitive (a
+linear layer with its GELU or residual add in one call, the primitive inductor's CPU backend emits).
 :func:`onednn` (or ``FASTCONFORMER_ONEDNN=0``) switches that off, e.g. to measure what it buys.
 """
 
@@ -92,9 +92,8 @@ def current_backend() -> str:
 # itself, fastconformer must be imported after TRITON_INTERPRET is set.
 _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 _INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# oneDNN's fused primitives ship with every torch built with mkldnn (the x86 and aarch64 wheels).
-_ONEDNN_AVAILABLE = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                     and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+# oneDNN's fused linear primitive ships with every torch built with mkldnn (the x86 and aarch64 wheels).
+_ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def triton_available() -> bool:

@@ -6,10 +6,6 @@ the live parameters and running statistics on every call (a few microseconds per
 of the block's time), so nothing can go stale after ``train()``/``eval()`` switches, optimizer
 steps or ``load_state_dict``. In train mode the block runs the reference's ops unchanged (batch
 statistics, running-stat updates).
-
-CPU inference (see :func:`fastconformer.dispatch.use_onednn`) also fuses each folded convolution
-with what follows it in one oneDNN primitive (:func:`onednn_conv`): conv1 and conv2 with their
-ReLU, conv3 with the residual add and the last ReLU.
 """
 
 from __future__ import annotations
@@ -18,9 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..dispatch import use_onednn
-
-__all__ = ["FusedConvBlock", "fold_conv_bn", "conv_bn", "onednn_conv"]
+__all__ = ["FusedConvBlock", "fold_conv_bn", "conv_bn"]
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,52 +31,12 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, tor
     return weight.to(conv.weight.dtype), shift.to(conv.weight.dtype)
 
 
-def _folds(bn: nn.BatchNorm2d) -> bool:
-    return not bn.training and bn.track_running_stats and bn.running_mean is not None
-
-
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """``bn(conv(x))``: one folded convolution in eval mode, the two reference ops in train mode."""
-    if not _folds(bn):
+    if bn.training or not bn.track_running_stats or bn.running_mean is None:
         return bn(conv(x))
     weight, bias = fold_conv_bn(conv, bn)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
-def onednn_conv(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``relu(bn(conv(x)) [+ residual])`` in eval mode as one oneDNN convolution (BN folded).
-
-    x (B, C_in, H, W) float32 on the CPU, any memory format -> (B, C_out, H', W') in x's format;
-    ``residual`` has the output's shape. No autograd: call it only where
-    :func:`fastconformer.dispatch.use_onednn` allows."""
-    weight, bias = fold_conv_bn(conv, bn)
-    geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-    pointwise = torch.ops.mkldnn._convolution_pointwise
-    if residual is None:
-        return pointwise(x, weight, bias, *geometry, "relu", [], "")
-    return pointwise.binary(x, residual, weight, bias, *geometry, "add", None, "relu", [], None)
-
-
-def onednn_applies(block: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``block`` (a ConvBlock: ours, the reference's or the official repository's) may run
-    ``x`` through :func:`onednn_conv`: eval mode, ReLU activations, no DropBlock, zero-padded
-    convolutions with foldable BatchNorms, and :func:`~fastconformer.dispatch.use_onednn`."""
-    convs = [(block.conv1, block.bn1), (block.conv2, block.bn2), (block.conv3, block.bn3)]
-    return (getattr(block, "drop_block", None) is None and not block.training
-            and all(type(act) is nn.ReLU for act in (block.act1, block.act2, block.act3))
-            and all(isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and _folds(bn)
-                    for conv, bn in convs)
-            and use_onednn(x, block.conv1.weight))
-
-
-def onednn_bottleneck_tail(block: nn.Module, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The end of an eval-mode ConvBlock where :func:`onednn_applies`: ``h`` (B, C/4, H, W) is
-    conv2's input, ``x`` (B, C_in, H, W) the block's input -> (block output (B, C, H', W'), x2 =
-    relu(bn2(conv2(h))))."""
-    x2 = onednn_conv(h, block.conv2, block.bn2)
-    residual = conv_bn(x, block.residual_conv, block.residual_bn) if block.res_conv else x
-    return onednn_conv(x2, block.conv3, block.bn3, residual=residual), x2
 
 
 class FusedConvBlock(nn.Module):
@@ -120,8 +74,6 @@ class FusedConvBlock(nn.Module):
         return conv_bn(x, conv, bn)
 
     def forward(self, x, x_t=None, return_x_2=True):
-        if onednn_applies(self, x):
-            return self._forward_onednn(x, x_t, return_x_2)
         residual = x
         x = self.act1(self._conv_bn(x, self.conv1, self.bn1))
         x2 = self.act2(self._conv_bn(x if x_t is None else x + x_t, self.conv2, self.bn2))
@@ -135,9 +87,3 @@ class FusedConvBlock(nn.Module):
         if return_x_2:
             return x, x2
         return x
-
-    def _forward_onednn(self, x, x_t, return_x_2):
-        """Eval mode (drop-path is the identity) through :func:`onednn_conv`."""
-        h = onednn_conv(x, self.conv1, self.bn1)
-        x, x2 = onednn_bottleneck_tail(self, h if x_t is None else h + x_t, x)
-        return (x, x2) if return_x_2 else x

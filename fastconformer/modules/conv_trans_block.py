@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..reference import ConvTransBlock
-from .conv_block import conv_bn, onednn_applies, onednn_bottleneck_tail
+from .conv_block import conv_bn
 from .fcu_down import FusedFCUDown
 from .fcu_up import FusedFCUUp, batch_norm_scale_shift, bn_relu_add_upsampled, syncs_across_processes
 
@@ -79,7 +79,6 @@ class FusedConvTransBlock(nn.Module):
         -> (B, C, H', W')."""
         fb = self.fusion_block
         residual = x
-        onednn = onednn_applies(fb, x)
         x = fb.conv1(x)
         if syncs_across_processes(fb.bn1):
             x = fb.bn1(x)
@@ -87,8 +86,6 @@ class FusedConvTransBlock(nn.Module):
         else:
             scale, shift = batch_norm_scale_shift(fb.bn1, x)
         x = bn_relu_add_upsampled(x, scale, shift, x_t_low, self.dw_stride)
-        if onednn:  # conv2 + bn2 + ReLU, conv3 + bn3 + residual + ReLU as two oneDNN convolutions
-            return onednn_bottleneck_tail(fb, x, residual)[0]
         x = fb.act2(conv_bn(x, fb.conv2, fb.bn2))
         x = conv_bn(x, fb.conv3, fb.bn3)
         if fb.drop_path is not None:
