@@ -132,9 +132,10 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 def use_onednn(*tensors: torch.Tensor) -> bool:
     """Whether the PyTorch path may run ``tensors`` through oneDNN's fused inference primitives:
     the switch is on (:func:`onednn`), torch has them, the fused ops would not pick Triton for
-    ``tensors``, all are float32 CPU tensors, no autograd graph is being built for them and CPU
-    autocast is off."""
-    if not (_ONEDNN_AVAILABLE and _STATE["onednn"]) or use_triton(*tensors):
+    ``tensors``, all are float32 CPU tensors, no autograd graph is being built for them, CPU
+    autocast is off and torch.compile is not tracing (inductor picks its own CPU fusions, and the
+    primitive's residual-add form has no fake-tensor kernel to trace with)."""
+    if not (_ONEDNN_AVAILABLE and _STATE["onednn"]) or torch.compiler.is_compiling() or use_triton(*tensors):
         return False
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return False

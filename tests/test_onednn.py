@@ -132,3 +132,16 @@ def test_whole_model_takes_the_path_only_without_autograd():
     assert _onednn_calls(lambda: fast(x)) == 0, "with autograd on, the plain ops must run"
     with torch.inference_mode():
         assert _onednn_calls(lambda: fast(x)) == calls
+
+
+def test_torch_compile_traces_around_it():
+    """Under torch.compile the plain ops are traced (inductor chooses its own CPU fusions): a
+    fullgraph compile of the eval model in inference mode equals eager."""
+    torch.manual_seed(0)
+    fast = fastconformer.create_model("conformer_tiny_patch16", depth=3, fast=True).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = fast(x)
+        torch.compiler.reset()
+        out = torch.compile(fast, fullgraph=True, backend="aot_eager")(x)
+    assert_matches(out, [e.double() for e in expected], name="compiled eval logits")
