@@ -145,26 +145,49 @@ def bn_relu_add_upsampled(x: torch.Tensor, scale: torch.Tensor, shift: torch.Ten
     (fp32 math); this implementation rounds the normalised x to x's dtype before the add, as the
     reference's bn1 does."""
     check_bn_relu_add_upsampled_args(x, scale, shift, low, up)
-    B, C, H, W = x.shape
-    h, w = H // up, W // up
     # x * scale + shift in one pass: an eval-mode batch_norm with zero mean and unit variance.
     math = _math_dtype(x)
     scale, shift = scale.to(math), shift.to(math)
     y = F.batch_norm(x, torch.zeros_like(scale), torch.ones_like(scale), scale, shift, False, 0.0, 0.0).relu_()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, scale, shift, low)):
+        return _AddUpsampled.apply(y, low, up)  # a new tensor: the ReLU keeps y for its backward
+    y_blocks, low_blocks = _upsample_blocks(y, low, up)
+    y_blocks.add_(low_blocks)
+    return y
+
+
+def _upsample_blocks(y: torch.Tensor, low: torch.Tensor, up: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of y (B, C, H, W) and of low (B, C, H / up, W / up) (or of a copy of it) that
+    broadcast against each other as ``y + nearest_upsample(low, up)``, laid out for y's format."""
+    B, C, H, W = y.shape
+    h, w = H // up, W // up
     if up == 1:
-        y_blocks, low_blocks = y, low
-    elif y.is_contiguous():
+        return y, low
+    if y.is_contiguous():
         # Rows of W pixels innermost: broadcast low over the up rows of each block only, from a
         # copy upsampled along W (1/up of the full size), so the add's inner loop stays long.
         low_w = low[..., None].expand(B, C, h, w, up).reshape(B, C, h, W).contiguous()
-        y_blocks, low_blocks = y.unflatten(2, (h, up)), low_w[:, :, :, None, :]
-    else:  # channels innermost: broadcast over both block dims, low read in the same layout
-        low = low.contiguous(memory_format=torch.channels_last)
-        y_blocks, low_blocks = y.unflatten(3, (w, up)).unflatten(2, (h, up)), low[:, :, :, None, :, None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, scale, shift, low)):
-        return (y_blocks + low_blocks).reshape(B, C, H, W)  # the ReLU keeps y for its backward
-    y_blocks.add_(low_blocks)
-    return y
+        return y.unflatten(2, (h, up)), low_w[:, :, :, None, :]
+    # channels innermost: broadcast over both block dims, low read in the same layout
+    low = low.contiguous(memory_format=torch.channels_last)
+    return y.unflatten(3, (w, up)).unflatten(2, (h, up)), low[:, :, :, None, :, None]
+
+
+class _AddUpsampled(torch.autograd.Function):
+    """``y + nearest_upsample(low, up)`` into a new tensor, y (B, C, H, W), low (B, C, H / up,
+    W / up). Backward sums the gradient over each up x up window with a sum-pooling kernel
+    (autograd's reduction over the broadcast dims of the block views is ~40x slower on the CPU)."""
+
+    @staticmethod
+    def forward(ctx, y, low, up):
+        ctx.up = up
+        y_blocks, low_blocks = _upsample_blocks(y, low, up)
+        return (y_blocks + low_blocks).reshape(y.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_low = grad if ctx.up == 1 else F.avg_pool2d(grad, ctx.up, divisor_override=1)
+        return grad, grad_low, None
 
 
 def syncs_across_processes(bn: nn.Module) -> bool:
@@ -192,13 +215,10 @@ class _BatchMeanVar(torch.autograd.Function):
         batch, mean = ctx.saved_tensors
         n = batch.numel() // batch.shape[1]
         channel = (1, -1, 1, 1)
-        if grad_var is None:
-            grad = torch.zeros_like(batch, dtype=mean.dtype)
-        else:
-            grad = (batch.to(mean.dtype) - mean.view(channel)) * (2.0 / n * grad_var).view(channel)
-        if grad_mean is not None:
-            grad = grad + (grad_mean / n).view(channel)
-        return grad.to(batch.dtype)
+        # (batch - mean) * 2 grad_var / n + grad_mean / n, as one pass over the batch.
+        slope = torch.zeros_like(mean) if grad_var is None else grad_var * (2.0 / n)
+        offset = -(mean * slope) if grad_mean is None else grad_mean / n - mean * slope
+        return torch.addcmul(offset.view(channel), batch.to(mean.dtype), slope.view(channel)).to(batch.dtype)
 
 
 def uses_batch_stats(bn: _BatchNorm) -> bool:
