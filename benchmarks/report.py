@@ -33,8 +33,20 @@ def run_suite(extra: list[str]) -> pathlib.Path:
     return path
 
 
+MEMORY_KEYS = (("step_memory_bytes", "step peak"), ("saved_activation_bytes", "saved activations"))
+
+
+def _memory(info: dict) -> str:
+    """The memory a benchmark recorded (a training step's), e.g. '1.75 GB saved activations', else ''."""
+    for key, label in MEMORY_KEYS:
+        if key in info:
+            return f"{info[key] / 1e9:.2f} GB {label}"
+    return ""
+
+
 def table(path: pathlib.Path) -> str:
-    """Markdown for one saved run: per group, each impl's median and speed vs the reference."""
+    """Markdown for one saved run: per group, each impl's median, speed vs the reference and, for
+    training steps, the memory the step needs."""
     data = json.loads(path.read_text())
     benches = data["benchmarks"]
     first = benches[0]["extra_info"] if benches else {}
@@ -42,7 +54,7 @@ def table(path: pathlib.Path) -> str:
     lines = [f"**{first.get('device', path.stem)}** (torch {first.get('torch', '?')}, "
              f"Python {machine.get('python_version', '?')}, saved {data.get('datetime', '?')[:10]}, "
              f"`{path.relative_to(ROOT)}`)", "",
-             "| benchmark | impl | median | vs reference |", "|---|---|---:|---:|"]
+             "| benchmark | impl | median | vs reference | memory |", "|---|---|---:|---:|---:|"]
     groups: dict[str, list[dict]] = {}
     for bench in benches:
         groups.setdefault(bench["group"], []).append(bench)
@@ -51,7 +63,8 @@ def table(path: pathlib.Path) -> str:
         for r in rows:
             median = r["stats"]["median"]
             ratio = f"{ref / median:.2f}x" if ref else "n/a"
-            lines.append(f"| {group} | {r['extra_info'].get('impl', r['name'])} | {median * 1e3:.2f} ms | {ratio} |")
+            lines.append(f"| {group} | {r['extra_info'].get('impl', r['name'])} | {median * 1e3:.2f} ms | {ratio} "
+                         f"| {_memory(r['extra_info'])} |")
     return "\n".join(lines)
 
 
