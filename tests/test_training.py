@@ -223,35 +223,49 @@ def _max_rel(curve, expected):
     return max(abs(a - b) / abs(b) for a, b in zip(curve, expected))
 
 
-def test_adamw_loss_curve_tracks_reference():
-    """20 AdamW steps (8 images, 10 classes, batch 4, train mode) from the same weights: the fast
-    model's loss curve tracks the reference's, and both learn.
-
-    In float64 the curves agree to far better than 1e-3 at every step: the fast model trains the
-    same function. In fp32 the yardstick is the equality policy's half-precision rule applied to
-    training: the fast curve may deviate from the float64 reference curve by at most twice what the
-    fp32 reference itself deviates (+1e-3). A fixed 1e-3 cannot hold in fp32 for any
-    implementation whose rounding differs from the reference's: the official model's own fp32
-    train-mode gradient is several 1e-3 away from the exact one at initialisation (measured: 3e-2 at
-    64x64 batch 4, 5e-3 at 224x224 batch 4; the fusion blocks' conv1/BN backward at the small last
-    stage loses the digits), and AdamW turns that into loss differences of ~1e-2 within 20 steps
-    (fp32 reference vs float64 reference here: 1.5e-2)."""
-    model, fast = _pair(seed=13, randomize=False, depth=6)
-    x, y = _batch(8, 64, seed=14)
+def _adamw_curves(depth: int, seed: int, hw: int) -> dict:
+    """{(name, dtype): loss curve} for the reference and the fast model in float64 and fp32, from
+    the same initial weights and 8 images of hw x hw; each curve learns (last loss < 0.75 x first),
+    float64 curves agree to 1e-9 and the fp32 curves start equal (<= MODEL_TOL)."""
+    model, fast = _pair(seed=seed, randomize=False, depth=depth)
+    x, y = _batch(8, hw, seed=seed + 1)
     with fastconformer.backend("torch"):
         curves = {(name, dtype): _adamw_curve(m, x, y, dtype)
                   for name, m in (("reference", model), ("fast", fast))
                   for dtype in (torch.float64, torch.float32)}
-    exact = curves["reference", torch.float64]
-    assert _max_rel(curves["fast", torch.float64], exact) <= 1e-9
-    ref32, fast32 = curves["reference", torch.float32], curves["fast", torch.float32]
-    assert _max_rel(fast32[:1], ref32[:1]) <= MODEL_TOL, "same weights, same batch: the first losses differ"
-    own = _max_rel(ref32, exact)
-    deviation = _max_rel(fast32, exact)
-    assert deviation <= HALF_FACTOR * own + 1e-3, \
-        f"fast fp32 curve deviates {deviation:.3g} from float64, the reference's fp32 curve {own:.3g}"
     for curve in curves.values():
         assert curve[-1] < 0.75 * curve[0], f"did not learn: {curve}"
+    assert _max_rel(curves["fast", torch.float64], curves["reference", torch.float64]) <= 1e-9
+    assert _max_rel(curves["fast", torch.float32][:1], curves["reference", torch.float32][:1]) <= MODEL_TOL, \
+        "same weights, same batch: the first losses differ"
+    return curves
+
+
+def test_adamw_loss_curve_tracks_reference():
+    """20 AdamW steps (8 images of 128x128, 10 classes, batch 4, train mode) from the same weights:
+    the fast model's fp32 loss curve is within 1e-3 (relative) of the reference's at every step
+    (measured 3.0e-4; the fp32 reference itself is up to 4.3e-4 from its float64 curve), the
+    float64 curves agree to ~1e-15, and both learn."""
+    curves = _adamw_curves(depth=3, seed=15, hw=128)
+    difference = _max_rel(curves["fast", torch.float32], curves["reference", torch.float32])
+    assert difference <= 1e-3, f"fp32 loss curves differ by up to {difference:.3g}"
+
+
+def test_adamw_loss_curve_ill_conditioned():
+    """The same at depth 6 on 64x64 images, where the official model's fp32 training is ill
+    conditioned: its own fp32 train-mode gradient is far from exact at initialisation (whole
+    gradient vs float64: 3.1e-2 here, 5.2e-3 at 224x224; the fusion blocks' conv1/bn1 backward at
+    the 2x2 last stage loses the digits) and the fp32 reference's loss curve drifts 1.5e-2 from
+    the float64 one within 20 steps. No fp32 implementation that rounds differently can stay
+    within 1e-3 of it here, so the bound is the equality policy's half-precision rule applied to
+    training: the fast fp32 curve deviates from the float64 curve by at most twice what the
+    fp32 reference's does (+1e-3). (Measured: 2.6e-2 against a bound of 3.1e-2.)"""
+    curves = _adamw_curves(depth=6, seed=13, hw=64)
+    exact = curves["reference", torch.float64]
+    own = _max_rel(curves["reference", torch.float32], exact)
+    deviation = _max_rel(curves["fast", torch.float32], exact)
+    assert deviation <= HALF_FACTOR * own + 1e-3, \
+        f"fast fp32 curve deviates {deviation:.3g} from float64, the reference's fp32 curve {own:.3g}"
 
 
 # --- torch.compile --------------------------------------------------------------------------------
