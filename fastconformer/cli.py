@@ -13,7 +13,7 @@ import time
 import torch
 
 from . import __version__
-from .dispatch import interpreter_enabled, triton_available
+from .dispatch import interpreter_enabled, onednn_available, triton_available
 from .environment import device_name
 from .registry import VARIANTS, create_model, resolve_name
 
@@ -51,6 +51,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"device: CPU ({torch.get_num_threads()} threads), no CUDA: the PyTorch implementations run"
               + ("; TRITON_INTERPRET=1 lets backend('triton') run kernels in the interpreter"
                  if not interpreter_enabled() else "; the Triton interpreter is enabled"))
+    print("CPU inference: oneDNN fused linear + GELU / residual "
+          + ("available" if onednn_available() else "not available in this torch build (plain ops run)"))
     print()
     print(f"{'model':<26}{'params':>14}{'patch':>7}{'embed':>7}{'heads':>7}{'top-1':>8}")
     for name, v in VARIANTS.items():

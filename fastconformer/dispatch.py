@@ -30,8 +30,8 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["BACKENDS", "backend", "current_backend", "fused_op", "interpreter_enabled", "onednn", "triton_available",
-           "use_onednn", "use_triton"]
+__all__ = ["BACKENDS", "backend", "current_backend", "fused_op", "interpreter_enabled", "onednn", "onednn_available",
+           "triton_available", "use_onednn", "use_triton"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -92,8 +92,6 @@ def current_backend() -> str:
 # itself, fastconformer must be imported after TRITON_INTERPRET is set.
 _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 _INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# oneDNN's fused linear primitive ships with every torch built with mkldnn (the x86 and aarch64 wheels).
-_ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def triton_available() -> bool:
@@ -129,19 +127,36 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         f"{os.environ.get('TRITON_INTERPRET', 'unset')} when fastconformer was imported")
 
 
+@functools.cache
+def onednn_available() -> bool:
+    """True when oneDNN's fused linear primitive (``mkldnn::_linear_pointwise``, shipped with every
+    torch built with mkldnn) is registered and computes linear + GELU and linear + add correctly
+    here: a tiny probe, run once, since being registered does not guarantee a working kernel."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    x, w, b = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, 0.25], [1.0, 1.0]]), torch.tensor([0.1, 0.2])
+    linear = torch.nn.functional.linear(x, w, b)
+    try:
+        gelu = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
+        added = torch.ops.mkldnn._linear_pointwise.binary(x, linear, w, b, "add")
+    except RuntimeError:
+        return False
+    return torch.allclose(gelu, torch.nn.functional.gelu(linear)) and torch.allclose(added, 2 * linear)
+
+
 def use_onednn(*tensors: torch.Tensor) -> bool:
     """Whether the PyTorch path may run ``tensors`` through oneDNN's fused inference primitives:
     the switch is on (:func:`onednn`), torch has them, the fused ops would not pick Triton for
     ``tensors``, all are float32 CPU tensors, no autograd graph is being built for them, CPU
     autocast is off and torch.compile is not tracing (inductor picks its own CPU fusions, and the
     primitive's residual-add form has no fake-tensor kernel to trace with)."""
-    if not (_ONEDNN_AVAILABLE and _STATE["onednn"]) or torch.compiler.is_compiling() or use_triton(*tensors):
+    if not _STATE["onednn"] or torch.compiler.is_compiling() or use_triton(*tensors):
         return False
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return not torch.is_autocast_enabled("cpu")
+    return not torch.is_autocast_enabled("cpu") and onednn_available()
 
 
 def fused_op(triton_impl: str) -> Callable[[Callable], Callable]:
