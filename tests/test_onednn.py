@@ -65,11 +65,11 @@ def test_onednn_env_switch_is_validated(monkeypatch):
 
 
 @SWITCH
-@pytest.mark.parametrize("B, N", [(3, 197), (1, 321)])
-def test_fused_block_eval(enabled, B, N, gen):
+@pytest.mark.parametrize("B, N, strided", [(3, 197, False), (1, 321, False), (3, 197, True)])
+def test_fused_block_eval(enabled, B, N, strided, gen):
     block = ref.Block(384, 6, qkv_bias=True)
     expected_block, fused = _eval_pair(block, FusedBlock.from_reference, gen)
-    x = torch.randn(B, N, 384, generator=gen)
+    x = torch.randn(N, B, 384, generator=gen).transpose(0, 1) if strided else torch.randn(B, N, 384, generator=gen)
     with torch.no_grad(), onednn(enabled):
         calls = _onednn_calls(lambda: fused(x))
         assert_matches(fused(x), expected_block(x.double()), name=f"FusedBlock B={B} N={N}")
