@@ -25,7 +25,7 @@ from .modules.fcu_down import FusedFCUDown
 from .modules.transformer import FusedBlock
 from .reference import Conformer, check_image_batch
 
-__all__ = ["convert", "is_converted", "FastConformer", "FastConformerMixin"]
+__all__ = ["convert", "convert_conv_trans_block", "is_converted", "FastConformer", "FastConformerMixin"]
 
 _CONFORMER_ATTRS = ("cls_token", "conv1", "bn1", "act1", "maxpool", "conv_1", "trans_patch_conv", "trans_1",
                     "fin_stage", "pooling", "conv_cls_head", "trans_norm", "trans_cls_head")
@@ -88,6 +88,18 @@ def _fast_conv_block(block: nn.Module) -> FusedConvBlock:
     return block if isinstance(block, FusedConvBlock) else FusedConvBlock.from_reference(block)
 
 
+def convert_conv_trans_block(block: nn.Module) -> FusedConvTransBlock:
+    """One ConvTransBlock (ours or the official repository's) as :func:`convert` runs it: its
+    bottlenecks, squeeze and transformer block replaced by the fused modules (in place, same
+    parameters), the block itself a :class:`FusedConvTransBlock` (which fuses the expand)."""
+    block.cnn_block = _fast_conv_block(block.cnn_block)
+    block.fusion_block = _fast_conv_block(block.fusion_block)
+    if not isinstance(block.squeeze_block, FusedFCUDown):
+        block.squeeze_block = FusedFCUDown.from_reference(block.squeeze_block)
+    block.trans_block = _fast_transformer_block(block.trans_block)
+    return block if isinstance(block, FusedConvTransBlock) else FusedConvTransBlock.from_reference(block)
+
+
 def _channels_last(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
@@ -116,14 +128,7 @@ def convert(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
     model.trans_1 = _fast_transformer_block(model.trans_1)
     for i in range(2, model.fin_stage):
         name = f"conv_trans_{i}"
-        block = getattr(model, name)
-        block.cnn_block = _fast_conv_block(block.cnn_block)
-        block.fusion_block = _fast_conv_block(block.fusion_block)
-        if not isinstance(block.squeeze_block, FusedFCUDown):
-            block.squeeze_block = FusedFCUDown.from_reference(block.squeeze_block)
-        block.trans_block = _fast_transformer_block(block.trans_block)
-        setattr(model, name, block if isinstance(block, FusedConvTransBlock)
-                else FusedConvTransBlock.from_reference(block))
+        setattr(model, name, convert_conv_trans_block(getattr(model, name)))
     if channels_last:
         _channels_last(model)
     model.__class__ = _fast_class(type(model))

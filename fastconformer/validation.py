@@ -17,11 +17,10 @@ import torch
 import torch.nn as nn
 
 from . import reference as ref
-from .convert import convert
+from .convert import convert, convert_conv_trans_block
 from .dispatch import backend
 from .modules.attention import FusedAttention
 from .modules.conv_block import FusedConvBlock
-from .modules.conv_trans_block import FusedConvTransBlock
 from .modules.fcu_down import FusedFCUDown
 from .modules.fcu_up import FusedFCUUp
 from .modules.transformer import FusedBlock
@@ -47,12 +46,6 @@ def _conv_trans_block() -> nn.Module:
     return ref.ConvTransBlock(256, 512, True, 2, dw_stride=2, embed_dim=384, num_heads=6, qkv_bias=True)
 
 
-def _fast_conv_trans_block(block: nn.Module) -> nn.Module:
-    block.squeeze_block = FusedFCUDown.from_reference(block.squeeze_block)
-    block.trans_block.attn = FusedAttention.from_reference(block.trans_block.attn)
-    return FusedConvTransBlock.from_reference(block)
-
-
 CHECKS = (
     Check("squeeze (FCUDown, S block 2)", lambda: ref.FCUDown(64, 384, dw_stride=4), FusedFCUDown.from_reference,
           lambda g: (torch.randn(3, 64, 56, 56, generator=g), torch.randn(3, 197, 384, generator=g))),
@@ -64,7 +57,7 @@ CHECKS = (
           lambda g: (torch.randn(3, 197, 384, generator=g),)),
     Check("bottleneck (ConvBlock, S stage 1)", lambda: ref.ConvBlock(64, 256, res_conv=True),
           FusedConvBlock.from_reference, lambda g: (torch.randn(3, 64, 56, 56, generator=g),)),
-    Check("ConvTransBlock (S block 5)", _conv_trans_block, _fast_conv_trans_block,
+    Check("ConvTransBlock (S block 5)", _conv_trans_block, convert_conv_trans_block,
           lambda g: (torch.randn(2, 256, 56, 56, generator=g), torch.randn(2, 197, 384, generator=g))),
     Check("whole model (tiny, 224)", lambda: create_model("conformer_tiny_patch16"), convert,
           lambda g: (torch.randn(2, 3, 224, 224, generator=g),), tol=MODEL_TOL),

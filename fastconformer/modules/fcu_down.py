@@ -8,22 +8,18 @@ transformer block's input in a ConvTransBlock (Triton kernel: ``fastconformer.ke
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..dispatch import fused_op
+from ..reference import _layer_norm_1e6
 
 __all__ = ["FusedFCUDown", "check_fcu_down_inputs", "fcu_down"]
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
-
-
-_layer_norm_1e6 = functools.partial(nn.LayerNorm, eps=1e-6)
 
 
 def _check_dw_stride(dw_stride: object) -> None:
