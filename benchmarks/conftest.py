@@ -35,8 +35,7 @@ def run_benchmark(benchmark, fn, *, group: str, impl: str, rounds: int | None = 
 
     def timed():
         out = fn()
-        if HAS_CUDA:
-            torch.cuda.synchronize()
+        environment.synchronize(DEVICE)
         return out
 
     if rounds is None:

@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .dispatch import interpreter_enabled, onednn_available, triton_available
-from .environment import device_name
+from .environment import device_name, synchronize
 from .registry import VARIANTS, create_model, resolve_name
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -61,11 +61,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time(label: str, model, x, device, autocast_dtype, min_iters: int, min_seconds: float):
     """(seconds per batch (median), last output) for model(x), with progress on stderr."""
     ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
@@ -74,14 +69,14 @@ def _time(label: str, model, x, device, autocast_dtype, min_iters: int, min_seco
         _progress(f"  {label}: warm-up ...")
         t0 = time.perf_counter()
         out = model(x)
-        _sync(device)
+        synchronize(device)
         _progress(f"  {label}: warm-up took {time.perf_counter() - t0:.1f} s; timing ...")
         times = []
         start = time.perf_counter()
         while len(times) < min_iters or time.perf_counter() - start < min_seconds:
             t0 = time.perf_counter()
             out = model(x)
-            _sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - t0)
             _progress(f"  {label}: iteration {len(times)}: {times[-1] * 1e3:.1f} ms")
     times.sort()

@@ -58,7 +58,7 @@ from fastconformer.modules.attention import attention
 from fastconformer.modules.fcu_down import fcu_down
 from fastconformer.modules.fcu_up import bn_relu_add_upsampled, fcu_up_expand
 
-from .environment import cpu_model, device_name, device_slug
+from .environment import cpu_model, device_name, device_slug, synchronize
 
 __all__ = ["Plan", "build_plan", "device_slug", "evaluate_goals", "main", "markdown_summary", "parse_pytest_counts",
            "run_report"]
@@ -301,11 +301,6 @@ def run_sanitizer(plan: Plan, budget: Budget) -> dict:
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_per_call(fn: Callable[[], Any], device: str, *, iters: int | None = None,
                   flush: torch.Tensor | None = None) -> float:
     """Median seconds of one call of ``fn`` after two warm-up calls: CUDA events around each call
@@ -315,7 +310,7 @@ def time_per_call(fn: Callable[[], Any], device: str, *, iters: int | None = Non
     iters = iters or (20 if device == "cuda" else 5)
     for _ in range(2):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     if device == "cuda":
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
@@ -340,11 +335,11 @@ def time_throughput(fn: Callable[[], Any], device: str, min_time_s: float, min_i
     per call over at least ``min_iters`` calls and ``min_time_s`` seconds."""
     t = time.perf_counter()
     fn()
-    _sync(device)
+    synchronize(device)
     first = time.perf_counter() - t
     t = time.perf_counter()
     fn()
-    _sync(device)
+    synchronize(device)
     one = max(time.perf_counter() - t, 1e-6)
     iters = max(min_iters, min(200, math.ceil(min_time_s / one)))
     if device == "cuda":
