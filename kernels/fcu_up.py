@@ -48,6 +48,15 @@ _BACKWARD_STAGES = 1  # the window loop is not software-pipelined
 
 
 @triton.jit
+def _tile(ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of a row-major (ROWS, COLS) matrix: (row indices (BLOCK_R,), column
+    indices (BLOCK_C,), their masks, the row indices as int64)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return rows, cols, rows < ROWS, cols < COLS, rows.to(tl.int64)
+
+
+@triton.jit
 def fcu_up_expand_kernel(
     tok_ptr, w_ptr, scale_ptr, shift_ptr, out_ptr,
     N, C, D,
@@ -59,11 +68,8 @@ def fcu_up_expand_kernel(
     are the (N, D) matrix starting one row into x_t[b] (the cls row is skipped), its output the
     row-major (N, C) matrix out[b]."""
     batch = tl.program_id(2).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols, row_mask, col_mask, _ = _tile(N, C, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    row_mask = rows < N
-    col_mask = cols < C
     a_ptrs = tok_ptr + batch * stride_tb + (rows + 1)[:, None] * stride_tn + ks[None, :] * stride_td
     b_ptrs = w_ptr + cols[None, :] * stride_wc + ks[:, None] * stride_wd
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -97,11 +103,8 @@ def fcu_up_expand_backward_kernel(
     (B, 1 + N, D) grad of x_t (the first token block also zeroes the cls row); the programs of the
     first embed-dim block also store g' (the weight grad's GEMM operand) as (B * N, C)."""
     batch = tl.program_id(2).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols, row_mask, col_mask, _ = _tile(N, D, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    row_mask = rows < N
-    col_mask = cols < D
     store_masked = tl.program_id(1) == 0
     g_offsets = batch * N * C + rows[:, None] * C + ks[None, :]
     w_ptrs = w_ptr + ks[:, None] * stride_wc + cols[None, :] * stride_wd
@@ -126,15 +129,6 @@ def fcu_up_expand_backward_kernel(
     if tl.program_id(0) == 0:
         tl.store(grad_tok_ptr + batch * (N + 1) * D + cols, tl.zeros((BLOCK_N,), dtype=tl.float32).to(
             grad_tok_ptr.dtype.element_ty), mask=col_mask)
-
-
-@triton.jit
-def _tile(ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's tile of a row-major (ROWS, COLS) matrix: (row indices (BLOCK_R,), column
-    indices (BLOCK_C,), their masks, the row indices as int64)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    return rows, cols, rows < ROWS, cols < COLS, rows.to(tl.int64)
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..dispatch import fused_op
 from ..reference import Attention
 
-__all__ = ["FusedAttention", "attention", "qkv_heads_shape"]
+__all__ = ["FusedAttention", "attention", "check_tokens", "qkv_heads_shape"]
 
 
 def qkv_heads_shape(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int]:
@@ -34,6 +34,12 @@ def qkv_heads_shape(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, i
         raise ValueError(f"attention: qkv's last dimension must be a positive multiple of 3*num_heads = "
                          f"{3 * num_heads}, got {C3}")
     return B, N, num_heads, C3 // (3 * num_heads)
+
+
+def check_tokens(x: torch.Tensor, dim: int, who: str) -> None:
+    """ValueError naming ``who`` unless x is a (B, N, dim) tensor of tokens."""
+    if x.ndim != 3 or x.shape[-1] != dim:
+        raise ValueError(f"{who}: x must be (B, N, {dim}), got shape {tuple(x.shape)}")
 
 
 @fused_op(triton_impl="attention:attention_triton")
@@ -100,9 +106,7 @@ class FusedAttention(Attention):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, N, dim) -> (B, N, dim), same dtype."""
-        dim = self.qkv.in_features
-        if x.ndim != 3 or x.shape[-1] != dim:
-            raise ValueError(f"FusedAttention: x must be (B, N, {dim}), got shape {tuple(x.shape)}")
+        check_tokens(x, self.qkv.in_features, "FusedAttention")
         if self.training and self.attn_drop.p > 0:
             return super().forward(x)  # the reference math, the reference's dropout draws
         x = attention(self.qkv(x), self.num_heads, self.scale)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..dispatch import fused_op, use_onednn
-from .attention import FusedAttention, attention
+from .attention import FusedAttention, attention, check_tokens
 
 __all__ = ["add_layer_norm", "onednn_linear", "FusedBlock"]
 
@@ -76,8 +76,7 @@ class FusedBlock(nn.Module):
     def _forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
         """Eval mode (dropout and drop-path are identities) through :func:`onednn_linear`."""
         attn, mlp = self.attn, self.mlp
-        if x.ndim != 3 or x.shape[-1] != attn.qkv.in_features:
-            raise ValueError(f"FusedBlock: x must be (B, N, {attn.qkv.in_features}), got shape {tuple(x.shape)}")
+        check_tokens(x, attn.qkv.in_features, "FusedBlock")
         qkv = onednn_linear(self.norm1(x), attn.qkv)
         x = onednn_linear(attention(qkv, attn.num_heads, attn.scale), attn.proj, residual=x)
         h = self.norm2(x)
