@@ -31,7 +31,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 __all__ = ["KERNEL_MODULES", "CompileSpec", "CompileReport", "all_compile_specs", "compile_spec", "compile_matrix",
-           "tl_dtype", "allow_tf32"]
+           "tl_dtype", "dot_precision", "layout_tile", "tile_layouts"]
 
 
 
@@ -54,10 +54,31 @@ def tl_dtype(dtype: torch.dtype) -> str:
         raise TypeError(f"fused kernels take float32, float16 or bfloat16 tensors, got {dtype}") from None
 
 
-def allow_tf32(dtype: torch.dtype) -> bool:
-    """Whether ``tl.dot`` may use TF32 for ``dtype`` inputs: only for float32, and only where torch's
-    own matmuls would (``torch.backends.cuda.matmul.allow_tf32``)."""
-    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input_precision for ``dtype`` inputs: ``"tf32"`` only for float32 and only where
+    torch's own matmuls use TF32 (``torch.backends.cuda.matmul.allow_tf32``), else ``"ieee"``
+    (ignored by fp16/bf16 dots)."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+# The 2-D tiles of the elementwise kernels over a (B, C, H, W) tensor viewed as a row-major matrix:
+# channels_last rows are pixels and a tile row is BLOCK_C channels (C rounded up to a power of two
+# within CHANNEL_BLOCKS); contiguous rows are (batch, channel) planes and a tile row is PIXEL_BLOCK pixels.
+CHANNEL_BLOCKS = (16, 32, 64, 128)
+PIXEL_BLOCK = 128
+
+
+def layout_tile(tile: int, C: int, channels_last: bool) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) of a ``tile``-element 2-D tile for C channels in the given layout."""
+    block_c = (max(CHANNEL_BLOCKS[0], min(CHANNEL_BLOCKS[-1], triton.next_power_of_2(C))) if channels_last
+               else PIXEL_BLOCK)
+    return tile // block_c, block_c
+
+
+def tile_layouts() -> list[tuple[bool, int, str]]:
+    """(channels_last, a channel count that picks each distinct BLOCK_C, layout name) for every
+    tile :func:`layout_tile` can return: what compile_specs must build."""
+    return [(False, PIXEL_BLOCK, "contiguous")] + [(True, c, "channels_last") for c in CHANNEL_BLOCKS]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,7 +43,7 @@ from torch.library import triton_op, wrap_triton
 
 from fastconformer.modules.attention import qkv_heads_shape
 
-from . import CompileSpec, allow_tf32, tl_dtype
+from . import CompileSpec, dot_precision, tl_dtype
 
 MAX_HEAD_DIM = 128
 _BLOCK_DHS = (16, 32, 64, 128)
@@ -127,11 +127,6 @@ def attention_fwd_kernel(
     tl.store(lse_ptr + bh * N + offs_m, lse, mask=mask_m)
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    """tl.dot's input_precision: TF32 for fp32 only where torch's matmuls use it (ignored for fp16/bf16)."""
-    return "tf32" if allow_tf32(dtype) else "ieee"
-
-
 def _block_dh(head_dim: int) -> int:
     """The padded head dimension the kernels tile: the next power of two, at least 16."""
     return max(_BLOCK_DHS[0], triton.next_power_of_2(head_dim))
@@ -158,7 +153,7 @@ def attention_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch
     lse = torch.empty((B, H, N), device=qkv.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    precision = _input_precision(qkv.dtype)
+    precision = dot_precision(qkv.dtype)
     block_m, block_n, block_dh, num_warps, num_stages = _launch_config(Dh, qkv.dtype, precision)
     grid = (triton.cdiv(N, block_m) * B * H,)
     wrap_triton(attention_fwd_kernel)[grid](
@@ -320,7 +315,7 @@ def attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.
         out, grad_out, delta, N, H, Dh, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
         BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DH=_block_dh(Dh),
         num_warps=_PREPROCESS_WARPS)
-    precision = _input_precision(qkv.dtype)
+    precision = dot_precision(qkv.dtype)
     block_held, block_streamed, block_dh, num_warps, num_stages = _bwd_launch_config(Dh, qkv.dtype, precision)
     args = (qkv, grad_out, lse, delta, grad_qkv, N, H, Dh, scale, scale * LOG2E, qkv.stride(0), qkv.stride(1),
             grad_out.stride(0), grad_out.stride(1), grad_qkv.stride(0), grad_qkv.stride(1))

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ..modules.fcu_down import check_fcu_down_inputs
-from . import CompileSpec, allow_tf32, tl_dtype
+from . import CompileSpec, dot_precision, layout_tile, tile_layouts, tl_dtype
 
 MAX_D = 1024
 _BLOCK_DS = (128, 256, 512, 1024)
@@ -40,8 +40,6 @@ _BACKWARD_PROGRAMS = 256  # at most this many programs of the row-wise backward 
 _BACKWARD_STAGES = 1  # its row loop is not software-pipelined
 _POOL_BACKWARD_TILE = 2048  # elements of grad x2 per program of the pool adjoint
 _POOL_BACKWARD_WARPS = 8
-_POOL_CHANNEL_BLOCKS = (16, 32, 64, 128)
-_POOL_PIXEL_BLOCK = 128
 _BLOCK_P = 4  # window pixels averaged per load: dw_stride 2 in one step, 4 in 4, 8 in 16 (1: one of 4 lanes)
 # (GEMM dtype, token dtype) pairs the kernel is built for: one dtype throughout, or half-precision
 # inputs with fp32 tokens (autocast: x2 in fp16/bf16, the fp32 residual stream x_t). Every mix of
@@ -272,18 +270,6 @@ def _row_backward_warps(block_d: int) -> int:
     return max(1, min(8, block_d // 128))
 
 
-def _avg_pool_backward_config(C: int, channels_last: bool) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_C) of the pool adjoint: a tile row is BLOCK_C channels of one pixel
-    (channels_last) or BLOCK_C pixels of one (batch, channel) plane (contiguous)."""
-    block_c = (max(_POOL_CHANNEL_BLOCKS[0], min(_POOL_CHANNEL_BLOCKS[-1], triton.next_power_of_2(C)))
-               if channels_last else _POOL_PIXEL_BLOCK)
-    return _POOL_BACKWARD_TILE // block_c, block_c
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "tf32" if allow_tf32(dtype) else "ieee"
-
-
 @triton_op("fastconformer::fcu_down", mutates_args=())
 def fcu_down_op(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, dw_stride: int, eps: float,
@@ -297,7 +283,7 @@ def fcu_down_op(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias:
     out = torch.empty((B, N + 1, D), device=x2.device, dtype=x_t.dtype)
     if B == 0:
         return out
-    precision = _dot_precision(x2.dtype)
+    precision = dot_precision(x2.dtype)
     block_k, block_d, num_warps, num_stages = _launch_config(D, x2.dtype)
     n_h = H // dw_stride
     grid = (B * n_h * triton.cdiv(n_w, _BLOCK_M),)
@@ -341,7 +327,7 @@ def fcu_down_backward_op(grad_out: torch.Tensor, x2: torch.Tensor, weight: torch
         grid = (B * n_h * triton.cdiv(n_w, _BLOCK_M), triton.cdiv(D, _RECOMPUTE_BLOCK_D))
         wrap_triton(pooled_projection_kernel)[grid](
             x2, weight, bias, pooled, z, N, n_h, n_w, C, D, s, 1.0 / (s * s), *x2.stride(),
-            DOT_PRECISION=_dot_precision(x2.dtype), BLOCK_M=_BLOCK_M, BLOCK_K=block_k, BLOCK_D=_RECOMPUTE_BLOCK_D,
+            DOT_PRECISION=dot_precision(x2.dtype), BLOCK_M=_BLOCK_M, BLOCK_K=block_k, BLOCK_D=_RECOMPUTE_BLOCK_D,
             BLOCK_P=_BLOCK_P, num_warps=_RECOMPUTE_WARPS, num_stages=num_stages)
         wrap_triton(layer_norm_gelu_backward_kernel)[(programs,)](
             z, grad_out, ln_weight, ln_bias, grad_z, *partials, M, N, D, eps, grad_out.stride(0), grad_out.stride(1),
@@ -354,7 +340,7 @@ def fcu_down_backward_op(grad_out: torch.Tensor, x2: torch.Tensor, weight: torch
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     grad_x2 = torch.empty((B, C, H, W), device=dev, dtype=x2.dtype, memory_format=fmt)
     rows, cols = (B * H * W, C) if channels_last else (B * C, H * W)
-    block_r, block_c = _avg_pool_backward_config(C, channels_last)
+    block_r, block_c = layout_tile(_POOL_BACKWARD_TILE, C, channels_last)
     if rows > 0:
         wrap_triton(avg_pool_backward_kernel)[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))](
             grad_pooled, grad_x2, rows, cols, C, W, H * W, n_w, N, s, 1.0 / (s * s),
@@ -478,10 +464,8 @@ def compile_specs():
             )
         if token_dtype != gemm_dtype:
             continue
-        layouts = [(False, _POOL_PIXEL_BLOCK)] + [(True, c) for c in _POOL_CHANNEL_BLOCKS]
-        for channels_last, channels in layouts:
-            block_r, block_c = _avg_pool_backward_config(channels, channels_last)
-            layout = "channels_last" if channels_last else "contiguous"
+        for channels_last, channels, layout in tile_layouts():
+            block_r, block_c = layout_tile(_POOL_BACKWARD_TILE, channels, channels_last)
             yield CompileSpec(
                 name=f"avg_pool_backward[{xp[1:]},{layout},BLOCK_C={block_c}]",
                 kernel=avg_pool_backward_kernel,

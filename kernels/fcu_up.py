@@ -14,7 +14,7 @@ the (B, C, H, W) upsampled tensor is never written.
 
 Dtypes: fp32, fp16, bf16 in and out; accumulation, BatchNorm and ReLU in fp32, one rounding to
 the output dtype at the end. fp32 dots use TF32 only where torch's matmuls would
-(:func:`fastconformer.kernels.allow_tf32`).
+(:func:`fastconformer.kernels.dot_precision`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch.library import triton_op, wrap_triton
 
 from fastconformer.modules.fcu_up import check_bn_relu_add_upsampled_args, check_expand_args
 
-from . import CompileSpec, allow_tf32, tl_dtype
+from . import CompileSpec, dot_precision, layout_tile, tile_layouts, tl_dtype
 
 _EXPAND_BLOCK_M = 64
 _EXPAND_BLOCK_NS = (16, 32, 64)
@@ -40,8 +40,6 @@ _EXPAND_BW_WARPS = 8
 _EXPAND_BW_STAGES = 2
 _ELEMENTWISE_TILE = 2048  # elements per program of the upsample-add
 _ELEMENTWISE_WARPS = 8  # 8 elements per thread
-_CHANNEL_BLOCKS = (16, 32, 64, 128)  # channels_last: a tile row is BLOCK_C channels of one pixel
-_PIXEL_BLOCK = 128  # contiguous (NCHW): a tile row is BLOCK_C pixels of one (batch, channel) plane
 _BACKWARD_TILE = 1024  # low-resolution elements per program of the upsample-add's backward
 _BACKWARD_WARPS = 4
 _BACKWARD_STAGES = 1  # the window loop is not software-pipelined
@@ -230,22 +228,9 @@ def _expand_block_ns(dtype: torch.dtype, precision: str) -> tuple[int, ...]:
 
 def _expand_config(C: int, dtype: torch.dtype) -> tuple[int, str]:
     """(BLOCK_N, dot input precision) for C output channels of ``dtype``."""
-    precision = "tf32" if allow_tf32(dtype) else "ieee"
+    precision = dot_precision(dtype)
     choices = _expand_block_ns(dtype, precision)
     return max(choices[0], min(choices[-1], triton.next_power_of_2(C))), precision
-
-
-def _elementwise_config(C: int, channels_last: bool) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_C) of the upsample-add for C channels in the given layout."""
-    block_c = (max(_CHANNEL_BLOCKS[0], min(_CHANNEL_BLOCKS[-1], triton.next_power_of_2(C))) if channels_last
-               else _PIXEL_BLOCK)
-    return _ELEMENTWISE_TILE // block_c, block_c
-
-
-def _upsample_add_backward_config(C: int, channels_last: bool) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_C) of the upsample-add's backward (a tile of low-resolution elements)."""
-    _, block_c = _elementwise_config(C, channels_last)
-    return _BACKWARD_TILE // block_c, block_c
 
 
 @triton_op("fastconformer::fcu_up_expand", mutates_args=())
@@ -297,7 +282,7 @@ def fcu_up_expand_backward_op(grad_out: torch.Tensor, out: torch.Tensor, x_t: to
     N = out.shape[2] * out.shape[3]
     grad_x_t = torch.empty((B, N + 1, D), device=x_t.device, dtype=x_t.dtype)
     masked = torch.empty((B * N, C), device=x_t.device, dtype=x_t.dtype)
-    precision = "tf32" if allow_tf32(x_t.dtype) else "ieee"
+    precision = dot_precision(x_t.dtype)
     block_n, block_k = _expand_backward_tiles(x_t.dtype, precision)
     grid = (triton.cdiv(N, _EXPAND_BW_BLOCK_M), triton.cdiv(D, block_n), B)
     wrap_triton(fcu_up_expand_backward_kernel)[grid](
@@ -336,7 +321,7 @@ def bn_relu_add_upsampled_op(x: torch.Tensor, scale: torch.Tensor, shift: torch.
     channels_last = not x.is_contiguous()
     out = torch.empty_like(x)
     rows, cols = (B * H * W, C) if channels_last else (B * C, H * W)
-    block_r, block_c = _elementwise_config(C, channels_last)
+    block_r, block_c = layout_tile(_ELEMENTWISE_TILE, C, channels_last)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     wrap_triton(bn_relu_add_upsampled_kernel)[grid](
         x, scale, shift, low, out, rows, cols, C, W, H * W, up,
@@ -366,7 +351,7 @@ def bn_relu_add_upsampled_backward_op(grad_out: torch.Tensor, x: torch.Tensor, s
     grad_x = torch.empty_like(x)
     grad_low = torch.empty((B, C, h, w), device=x.device, dtype=x.dtype, memory_format=fmt)
     rows, cols = (B * h * w, C) if channels_last else (B * C, h * w)
-    block_r, block_c = _upsample_add_backward_config(C, channels_last)
+    block_r, block_c = layout_tile(_BACKWARD_TILE, C, channels_last)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
     partial_shape = (grid[0], C) if channels_last else (rows, grid[1])
     partial_scale = torch.empty(partial_shape, device=x.device, dtype=torch.float32)
@@ -448,10 +433,8 @@ def compile_specs():
                                 "BLOCK_K": _EXPAND_BLOCK_K},
                     num_warps=_EXPAND_WARPS, num_stages=_EXPAND_STAGES,
                 )
-        layouts = [(False, _PIXEL_BLOCK)] + [(True, c) for c in _CHANNEL_BLOCKS]
-        for channels_last, channels in layouts:
-            block_r, block_c = _elementwise_config(channels, channels_last)
-            layout = "channels_last" if channels_last else "contiguous"
+        for channels_last, channels, layout in tile_layouts():
+            block_r, block_c = layout_tile(_ELEMENTWISE_TILE, channels, channels_last)
             yield CompileSpec(
                 name=f"bn_relu_add_upsampled[{ptr[1:]},{layout},BLOCK_C={block_c}]",
                 kernel=bn_relu_add_upsampled_kernel,
@@ -463,7 +446,7 @@ def compile_specs():
                 constexprs={"CHANNELS_LAST": channels_last, "BLOCK_R": block_r, "BLOCK_C": block_c},
                 num_warps=_ELEMENTWISE_WARPS,
             )
-            block_r, block_c = _upsample_add_backward_config(channels, channels_last)
+            block_r, block_c = layout_tile(_BACKWARD_TILE, channels, channels_last)
             yield CompileSpec(
                 name=f"bn_relu_add_upsampled_backward[{ptr[1:]},{layout},BLOCK_C={block_c}]",
                 kernel=bn_relu_add_upsampled_backward_kernel,
