@@ -10,13 +10,15 @@ NaN or Inf never passes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+
 import torch
 import torch.nn as nn
 
 __all__ = ["MODULE_TOL", "MODEL_TOL", "Comparison", "rel_error", "compare", "assert_matches",
-           "randomize_module", "saved_activation_bytes", "to_float64"]
+           "randomize_module", "reference_and_fast", "saved_activation_bytes", "to_float64"]
 
 MODULE_TOL = 1e-5
 MODEL_TOL = 1e-4
@@ -122,6 +124,19 @@ def randomize_module(module: nn.Module, generator: torch.Generator | None = None
             m.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=generator)))
     return module
 
+
+def reference_and_fast(name: str, seed: int = 0, randomize: bool = True, **overrides) -> tuple[nn.Module, nn.Module]:
+    """(reference model ``name`` built with ``torch.manual_seed(seed)`` and ``overrides``, its
+    converted deep copy); with ``randomize``, random weights and BatchNorm statistics first
+    (:func:`randomize_module`, same seed), else the model's own initialisation."""
+    from .convert import convert
+    from .registry import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(name, **overrides)
+    if randomize:
+        randomize_module(model, torch.Generator().manual_seed(seed))
+    return model, convert(copy.deepcopy(model))
 
 
 def saved_activation_bytes(model: nn.Module, *inputs, autocast_dtype: torch.dtype | None = None) -> int:

@@ -16,17 +16,14 @@ from fastconformer.modules.conv_trans_block import FusedConvTransBlock
 from fastconformer.modules.fcu_down import FusedFCUDown
 from fastconformer.modules.fcu_up import FusedFCUUp
 from fastconformer.modules.transformer import FusedBlock
-from fastconformer.testing import MODEL_TOL, assert_matches, randomize_module, to_float64
+from fastconformer.testing import MODEL_TOL, assert_matches, reference_and_fast, to_float64
 
 VARIANTS = fastconformer.list_models()
 
 
 def _pair(name, seed=0, **overrides):
     """(reference with random weights and BN stats, its converted deep copy)."""
-    torch.manual_seed(seed)
-    model = fastconformer.create_model(name, **overrides)
-    randomize_module(model, torch.Generator().manual_seed(seed))
-    return model, convert(copy.deepcopy(model))
+    return reference_and_fast(name, seed, **overrides)
 
 
 def _bn_buffers(model):

@@ -13,12 +13,11 @@ import torch.nn as nn
 import fastconformer
 from fastconformer import dispatch
 from fastconformer import reference as ref
-from fastconformer.convert import convert
 from fastconformer.dispatch import onednn, use_onednn
 from fastconformer.modules.conv_block import FusedConvBlock
 from fastconformer.modules.conv_trans_block import FusedConvTransBlock
 from fastconformer.modules.transformer import FusedBlock
-from fastconformer.testing import MODEL_TOL, assert_matches, randomize_module
+from fastconformer.testing import MODEL_TOL, assert_matches, randomize_module, reference_and_fast
 
 pytestmark = pytest.mark.skipif(not dispatch.onednn_available(), reason="this torch has no working oneDNN fused linear")
 SWITCH = pytest.mark.parametrize("enabled", [True, False], ids=["onednn", "plain"])
@@ -119,10 +118,8 @@ def test_fused_conv_trans_block_eval(last_fusion, gen):
 
 
 def test_whole_model_takes_the_path_only_without_autograd():
-    torch.manual_seed(0)
-    model = fastconformer.create_model("conformer_tiny_patch16")
-    randomize_module(model, torch.Generator().manual_seed(0))
-    fast = convert(copy.deepcopy(model)).eval()
+    model, fast = reference_and_fast("conformer_tiny_patch16")
+    fast.eval()
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     expected = copy.deepcopy(model).double().eval()(x.double())
     with torch.no_grad():

@@ -30,7 +30,7 @@ import fastconformer
 from fastconformer.convert import convert
 from fastconformer.modules.conv_trans_block import FusedConvTransBlock
 from fastconformer.testing import (HALF_FACTOR, HALF_SLACK, MODEL_TOL, MODULE_TOL, assert_matches,
-                                   randomize_module, rel_error, saved_activation_bytes)
+                                   randomize_module, reference_and_fast, rel_error, saved_activation_bytes)
 
 NAME = "conformer_tiny_patch16"
 NUM_CLASSES = 10
@@ -39,11 +39,7 @@ NUM_CLASSES = 10
 def _pair(seed=0, randomize=True, **overrides):
     """(reference Conformer-Ti with NUM_CLASSES classes, its converted deep copy); random weights
     and BatchNorm statistics with ``randomize``, else the model's own initialisation."""
-    torch.manual_seed(seed)
-    model = fastconformer.create_model(NAME, num_classes=NUM_CLASSES, **overrides)
-    if randomize:
-        randomize_module(model, torch.Generator().manual_seed(seed))
-    return model, convert(copy.deepcopy(model))
+    return reference_and_fast(NAME, seed, randomize, num_classes=NUM_CLASSES, **overrides)
 
 
 def _batch(n, hw, seed):
