@@ -13,6 +13,7 @@ import time
 import torch
 
 from . import __version__
+from .convert import convert
 from .dispatch import interpreter_enabled, onednn_available, triton_available
 from .environment import device_name, synchronize
 from .registry import VARIANTS, create_model, resolve_name
@@ -96,8 +97,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     _progress(f"building {name} (reference and fast, same weights) on {device_name(device)} ...")
     reference = create_model(name, pretrained=args.pretrained).eval()
-    from .convert import convert
-
     fast = convert(copy.deepcopy(reference)).to(device)
     reference = reference.to(device)
     dtype = DTYPES[args.dtype]
@@ -162,15 +161,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Top-5 ImageNet classes for each image, with the official evaluation preprocessing."""
-    from .convert import convert
     from .data import imagenet_classes, load_images
 
     device = _device(args.device)
     _progress(f"loading {resolve_name(args.model)} from {args.pretrained} ...")
-    model = create_model(args.model, pretrained=args.pretrained).eval()
-    if not args.reference:
-        convert(model)
-    model = model.to(device)
+    model = create_model(args.model, pretrained=args.pretrained, fast=not args.reference).eval().to(device)
     classes = imagenet_classes()
     images = load_images(args.images).to(device)
     with torch.inference_mode():
