@@ -32,11 +32,6 @@ def models(device):
             "fast (no oneDNN)": fast}
 
 
-@pytest.fixture(scope="module")
-def device():
-    return torch.device("cuda" if HAS_CUDA else "cpu")
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 def test_model_inference(benchmark, models, device, impl):
     model = models[impl]

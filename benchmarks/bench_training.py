@@ -26,11 +26,6 @@ IMPLS = ["reference", "fast"]
 
 
 @pytest.fixture(scope="module")
-def device():
-    return torch.device("cuda" if HAS_CUDA else "cpu")
-
-
-@pytest.fixture(scope="module")
 def batch(device):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, 3, 224, 224, generator=g)

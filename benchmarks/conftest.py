@@ -22,8 +22,9 @@ def device_name() -> str:
     return environment.device_name(DEVICE)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def device():
+    """The benchmark device: CUDA when present, else the CPU (usable by module-scoped fixtures)."""
     return DEVICE
 
 
