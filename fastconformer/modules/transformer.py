@@ -46,7 +46,9 @@ class FusedBlock(nn.Module):
     ``forward(x)``: x (B, N, dim) -> (B, N, dim). The residual add after attention is fused with
     norm2 (:func:`add_layer_norm`). (In a ConvTransBlock the sum before norm1, x_st + x_t, comes
     straight out of the fused squeeze.) CPU inference in eval mode instead fuses each linear layer
-    with what follows it (:func:`onednn_linear`): qkv; proj + residual; fc1 + GELU; fc2 + residual.
+    with what follows it (:func:`onednn_linear`): qkv; proj + residual; fc1 + GELU; fc2 + residual;
+    only where no autograd graph can pass through (the input and every parameter are checked, so
+    fine-tuning some parameters of a model in eval mode keeps their gradients).
     """
 
     def __init__(self, reference: nn.Module):
@@ -67,7 +69,7 @@ class FusedBlock(nn.Module):
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and use_onednn(x, self.mlp.fc1.weight):
+        if not self.training and use_onednn(x, *self.parameters()):
             return self._forward_onednn(x)
         attn = self.drop_path(self.attn(self.norm1(x)))
         x, h = add_layer_norm(x, attn, self.norm2.weight, self.norm2.bias, self.norm2.eps)
