@@ -10,7 +10,9 @@ Rules, for the backend chosen with :func:`backend` (default ``"auto"``):
 - ``"auto"``: Triton for CUDA tensors when triton is importable, PyTorch otherwise. The
   interpreter is a verification tool, so ``auto`` never picks it for CPU tensors.
 
-The environment variable ``FASTCONFORMER_BACKEND`` sets the default for a process.
+The environment variable ``FASTCONFORMER_BACKEND`` sets the default for a process; a
+:func:`backend` block holds for the thread (and asyncio task) that entered it, so threads of one
+server may each hold their own.
 
 Inside the PyTorch implementation, CPU inference may go one step further: :func:`use_onednn` says
 when float32 CPU work with no autograd graph may run through oneDNN's fused linear primitive (a
@@ -21,6 +23,7 @@ linear layer with its GELU or residual add in one call, the primitive inductor's
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import importlib.util
@@ -42,9 +45,23 @@ def _validate(name: object, source: str) -> str:
     return name
 
 
-# A plain module-level dict (not a ContextVar or thread-local) so that torch.compile can trace the
-# lookup and guard on it. The switch is process-wide: set it around whole forward passes.
-_STATE = {"backend": _validate(os.environ.get("FASTCONFORMER_BACKEND", "auto"), "FASTCONFORMER_BACKEND")}
+# The switches hold one value per thread and per asyncio task (a ContextVar each; a new thread starts
+# on the process defaults, a task on its creator's values). torch.compile cannot trace
+# ContextVar.get, but it does evaluate a property whose getter is a C function at trace time and
+# guards on the result, so the switches are read through such properties: a compiled model re-traces
+# when a thread or task holds another backend instead of replaying a stale choice. Unset in the
+# current context, ``ContextVar.get(default)`` returns its argument, here the switches object itself.
+_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("fastconformer_backend")
+_ONEDNN: contextvars.ContextVar[bool] = contextvars.ContextVar("fastconformer_onednn")
+
+
+class _Switches:
+    backend = property(_BACKEND.get)
+    onednn = property(_ONEDNN.get)
+
+
+_SWITCHES = _Switches()
+_DEFAULT_BACKEND = _validate(os.environ.get("FASTCONFORMER_BACKEND", "auto"), "FASTCONFORMER_BACKEND")
 
 
 def _onednn_default() -> bool:
@@ -54,38 +71,44 @@ def _onednn_default() -> bool:
     return value == "1"
 
 
-_STATE["onednn"] = _onednn_default()
+_DEFAULT_ONEDNN = _onednn_default()
 
 
 @contextlib.contextmanager
-def backend(name: str) -> Iterator[str]:
-    """Force the implementation of every fused op inside the ``with`` block (process-wide):
-    ``"auto"``, ``"triton"`` or ``"torch"`` (see the module docstring)."""
-    previous = _STATE["backend"]
-    _STATE["backend"] = _validate(name, "backend name")
+def _holding(var: contextvars.ContextVar, value) -> Iterator:
+    token = var.set(value)
     try:
-        yield name
+        yield value
     finally:
-        _STATE["backend"] = previous
+        var.reset(token)
 
 
-@contextlib.contextmanager
-def onednn(enabled: bool) -> Iterator[bool]:
-    """Allow (True) or forbid (False) oneDNN's fused inference primitives inside the ``with`` block
-    (process-wide; see :func:`use_onednn`)."""
+def backend(name: str):
+    """Force the implementation of every fused op inside the ``with`` block: ``"auto"``,
+    ``"triton"`` or ``"torch"`` (see the module docstring). The choice holds for the calling thread
+    (and asyncio task) only; other threads keep theirs, and leaving the block restores what this
+    thread had before it (the process default, FASTCONFORMER_BACKEND, once every block is closed)."""
+    return _holding(_BACKEND, _validate(name, "backend name"))
+
+
+def onednn(enabled: bool):
+    """Allow (True) or forbid (False) oneDNN's fused inference primitives inside the ``with`` block,
+    for the calling thread (and asyncio task) only (see :func:`use_onednn` and :func:`backend`)."""
     if not isinstance(enabled, bool):
         raise TypeError(f"onednn(enabled) takes a bool, got {type(enabled).__name__}")
-    previous = _STATE["onednn"]
-    _STATE["onednn"] = enabled
-    try:
-        yield enabled
-    finally:
-        _STATE["onednn"] = previous
+    return _holding(_ONEDNN, enabled)
 
 
 def current_backend() -> str:
-    """The backend in force: the innermost :func:`backend` block, else FASTCONFORMER_BACKEND, else auto."""
-    return _STATE["backend"]
+    """The backend in force for the calling thread or task: its innermost :func:`backend` block,
+    else FASTCONFORMER_BACKEND, else auto."""
+    choice = _SWITCHES.backend
+    return _DEFAULT_BACKEND if choice is _SWITCHES else choice
+
+
+def _onednn_enabled() -> bool:
+    enabled = _SWITCHES.onednn
+    return _DEFAULT_ONEDNN if enabled is _SWITCHES else enabled
 
 
 # Read once at import (plain constants keep the dispatch traceable by torch.compile). Like triton
@@ -147,10 +170,11 @@ def onednn_available() -> bool:
 def use_onednn(*tensors: torch.Tensor) -> bool:
     """Whether the PyTorch path may run ``tensors`` through oneDNN's fused inference primitives:
     the switch is on (:func:`onednn`), torch has them, the fused ops would not pick Triton for
-    ``tensors``, all are float32 CPU tensors, no autograd graph is being built for them, CPU
-    autocast is off and torch.compile is not tracing (inductor picks its own CPU fusions, and the
+    ``tensors``, all are float32 CPU tensors, no autograd graph can be recorded through them (grad
+    mode is off, or none of them requires grad: pass every tensor the fused path reads, parameters
+    included, since the primitives have no backward), CPU autocast is off and torch.compile is not tracing (inductor picks its own CPU fusions, and the
     primitive's residual-add form has no fake-tensor kernel to trace with)."""
-    if not _STATE["onednn"] or torch.compiler.is_compiling() or use_triton(*tensors):
+    if not _onednn_enabled() or torch.compiler.is_compiling() or use_triton(*tensors):
         return False
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return False
