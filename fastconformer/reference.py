@@ -51,15 +51,19 @@ def check_image_batch(x, in_chans: int, patch_size: int) -> None:
 
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
     """Stochastic depth per sample: zero whole samples with probability ``drop_prob`` and
-    rescale the kept ones by 1 / (1 - drop_prob). Identity in eval mode or when drop_prob is 0."""
+    rescale the kept ones by 1 / (1 - drop_prob). Identity in eval mode or when drop_prob is 0.
+
+    The draw and the order of operations are those of timm 0.3.2, the version the official
+    repository pins: one ``torch.rand`` of shape (B, 1, ...) in x's dtype, mask
+    ``floor(keep_prob + rand)``, output ``x.div(keep_prob) * mask``. Later timm versions draw with
+    ``bernoulli_`` and scale the mask instead, which gives other masks and values for the same seed.
+    """
     if drop_prob == 0.0 or not training:
         return x
     keep_prob = 1.0 - drop_prob
     mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    keep = x.new_empty(mask_shape).bernoulli_(keep_prob)
-    if keep_prob > 0.0:
-        keep.div_(keep_prob)
-    return x * keep
+    mask = (keep_prob + torch.rand(mask_shape, dtype=x.dtype, device=x.device)).floor_()
+    return x.div(keep_prob) * mask
 
 
 class DropPath(nn.Module):

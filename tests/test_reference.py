@@ -146,3 +146,21 @@ def test_backward_reaches_every_parameter():
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_drop_path_follows_the_pinned_timm(dtype):
+    """The official repository pins timm 0.3.2: per-sample uniform draws r of shape (B, 1, 1), mask
+    floor(keep + r) (a sample survives when r >= drop_prob), output x.div(keep) * mask, bit for bit."""
+    from fastconformer.reference import DropPath
+
+    x = torch.randn(16, 5, 7, dtype=dtype)
+    module = DropPath(0.3).train()
+    torch.manual_seed(11)
+    out = module(x)
+    torch.manual_seed(11)
+    r = torch.rand(16, 1, 1, dtype=dtype)
+    survives = (r >= 0.3).to(dtype)
+    assert 0 < survives.sum() < 16
+    assert torch.equal(out, x.div(0.7) * survives)
+    assert module.eval()(x) is x
