@@ -6,7 +6,8 @@ Checks that fastconformer, fastconformer.modules and fastconformer.kernels impor
 site-packages (not from CHECKOUT), that no top-level ``kernels`` module is importable, that the
 package data (ImageNet class names) is installed, and that create_model(..., fast=True) gives the
 logits of the float64 reference with the same weights within MODEL_TOL on a random
-(2, 3, 224, 224) float32 batch in eval mode. Exits 1 with one line saying what failed.
+(2, 3, 224, 224) float32 batch in eval mode. Exits 1 with a line saying what failed (for a
+module the wheel lacks, the traceback of the ImportError).
 """
 
 import importlib.util

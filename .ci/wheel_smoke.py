@@ -2,17 +2,17 @@
 
 Editable installs read the checkout, so they hide a package or data file that the wheel leaves out.
 This script:
-  1. copies the checkout's files (tracked and untracked, not git-ignored) to a temporary folder, so
-     a stale build/ folder cannot add files to the wheel, and builds the wheel there
-     (``pip wheel --no-deps``);
+  1. creates a fresh venv in a temporary folder, copies the checkout's files (tracked and untracked,
+     not git-ignored) there, so that a stale build/ folder cannot add files to the wheel, and
+     builds the wheel from the copy with the venv's pip (``pip wheel --no-deps``);
   2. checks the wheel's contents: every file under fastconformer/ and kernels/ (installed as
      fastconformer/kernels/) is in it, and nothing else is at its top level (no ``kernels``,
      ``tests`` or ``benchmarks``);
-  3. creates a fresh venv, installs torch==2.13.0 and the wheel in one pip command;
+  3. installs torch==2.13.0 and the wheel into the venv in one pip command;
   4. from a folder outside the checkout, runs .ci/wheel_check.py (imports, package data, fast model
      against the float64 reference) and ``fastconformer info`` in that venv.
 
-Usage: python .ci/wheel_smoke.py   (standard library only; any Python >= 3.10 with pip).
+Usage: python3 .ci/wheel_smoke.py   (standard library only; needs git and Python >= 3.10 with venv).
 Exits 0 and prints "wheel smoke: passed" as its last line, or exits 1 with "wheel smoke: FAILED: ...".
 """
 
@@ -90,20 +90,20 @@ def smoke(work: Path) -> None:
     outside.mkdir()
 
     start = time.perf_counter()
+    run([sys.executable, "-m", "venv", str(venv)], work, env)
+    python = venv / "bin" / "python"
     copy_checkout(source)
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(source)], work, env)
+    run([str(python), "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(source)], work, env)
     wheels = sorted(dist.glob("fastconformer-*.whl"))
     if len(wheels) != 1:
         raise SmokeFailure(f"expected one fastconformer wheel in {dist}, found {[w.name for w in wheels]}")
     wheel = wheels[0]
     check_wheel_contents(wheel, source)
-    print(f"built {wheel.name} ({time.perf_counter() - start:.0f} s)")
+    print(f"built {wheel.name} in a fresh venv ({time.perf_counter() - start:.0f} s)")
 
     start = time.perf_counter()
-    run([sys.executable, "-m", "venv", str(venv)], work, env)
-    python = venv / "bin" / "python"
     run([str(python), "-m", "pip", "install", "-q", TORCH, str(wheel)], work, env)
-    print(f"installed {TORCH} and the wheel in a fresh venv ({time.perf_counter() - start:.0f} s)")
+    print(f"installed {TORCH} and the wheel in it ({time.perf_counter() - start:.0f} s)")
 
     start = time.perf_counter()
     # -I: neither the script's folder nor the current folder nor PYTHON* variables reach sys.path.
