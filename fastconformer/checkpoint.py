@@ -155,6 +155,8 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False, got {strict!r}")
     state_dict = read_state_dict(path_or_state_dict)
     report = _mismatch_report(model, state_dict, strict)
     if report is not None:

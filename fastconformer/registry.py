@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import torch.nn as nn
 
@@ -55,16 +55,23 @@ def resolve_name(name: str) -> str:
     return key
 
 
-def create_model(name: str, *, pretrained: str | os.PathLike | None = None, fast: bool = False,
+def create_model(name: str, *, pretrained: str | os.PathLike | Mapping | None = None, fast: bool = False,
                  **overrides: Any) -> nn.Module:
     """Build a Conformer variant.
 
-    name: one of :func:`list_models` (official spellings accepted). pretrained: a checkpoint path
-    (any layout :func:`fastconformer.load_checkpoint` reads), loaded with strict=True. fast: return
-    the fused model (reference + :func:`fastconformer.convert`). overrides: any other Conformer
-    constructor argument (num_classes, drop_path_rate, qk_scale, num_med_block, ...).
+    name: one of :func:`list_models` (official spellings accepted). pretrained: None (random
+    weights) or a checkpoint path or loaded state_dict (any layout :func:`fastconformer.load_checkpoint`
+    reads), loaded with strict=True; nothing is downloaded. fast: True returns the fused model
+    (reference + :func:`fastconformer.convert`). overrides: any other Conformer constructor argument
+    (num_classes, drop_path_rate, qk_scale, num_med_block, ...).
     """
     variant = VARIANTS[resolve_name(name)]
+    if not isinstance(fast, bool):
+        raise TypeError(f"fast must be True or False, got {fast!r}")
+    if isinstance(pretrained, bool) or not isinstance(pretrained, (str, os.PathLike, Mapping, type(None))):
+        got = repr(pretrained) if isinstance(pretrained, bool) else type(pretrained).__name__
+        raise TypeError(f"pretrained must be a checkpoint path, a state_dict or None (random weights), got {got}: "
+                        f"fastconformer downloads no weights, pass the official or an MMPretrain checkpoint file")
     model = Conformer(**{**variant.kwargs, **overrides})
     if pretrained is not None:
         from .checkpoint import load_checkpoint

@@ -64,6 +64,8 @@ def test_create_model_pretrained(tmp_path, source_state):
     torch.save({"model": source_state}, path)
     model = fastconformer.create_model("Conformer_tiny_patch16", pretrained=path)
     assert torch.equal(model.cls_token, source_state["cls_token"])
+    model = fastconformer.create_model(NAME, pretrained=source_state)
+    assert torch.equal(model.cls_token, source_state["cls_token"])
 
 
 def test_mmpretrain_conversion_names(source_state):
@@ -123,3 +125,20 @@ def test_bad_checkpoint_objects(tmp_path):
         read_state_dict({"epoch": 3})
     with pytest.raises(TypeError, match="nn.Module"):
         fastconformer.load_checkpoint("not a model", {})
+
+
+def test_load_checkpoint_argument_types(source_state):
+    with pytest.raises(TypeError, match="strict must be True or False, got 'no'"):
+        fastconformer.load_checkpoint(fastconformer.create_model(NAME), source_state, strict="no")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(fast="no"), "fast must be True or False, got 'no'"),
+    (dict(fast=None), "fast must be True or False, got None"),
+    (dict(pretrained=True), "pretrained must be a checkpoint path, a state_dict or None .* got True: "
+                            "fastconformer downloads no weights"),
+    (dict(pretrained=["a.pth"]), "pretrained must be a checkpoint path, a state_dict or None .* got list"),
+])
+def test_create_model_argument_types(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        fastconformer.create_model(NAME, **kwargs)
