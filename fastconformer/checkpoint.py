@@ -19,6 +19,12 @@ __all__ = ["CheckpointMismatchError", "load_checkpoint", "read_state_dict", "con
 # argparse Namespace under 'args'); everything else that is not a tensor or a container is refused.
 _SAFE_GLOBALS = [argparse.Namespace]
 
+# How the two formats torch.save writes begin: a zip archive, or (legacy format) a pickle whose first
+# object is torch's magic number (the LONG1 opcode and its 10 bytes, after the protocol header).
+_ZIP_HEADER = b"PK\x03\x04"
+_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:-1]
+_EXPECTED_FILE = "expected a file written by torch.save"
+
 # MMPretrain's names for the transformer block's submodules -> the official ones.
 _MMPRETRAIN_RENAMES = (
     (re.compile(r"\.ln1\."), ".norm1."),
@@ -32,16 +38,42 @@ class CheckpointMismatchError(RuntimeError):
     """The checkpoint's keys or shapes do not fit the model (the message lists them)."""
 
 
+def _not_a_checkpoint(head: bytes) -> str | None:
+    """Why a file beginning with ``head`` cannot be a torch.save file, or None if it may be one."""
+    if not head:
+        return "empty file"
+    if head.startswith(_ZIP_HEADER) or (head.startswith(b"\x80") and _LEGACY_MAGIC in head):
+        return None
+    if head.startswith(b"\x80"):
+        return "a pickle that torch.save did not write: it does not begin with torch's magic number"
+    return f"not a torch.save zip archive or pickle: starts with {head[:16]!r}"
+
+
 def _torch_load(path: str | os.PathLike) -> object:
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        raise IsADirectoryError(f"{name!r} is a directory, not a checkpoint file ({_EXPECTED_FILE})")
+    if not os.path.exists(name):
+        raise FileNotFoundError(f"no checkpoint file {name!r} ({_EXPECTED_FILE})")
+    with open(name, "rb") as f:
+        problem = _not_a_checkpoint(f.read(32))
+    if problem is not None:
+        raise ValueError(f"{name!r} is not a PyTorch checkpoint ({problem}); {_EXPECTED_FILE}")
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(name, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(
-            f"refusing to load {os.fspath(path)!r}: it holds Python objects beyond tensors and plain containers, "
+            f"refusing to load {name!r}: it holds Python objects beyond tensors and plain containers, "
             f"and fastconformer only loads checkpoints with torch.load(weights_only=True) so that no code in a "
             f"checkpoint is ever executed. Re-save just the state_dict from a trusted environment "
             f"(torch.save(model.state_dict(), path)). Details: {err}") from err
+    except (OSError, MemoryError):
+        raise
+    except Exception as err:  # a damaged file fails anywhere in torch.load, with any exception type
+        detail = str(err).strip().split("\n")[0]
+        raise ValueError(f"{name!r} is not a readable PyTorch checkpoint ({type(err).__name__}: {detail}); "
+                         f"{_EXPECTED_FILE} - is it truncated or damaged?") from err
 
 
 def convert_mmpretrain(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -74,19 +74,53 @@ def test_mmpretrain_conversion_names(source_state):
     assert "trans_1.norm1.weight" in converted and "conv_trans_5.trans_block.mlp.fc2.bias" in converted
 
 
-def test_unsafe_pickle_is_refused_never_executed(tmp_path):
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("writer, match", [
+    (torch.save, "refusing to load .*weights_only=True"),
+    (lambda obj, path: path.write_bytes(pickle.dumps(obj)), "is not a PyTorch checkpoint \\(a pickle that torch.save"),
+], ids=["torch.save", "pickle.dump"])
+def test_unsafe_pickle_is_refused_never_executed(tmp_path, writer, match):
     marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     path = tmp_path / "evil.pth"
-    with open(path, "wb") as f:
-        pickle.dump({"model": Exploit()}, f)
-    with pytest.raises(ValueError, match="weights_only=True"):
+    writer({"model": Exploit(marker)}, path)
+    with pytest.raises(ValueError, match=match):
         fastconformer.load_checkpoint(fastconformer.create_model(NAME), path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"", "(empty file)"),
+    (b"hello world\n", "(not a torch.save zip archive or pickle: starts with b'hello world\\n')"),
+    (pickle.dumps({"model": {}}, protocol=2), "(a pickle that torch.save did not write"),
+], ids=["empty", "text", "plain_pickle"])
+def test_file_that_is_no_checkpoint_says_what_it_is(tmp_path, content, what):
+    path = tmp_path / "x.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        read_state_dict(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{str(path)!r} is not a PyTorch checkpoint {what}")
+    assert "expected a file written by torch.save" in msg and "\n" not in msg
+
+
+def test_damaged_checkpoint_missing_path_and_directory(tmp_path, source_state):
+    path = tmp_path / "ckpt.pth"
+    torch.save(source_state, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r"not a readable PyTorch checkpoint \(RuntimeError: .*truncated or damaged"):
+        read_state_dict(path)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint file '.*missing.pth' \(expected a file written by"):
+        read_state_dict(tmp_path / "missing.pth")
+    with pytest.raises(IsADirectoryError, match=r"is a directory, not a checkpoint file \(expected a file written by"):
+        read_state_dict(tmp_path)
 
 
 def test_patch32_weights_into_patch16_model_says_so():
