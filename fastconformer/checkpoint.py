@@ -25,6 +25,9 @@ _ZIP_HEADER = b"PK\x03\x04"
 _LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:-1]
 _EXPECTED_FILE = "expected a file written by torch.save"
 
+# Keys under which training scripts store the state_dict, searched in this order (nested too).
+_CONTAINERS = ("model", "state_dict", "module")
+
 # MMPretrain's names for the transformer block's submodules -> the official ones.
 _MMPRETRAIN_RENAMES = (
     (re.compile(r"\.ln1\."), ".norm1."),
@@ -94,28 +97,63 @@ def convert_mmpretrain(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
+def _holds_tensors(obj: Mapping) -> bool:
+    return any(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _find_state_dict(obj: Mapping, where: str, outer: tuple, looked: list[str]) -> Mapping | None:
+    """The first mapping holding tensors under string keys: ``obj`` itself unless it has one of the
+    ``_CONTAINERS`` keys, else the first of those (searched the same way) that holds one. What each
+    place held instead is appended to ``looked``; ``outer`` are the mappings around obj."""
+    names = [name for name in _CONTAINERS if name in obj]
+    if not names:
+        if _holds_tensors(obj):
+            return obj
+        keys = list(obj)
+        listed = f"keys: {', '.join(map(repr, keys[:10]))}{' ...' if len(keys) > 10 else ''}" if keys else "empty"
+        looked.append(f"{where} holds no tensors under parameter names ({listed})")
+        return None
+    for name in names:
+        inner, place = obj[name], f"{where}[{name!r}]"
+        if not isinstance(inner, Mapping):
+            looked.append(f"{place} holds a {type(inner).__name__}, not a state_dict")
+        elif any(inner is m for m in outer + (obj,)):
+            looked.append(f"{place} refers back to a dict that holds it")
+        else:
+            found = _find_state_dict(inner, place, outer + (obj,), looked)
+            if found is not None:
+                return found
+    return None
+
+
 def read_state_dict(source: str | os.PathLike | Mapping) -> dict[str, torch.Tensor]:
     """A state_dict in the official key layout from a path or an already loaded object.
 
-    Accepts a raw state_dict, ``{'model': ...}``, ``{'state_dict': ...}`` (also nested under
-    ``'module'``), keys prefixed ``module.`` (DataParallel / DDP) and MMPretrain's layout.
+    Accepts a raw state_dict or a dict holding one under ``'model'``, ``'state_dict'`` or
+    ``'module'`` (nested too; the first that holds tensors is used), keys prefixed ``module.``
+    (DataParallel / DDP, also twice) and MMPretrain's layout.
     """
-    obj = _torch_load(source) if isinstance(source, (str, os.PathLike)) else source
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"a checkpoint must be a state_dict or a dict holding one, got {type(obj).__name__}")
-    for container in ("model", "state_dict", "module"):
-        inner = obj.get(container)
-        if isinstance(inner, Mapping) and not isinstance(inner, torch.Tensor):
-            obj = inner
-            break
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ValueError(f"the checkpoint holds no tensors (top-level keys: {sorted(obj)[:10]})")
-    if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
-    if any(k.startswith("backbone.") for k in tensors):
-        tensors = convert_mmpretrain(tensors)
-    return tensors
+    if isinstance(source, (str, os.PathLike)):
+        obj, origin = _torch_load(source), repr(os.fspath(source))
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"{origin} holds a {type(obj).__name__}; expected a state_dict (a mapping of names to "
+                             f"tensors) or a dict holding one")
+    elif isinstance(source, Mapping):
+        obj, origin = source, "the checkpoint"
+    else:
+        raise TypeError(f"a checkpoint must be a file path or a state_dict (a mapping of names to tensors), "
+                        f"got {type(source).__name__}")
+    looked: list[str] = []
+    found = _find_state_dict(obj, "checkpoint", (), looked)
+    if found is None:
+        raise ValueError(f"no state_dict in {origin}: {'; '.join(looked)}; expected a mapping of parameter names to "
+                         f"tensors, or a dict holding one under {', '.join(map(repr, _CONTAINERS))}")
+    state_dict = {k: v for k, v in found.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    while all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    if any(k.startswith("backbone.") for k in state_dict):
+        state_dict = convert_mmpretrain(state_dict)
+    return state_dict
 
 
 def _shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple]:

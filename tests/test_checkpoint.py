@@ -1,8 +1,10 @@
-"""Checkpoint loading: every container layout, MMPretrain's names, unsafe pickles, mismatch reports."""
+"""Checkpoint loading: every container layout, MMPretrain's names, unsafe pickles, unreadable files,
+mismatch reports, create_model's argument checks."""
 
 import argparse
 import os
 import pickle
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -25,6 +27,14 @@ def source_state():
     return model.state_dict()
 
 
+def _blank_model():
+    """The tiny variant with uninitialised weights (built on the meta device, then given CPU memory):
+    cheap to build, and equal to a checkpoint only once every value has been loaded."""
+    with torch.device("meta"):
+        model = fastconformer.create_model(NAME)
+    return model.to_empty(device="cpu")
+
+
 def _to_mmpretrain(state):
     out = {}
     for k, v in state.items():
@@ -36,12 +46,24 @@ def _to_mmpretrain(state):
     return out
 
 
+def _to_data_parallel(state):
+    """Keys and module versions as DataParallel/DDP's state_dict() names them."""
+    out = OrderedDict(("module." + k, v) for k, v in state.items())
+    if hasattr(state, "_metadata"):
+        out._metadata = OrderedDict((f"module.{k}" if k else "module", v) for k, v in state._metadata.items())
+    return out
+
+
 LAYOUTS = {
     "raw": lambda s: s,
     "model": lambda s: {"model": s, "epoch": 299, "args": argparse.Namespace(lr=5e-4)},
     "state_dict": lambda s: {"state_dict": s, "meta": {"epoch": 3}},
-    "module_prefix": lambda s: {"model": {"module." + k: v for k, v in s.items()}},
+    "module_prefix": lambda s: {"model": _to_data_parallel(s)},
     "mmpretrain": lambda s: {"meta": {"mmpretrain_version": "1.2.0"}, "state_dict": _to_mmpretrain(s)},
+    "nested": lambda s: {"state_dict": {"module": s}},
+    "data_parallel_in_ddp": lambda s: _to_data_parallel(_to_data_parallel(s)),
+    "first_with_tensors": lambda s: {"model": {"epoch": 3}, "state_dict": s},
+    "model_is_a_tensor": lambda s: {"model": torch.zeros(1), "state_dict": s},
 }
 
 
@@ -53,7 +75,7 @@ def test_round_trip(tmp_path, source_state, layout, via_file):
         path = tmp_path / "ckpt.pth"
         torch.save(blob, path)
         blob = path
-    target = fastconformer.create_model(NAME)
+    target = _blank_model()
     fastconformer.load_checkpoint(target, blob, strict=True)
     for k, v in target.state_dict().items():
         assert torch.equal(v, source_state[k]), k
@@ -119,6 +141,9 @@ def test_damaged_checkpoint_missing_path_and_directory(tmp_path, source_state):
         read_state_dict(path)
     with pytest.raises(FileNotFoundError, match=r"no checkpoint file '.*missing.pth' \(expected a file written by"):
         read_state_dict(tmp_path / "missing.pth")
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(ValueError, match=r"ckpt.pth' holds a list; expected a state_dict"):
+        read_state_dict(path)
     with pytest.raises(IsADirectoryError, match=r"is a directory, not a checkpoint file \(expected a file written by"):
         read_state_dict(tmp_path)
 
@@ -152,16 +177,33 @@ def test_guess_variant_ignores_classifier_size(source_state):
     assert guess_variant(state)[0] == NAME
 
 
-def test_bad_checkpoint_objects(tmp_path):
-    with pytest.raises(TypeError, match="state_dict"):
-        read_state_dict([1, 2, 3])
-    with pytest.raises(ValueError, match="no tensors"):
-        read_state_dict({"epoch": 3})
-    with pytest.raises(TypeError, match="nn.Module"):
-        fastconformer.load_checkpoint("not a model", {})
+def _cyclic():
+    blob = {}
+    blob["model"] = blob
+    return blob
+
+
+@pytest.mark.parametrize("blob, error, match", [
+    ([1, 2, 3], TypeError, "a checkpoint must be a file path or a state_dict"),
+    ({"epoch": 3}, ValueError, r"no state_dict in the checkpoint: checkpoint holds no tensors under parameter names "
+                               r"\(keys: 'epoch'\)"),
+    ({}, ValueError, r"checkpoint holds no tensors under parameter names \(empty\)"),
+    ({0: torch.zeros(1), "lr": 0.1}, ValueError,
+     r"checkpoint holds no tensors under parameter names \(keys: 0, 'lr'\)"),
+    ({"model": torch.zeros(3)}, ValueError, r"checkpoint\['model'\] holds a Tensor, not a state_dict"),
+    ({"model": {"epoch": 3}, "state_dict": [torch.zeros(1)]}, ValueError,
+     r"checkpoint\['model'\] holds no tensors under parameter names \(keys: 'epoch'\); "
+     r"checkpoint\['state_dict'\] holds a list, not a state_dict; expected"),
+    (_cyclic(), ValueError, r"checkpoint\['model'\] refers back to a dict that holds it"),
+])
+def test_bad_checkpoint_objects(blob, error, match):
+    with pytest.raises(error, match=match):
+        read_state_dict(blob)
 
 
 def test_load_checkpoint_argument_types(source_state):
+    with pytest.raises(TypeError, match="nn.Module"):
+        fastconformer.load_checkpoint("not a model", {})
     with pytest.raises(TypeError, match="strict must be True or False, got 'no'"):
         fastconformer.load_checkpoint(fastconformer.create_model(NAME), source_state, strict="no")
 
