@@ -9,7 +9,7 @@ What changes:
   FusedAttention (flash-style kernel on CUDA, SDPA elsewhere);
 - every CNN bottleneck -> FusedConvBlock (BatchNorm folded into the convolutions in eval mode);
 - the stem's conv1 + bn1 folded in eval mode, and (``channels_last=True``) the CNN branch run in
-  channels_last memory format.
+  channels_last memory format (NCHW for training on the CPU).
 
 Modules are matched by structure and attribute names, not by class.
 """
@@ -35,11 +35,15 @@ class FastConformerMixin:
     """forward / forward_features of a converted Conformer (mixed into the model's own class, so
     ``isinstance(model, Conformer)`` still holds and the official class works too)."""
 
+    channels_last = True  # set by convert()
+
     def forward_features(self, x):
-        """x (B, in_chans, H, W) -> (CNN feature map (B, C, H/32, W/32), tokens (B, 1+N, D))."""
+        """x (B, in_chans, H, W) -> (CNN feature map (B, C, H/32, W/32), tokens (B, 1+N, D)). The
+        map has x's memory format (channels_last for a channels_last x, else contiguous), as the
+        reference's, whatever layout the CNN branch ran in."""
         check_image_batch(x, self.conv1.in_channels, self.trans_patch_conv.kernel_size[0] * 4)
-        if self.conv1.weight.is_contiguous(memory_format=torch.channels_last):
-            x = x.contiguous(memory_format=torch.channels_last)
+        out_format = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        x = x.contiguous(memory_format=torch.channels_last if self._cnn_channels_last(x) else torch.contiguous_format)
         cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)
         x_base = self.maxpool(self.act1(conv_bn(x, self.conv1, self.bn1)))
         x = self.conv_1(x_base, return_x_2=False)
@@ -47,7 +51,13 @@ class FastConformerMixin:
         x_t = self.trans_1(torch.cat([cls_tokens, x_t], dim=1))
         for i in range(2, self.fin_stage):
             x, x_t = getattr(self, f"conv_trans_{i}")(x, x_t)
-        return x, x_t
+        return x.contiguous(memory_format=out_format), x_t
+
+    def _cnn_channels_last(self, x: torch.Tensor) -> bool:
+        """Whether the CNN branch runs channels_last for input ``x``: as :func:`convert` chose,
+        except in train mode on the CPU, where torch's channels_last BatchNorm backward is less
+        precise than its NCHW one (the reference's own fp32 gradients would be the better ones)."""
+        return self.channels_last and not (self.training and x.device.type == "cpu")
 
     def forward_head(self, x, x_t):
         """Feature map and tokens -> [conv_logits, trans_logits], as the reference."""
@@ -100,10 +110,16 @@ def convert_conv_trans_block(block: nn.Module) -> FusedConvTransBlock:
     return block if isinstance(block, FusedConvTransBlock) else FusedConvTransBlock.from_reference(block)
 
 
-def _channels_last(module: nn.Module) -> None:
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _contiguous_conv_weights(module: nn.Module) -> None:
+    # The layout of the CNN branch follows its input (FastConformerMixin._cnn_channels_last): with
+    # channels_last weights a convolution would run channels_last whatever its input.
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
-            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+            m.weight.data = m.weight.data.contiguous()
 
 
 def convert(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
@@ -111,15 +127,17 @@ def convert(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
 
     model: a :class:`fastconformer.reference.Conformer` or a model built by the official
     repository's ``Conformer`` (matched by structure). channels_last: run the CNN branch in
-    channels_last memory format (faster convolutions on CPUs with oneDNN and on GPUs). For
-    fp32 training on the CPU prefer ``channels_last=False``: torch's channels_last BatchNorm
-    backward there is about 10x less precise than its NCHW one (the reference model converted to
-    channels_last loses the same precision; the fused ops are not the cause).
-    Parameters keep their identity (an optimizer built before conversion stays valid) and
-    state_dict keys are unchanged. Converting twice is a no-op.
+    channels_last memory format (faster convolutions on CPUs with oneDNN and on GPUs), except in
+    train mode on the CPU, which always runs NCHW: torch's channels_last BatchNorm backward there
+    is several times less precise than its NCHW one. Converting a converted model again only
+    applies a new ``channels_last``. Parameters keep their identity (an optimizer built before
+    conversion stays valid), convolution weights are stored contiguous (NCHW), and state_dict
+    keys are unchanged.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module (a Conformer), got {type(model).__name__}")
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last must be a bool, got {type(channels_last).__name__}")
     missing = [a for a in _CONFORMER_ATTRS if not hasattr(model, a)]
     if missing:
         raise TypeError(f"convert() expects a Conformer (reference or official); {type(model).__name__} lacks "
@@ -129,7 +147,7 @@ def convert(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
     for i in range(2, model.fin_stage):
         name = f"conv_trans_{i}"
         setattr(model, name, convert_conv_trans_block(getattr(model, name)))
-    if channels_last:
-        _channels_last(model)
+    _contiguous_conv_weights(model)
     model.__class__ = _fast_class(type(model))
+    model.channels_last = channels_last
     return model
