@@ -5,13 +5,18 @@ DataParallel/DDP prefixes and MMPretrain's layout, always through ``torch.load(w
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import os
 import pickle
 import re
+import warnings
+from collections import OrderedDict
 from typing import Mapping
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 __all__ = ["CheckpointMismatchError", "load_checkpoint", "read_state_dict", "convert_mmpretrain", "guess_variant"]
 
@@ -79,21 +84,37 @@ def _torch_load(path: str | os.PathLike) -> object:
                          f"{_EXPECTED_FILE} - is it truncated or damaged?") from err
 
 
-def convert_mmpretrain(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _official_name(name: str) -> str | None:
+    """The official key (or module path, ``_metadata``'s keys) for an MMPretrain one; None outside
+    ``backbone`` and ``head``."""
+    for prefix in ("backbone", "head"):
+        if name == prefix or name.startswith(prefix + "."):
+            dotted = name[len(prefix):] + "."
+            for pattern, replacement in _MMPRETRAIN_RENAMES:
+                dotted = pattern.sub(replacement, dotted)
+            return dotted[1:-1]
+    return None
+
+
+def _renamed(mapping: Mapping) -> OrderedDict:
+    """mapping with its MMPretrain keys renamed by :func:`_official_name`, the others dropped."""
+    renamed = ((_official_name(k), v) for k, v in mapping.items())
+    return OrderedDict((name, v) for name, v in renamed if name is not None)
+
+
+def convert_mmpretrain(state_dict: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
     """MMPretrain ImageClassifier keys (``backbone.*``, ``head.*``, ``ln1``/``ln2``, ``ffn.layers``)
-    -> the official Conformer keys. Keys of neither prefix (e.g. ``data_preprocessor.*``) are dropped."""
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith("backbone."):
-            key = key[len("backbone."):]
-        elif key.startswith("head."):
-            key = key[len("head."):]
-        else:
-            continue
-        key = "." + key
-        for pattern, replacement in _MMPRETRAIN_RENAMES:
-            key = pattern.sub(replacement, key)
-        out[key[1:]] = value
+    -> the official Conformer keys. Keys of neither prefix (e.g. ``data_preprocessor.*``) are dropped;
+    the module versions in ``state_dict._metadata``, if any, are renamed alike."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"convert_mmpretrain takes a state_dict (a mapping of names to tensors), "
+                        f"got {type(state_dict).__name__}")
+    out = _renamed(state_dict)
+    if not out:
+        raise ValueError("no MMPretrain keys (backbone.*, head.*) in the state_dict")
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        out._metadata = _renamed(metadata)
     return out
 
 
@@ -126,12 +147,15 @@ def _find_state_dict(obj: Mapping, where: str, outer: tuple, looked: list[str]) 
     return None
 
 
-def read_state_dict(source: str | os.PathLike | Mapping) -> dict[str, torch.Tensor]:
+def read_state_dict(source: str | os.PathLike | Mapping) -> OrderedDict[str, torch.Tensor]:
     """A state_dict in the official key layout from a path or an already loaded object.
 
     Accepts a raw state_dict or a dict holding one under ``'model'``, ``'state_dict'`` or
     ``'module'`` (nested too; the first that holds tensors is used), keys prefixed ``module.``
-    (DataParallel / DDP, also twice) and MMPretrain's layout.
+    (DataParallel / DDP, also twice) and MMPretrain's layout. The source's ``_metadata`` (the module
+    versions ``nn.Module.state_dict()`` records) is kept, renamed along with the keys, so that
+    ``load_state_dict`` treats the result as torch treats the source: BatchNorm's
+    ``num_batches_tracked``, for one, may be missing only where no version 2 is recorded.
     """
     if isinstance(source, (str, os.PathLike)):
         obj, origin = _torch_load(source), repr(os.fspath(source))
@@ -148,16 +172,19 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> dict[str, torch.Tens
     if found is None:
         raise ValueError(f"no state_dict in {origin}: {'; '.join(looked)}; expected a mapping of parameter names to "
                          f"tensors, or a dict holding one under {', '.join(map(repr, _CONTAINERS))}")
-    state_dict = {k: v for k, v in found.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    state_dict = OrderedDict((k, v) for k, v in found.items() if isinstance(k, str) and isinstance(v, torch.Tensor))
+    metadata = getattr(found, "_metadata", None)
+    if metadata is not None:
+        state_dict._metadata = OrderedDict(metadata)
     while all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+        consume_prefix_in_state_dict_if_present(state_dict, "module.")
     if any(k.startswith("backbone.") for k in state_dict):
         state_dict = convert_mmpretrain(state_dict)
     return state_dict
 
 
 def _shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
-    return {k: tuple(v.shape) for k, v in state_dict.items()}
+    return {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
 
 
 def _variant_shapes() -> dict[str, dict[str, tuple]]:
@@ -171,12 +198,19 @@ def _variant_shapes() -> dict[str, dict[str, tuple]]:
 def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> tuple[str | None, str]:
     """(variant name or None, a sentence on why) for a state_dict in the official layout.
 
-    Classifier heads are ignored (checkpoints fine-tuned to other class counts still match)."""
+    Classifier heads (checkpoints fine-tuned to other class counts still match) and BatchNorm's
+    ``num_batches_tracked`` counters (old checkpoints lack them) are ignored."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"guess_variant takes a state_dict (a mapping of names to tensors) in the official layout, "
+                        f"got {type(state_dict).__name__}; read a checkpoint file with read_state_dict(path) first")
     shapes = _shapes(state_dict)
-    heads = ("trans_cls_head.", "conv_cls_head.")
-    body = {k: s for k, s in shapes.items() if not k.startswith(heads)}
+
+    def body(layout: dict[str, tuple]) -> dict[str, tuple]:
+        return {k: s for k, s in layout.items()
+                if not k.startswith(("trans_cls_head.", "conv_cls_head.")) and not k.endswith(".num_batches_tracked")}
+
     for name, expected in _variant_shapes().items():
-        if body == {k: s for k, s in expected.items() if not k.startswith(heads)}:
+        if body(shapes) == body(expected):
             return name, f"every key and shape matches {name}"
     patch = shapes.get("trans_patch_conv.weight")
     cls = shapes.get("cls_token")
@@ -190,24 +224,58 @@ def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> tuple[str | None, s
     return None, "no registered variant matches exactly" + (f" ({', '.join(clues)})" if clues else "")
 
 
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are meta tensors: the same modules,
+    names, shapes and load hooks, no memory for the weights."""
+    memo = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        meta = t.detach().to("meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def _dry_run(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """What ``model.load_state_dict(state_dict, strict=False)`` finds: (missing keys, unexpected
+    keys, torch's error messages such as size mismatches). Torch itself finds them, loading into a
+    meta copy of ``model``, so the model is untouched."""
+    twin = _meta_copy(model)
+    probe = OrderedDict((k, v.to("meta")) for k, v in state_dict.items())
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        probe._metadata = metadata
+    found = []  # the root module's post hook runs last and sees the final key lists, even if torch then raises
+    twin.register_load_state_dict_post_hook(lambda module, incompatible_keys: found.append(incompatible_keys))
+    try:
+        with warnings.catch_warnings():
+            # BatchNorm fills a missing num_batches_tracked with a real tensor: a no-op copy into the twin
+            warnings.filterwarnings("ignore", "for .*: copying from a non-meta parameter", UserWarning)
+            twin.load_state_dict(probe, strict=False)
+        errors = []
+    except RuntimeError as err:  # "Error(s) in loading state_dict for X:" and one tab-indented line per error
+        errors = [line.strip() for line in str(err).split("\n\t")[1:]] or [str(err)]
+    return list(found[-1].missing_keys), list(found[-1].unexpected_keys), errors
+
+
+def _listed(keys: list[str], limit: int = 20) -> str:
+    return f"({len(keys)}): {', '.join(keys[:limit])}{' ...' if len(keys) > limit else ''}"
+
+
 def _mismatch_report(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool) -> str | None:
-    expected = _shapes(model.state_dict())
-    got = _shapes(state_dict)
-    missing = sorted(expected.keys() - got.keys()) if strict else []
-    unexpected = sorted(got.keys() - expected.keys()) if strict else []
-    wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
-    if not (missing or unexpected or wrong):
+    """None if ``model.load_state_dict(state_dict, strict)`` succeeds, else what torch rejects and
+    which variants the checkpoint and the model look like."""
+    missing, unexpected, errors = _dry_run(model, state_dict)
+    if not strict:
+        missing = unexpected = []
+    if not (missing or unexpected or errors):
         return None
     lines = ["checkpoint does not fit the model:"]
     if missing:
-        lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+        lines.append(f"  missing keys {_listed(missing)}")
     if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}"
-                     f"{' ...' if len(unexpected) > 20 else ''}")
-    for k in wrong[:20]:
-        lines.append(f"  shape mismatch for {k}: checkpoint {got[k]}, model {expected[k]}")
-    if len(wrong) > 20:
-        lines.append(f"  ... and {len(wrong) - 20} more shape mismatches")
+        lines.append(f"  unexpected keys {_listed(unexpected)}")
+    lines += [f"  {error}" for error in errors[:20]]
+    if len(errors) > 20:
+        lines.append(f"  ... and {len(errors) - 20} more errors")
     ckpt_variant, why = guess_variant(state_dict)
     model_variant, _ = guess_variant(model.state_dict())
     lines.append(f"  the checkpoint looks like {ckpt_variant or 'no registered variant'} ({why}); "
@@ -219,9 +287,10 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     """Load a checkpoint into a reference or fast Conformer (they share state_dict keys).
 
     path_or_state_dict: a file path or a loaded dict in any layout :func:`read_state_dict` accepts.
-    strict: as in ``load_state_dict``. Raises CheckpointMismatchError listing missing and unexpected
-    keys and shape mismatches, and naming the variant the checkpoint looks like. Returns the
-    ``load_state_dict`` result (missing / unexpected keys when strict=False).
+    strict: as in ``load_state_dict``, whose rules decide what fits. Raises CheckpointMismatchError,
+    leaving the model untouched, listing missing and unexpected keys (strict=True) and size
+    mismatches, and naming the variant the checkpoint looks like. Returns the ``load_state_dict``
+    result (missing / unexpected keys when strict=False).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

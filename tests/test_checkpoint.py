@@ -1,5 +1,5 @@
 """Checkpoint loading: every container layout, MMPretrain's names, unsafe pickles, unreadable files,
-mismatch reports, create_model's argument checks."""
+mismatch reports that agree with torch's own load_state_dict, create_model's argument checks."""
 
 import argparse
 import os
@@ -35,14 +35,19 @@ def _blank_model():
     return model.to_empty(device="cpu")
 
 
+def _mmpretrain_name(name):
+    """Our key or module path -> MMPretrain's (the official model is MMPretrain's backbone + head)."""
+    prefix = "head" if name.startswith(("conv_cls_head", "trans_cls_head")) else "backbone"
+    name = ("." + name + ".").replace(".norm1.", ".ln1.").replace(".norm2.", ".ln2.")
+    name = name.replace(".mlp.fc1.", ".ffn.layers.0.0.").replace(".mlp.fc2.", ".ffn.layers.1.")
+    return prefix + name[:-1] if name != ".." else prefix
+
+
 def _to_mmpretrain(state):
-    out = {}
-    for k, v in state.items():
-        prefix = "head." if k.startswith(("conv_cls_head", "trans_cls_head")) else "backbone."
-        k = (k.replace(".norm1.", ".ln1.").replace(".norm2.", ".ln2.")
-             .replace(".mlp.fc1.", ".ffn.layers.0.0.").replace(".mlp.fc2.", ".ffn.layers.1."))
-        out[prefix + k] = v
+    out = OrderedDict((_mmpretrain_name(k), v) for k, v in state.items())
     out["data_preprocessor.mean"] = torch.zeros(3)
+    if hasattr(state, "_metadata"):
+        out._metadata = OrderedDict((_mmpretrain_name(k), v) for k, v in state._metadata.items())
     return out
 
 
@@ -81,6 +86,59 @@ def test_round_trip(tmp_path, source_state, layout, via_file):
         assert torch.equal(v, source_state[k]), k
 
 
+def _without_counters(state, versions):
+    """state without BatchNorm's num_batches_tracked; module versions: 'absent' (no _metadata),
+    'old' (every module version 1, as before torch 0.4.1) or 'current' (as state_dict() writes them)."""
+    out = OrderedDict((k, v) for k, v in state.items() if not k.endswith(".num_batches_tracked"))
+    if versions != "absent":
+        out._metadata = OrderedDict((k, {**v, "version": 1} if versions == "old" else v)
+                                    for k, v in state._metadata.items())
+    return out
+
+
+def test_torch_fills_missing_bn_counters_only_without_version_2_metadata(source_state):
+    """The rule load_checkpoint follows, as torch's BatchNorm applies it."""
+    model = fastconformer.create_model(NAME)
+    model.load_state_dict(_without_counters(source_state, "absent"), strict=True)
+    model.load_state_dict(_without_counters(source_state, "old"), strict=True)
+    with pytest.raises(RuntimeError, match="num_batches_tracked"):
+        model.load_state_dict(_without_counters(source_state, "current"), strict=True)
+
+
+@pytest.mark.parametrize("versions", ["absent", "old", "current"])
+@pytest.mark.parametrize("layout", ["raw", "file", "module_prefix", "mmpretrain"])
+def test_missing_bn_counters_accepted_exactly_when_torch_accepts_them(tmp_path, source_state, versions, layout):
+    state = _without_counters(source_state, versions)
+    if layout == "file":
+        torch.save(state, tmp_path / "ckpt.pth")
+        blob = tmp_path / "ckpt.pth"
+    else:
+        blob = {"raw": state, "module_prefix": _to_data_parallel(state), "mmpretrain": _to_mmpretrain(state)}[layout]
+    model = _blank_model()
+    counters = [k for k in source_state if k.endswith(".num_batches_tracked")]
+    before = {k: v.clone() for k, v in model.state_dict().items() if k in counters}
+    if versions == "current":
+        with pytest.raises(CheckpointMismatchError) as err:
+            fastconformer.load_checkpoint(model, blob, strict=True)
+        msg = str(err.value)
+        assert f"missing keys ({len(counters)}): {', '.join(counters[:20])} ..." in msg
+        assert "unexpected" not in msg and "size mismatch" not in msg
+        fastconformer.load_checkpoint(model, blob, strict=False)
+    else:
+        fastconformer.load_checkpoint(model, blob, strict=True)
+    for k, v in model.state_dict().items():  # counters missing from the checkpoint keep the model's own
+        assert torch.equal(v, before[k] if k in before else source_state[k]), k
+
+
+def test_one_element_counters_load_as_torch_loads_them(source_state):
+    """torch reads a 1-element tensor into a 0-dim buffer (checkpoints from before torch 0.4)."""
+    state = {k: v.reshape(1) if v.dim() == 0 else v for k, v in source_state.items()}
+    model = _blank_model()
+    fastconformer.load_checkpoint(model, state, strict=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, source_state[k]), k
+
+
 def test_create_model_pretrained(tmp_path, source_state):
     path = tmp_path / "Conformer_tiny_patch16.pth"
     torch.save({"model": source_state}, path)
@@ -94,6 +152,12 @@ def test_mmpretrain_conversion_names(source_state):
     converted = convert_mmpretrain(_to_mmpretrain(source_state))
     assert set(converted) == set(source_state)
     assert "trans_1.norm1.weight" in converted and "conv_trans_5.trans_block.mlp.fc2.bias" in converted
+    fc2 = "conv_trans_5.trans_block.mlp.fc2"
+    assert converted._metadata[fc2] == source_state._metadata[fc2]  # module versions renamed with the keys
+    with pytest.raises(ValueError, match=r"no MMPretrain keys \(backbone\.\*, head\.\*\)"):
+        convert_mmpretrain(source_state)
+    with pytest.raises(TypeError, match="state_dict"):
+        convert_mmpretrain([1, 2])
 
 
 class Exploit:
@@ -155,26 +219,33 @@ def test_patch32_weights_into_patch16_model_says_so():
     with pytest.raises(CheckpointMismatchError) as err:
         fastconformer.load_checkpoint(model, state)
     msg = str(err.value)
-    assert "shape mismatch for trans_patch_conv.weight" in msg
+    assert ("size mismatch for trans_patch_conv.weight: copying a param with shape torch.Size([384, 64, 8, 8]) from "
+            "checkpoint, the shape in current model is torch.Size([384, 64, 4, 4])") in msg
     assert "looks like conformer_small_patch32" in msg and "the model is conformer_small_patch16" in msg
 
 
-def test_missing_and_unexpected_keys_are_listed(source_state):
+def test_missing_and_unexpected_keys_are_listed_and_the_model_is_untouched(source_state):
     state = dict(source_state)
     del state["trans_norm.weight"]
     state["extra.weight"] = torch.zeros(1)
+    state["trans_norm.bias"] = torch.ones_like(state["trans_norm.bias"])
     model = fastconformer.create_model(NAME)
+    before = model.trans_norm.bias.clone()
     with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\): trans_norm.weight") as err:
         fastconformer.load_checkpoint(model, state)
     assert "unexpected keys (1): extra.weight" in str(err.value)
+    assert torch.equal(model.trans_norm.bias, before)
     result = fastconformer.load_checkpoint(model, state, strict=False)
     assert result.missing_keys == ["trans_norm.weight"] and result.unexpected_keys == ["extra.weight"]
+    assert torch.equal(model.trans_norm.bias, state["trans_norm.bias"])
 
 
-def test_guess_variant_ignores_classifier_size(source_state):
-    state = {k: v for k, v in source_state.items()}
+def test_guess_variant_ignores_classifier_size_and_bn_counters(source_state):
+    state = _without_counters(source_state, "absent")
     state["trans_cls_head.weight"] = torch.zeros(10, 384)
     assert guess_variant(state)[0] == NAME
+    with pytest.raises(TypeError, match=r"state_dict .* read_state_dict\(path\)"):
+        guess_variant("Conformer_tiny_patch16.pth")
 
 
 def _cyclic():
