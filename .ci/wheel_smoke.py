@@ -72,8 +72,8 @@ def check_wheel_contents(wheel: Path, source: Path) -> None:
     missing = sorted(expected - names)
     if missing:
         raise SmokeFailure(f"{wheel.name} lacks {len(missing)} file(s) of the checkout: {', '.join(missing)}; "
-                           "list each package in pyproject.toml [tool.setuptools] packages and each data file "
-                           "in [tool.setuptools.package-data]")
+                           "a package folder needs an __init__.py (setup.py discovers packages) and a data file "
+                           "an entry in pyproject.toml [tool.setuptools.package-data]")
     top_level = {name.split("/", 1)[0] for name in names}
     unexpected = sorted(t for t in top_level if t != "fastconformer" and not t.endswith(".dist-info"))
     if unexpected:
