@@ -21,11 +21,12 @@ from fastconformer.testing import (HALF_FACTOR, HALF_SLACK, MODULE_TOL, assert_m
 HALF = torch.float16
 
 
-def _tokens(B, h, w, D, gen, noncontiguous=False):
-    """(B, 1 + h*w, D) tokens; non-contiguous: a strided view of a larger (1 + h*w, B, D + 8) tensor."""
+def _tokens(B, h, w, D, gen, device, noncontiguous=False):
+    """(B, 1 + h*w, D) float32 tokens on ``device`` (drawn on the CPU with ``gen``); non-contiguous:
+    a strided view of a larger (1 + h*w, B, D + 8) tensor."""
     if noncontiguous:
-        return torch.randn(1 + h * w, B, D + 8, generator=gen)[..., :D].transpose(0, 1)
-    return torch.randn(B, 1 + h * w, D, generator=gen)
+        return torch.randn(1 + h * w, B, D + 8, generator=gen).to(device)[..., :D].transpose(0, 1)
+    return torch.randn(B, 1 + h * w, D, generator=gen).to(device)
 
 
 def _bn_buffers(module):
@@ -83,10 +84,10 @@ def _capture_low(module, method):
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("case", FCU_CASES, ids=[f"D{c[0]}-C{c[1]}-s{c[2]}-{c[3][0]}x{c[3][1]}-{str(c[6])[6:]}"
                                                  for c in FCU_CASES])
-def test_fcu_up_matches_reference(backend_name, gen, case, mode):
+def test_fcu_up_matches_reference(backend_name, device, gen, case, mode):
     D, C, up, (h, w), B, noncontiguous, dtype = case
-    ref = randomize_module(FCUUp(D, C, up), gen).train(mode == "train")
-    x_t = _tokens(B, h, w, D, gen, noncontiguous)
+    ref = randomize_module(FCUUp(D, C, up), gen).to(device).train(mode == "train")
+    x_t = _tokens(B, h, w, D, gen, device, noncontiguous)
     ref64 = copy.deepcopy(ref).double()
     ref_low = _capture_low(ref64, "act")
     expected = ref64(to_float64(x_t), h, w)
@@ -107,11 +108,11 @@ def test_fcu_up_matches_reference(backend_name, gen, case, mode):
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_fcu_up_gradients(backend_name, gen, mode):
+def test_fcu_up_gradients(backend_name, device, gen, mode):
     D, C, up, (h, w), B = 384, 40, 2, (7, 7), 3
-    ref = randomize_module(FCUUp(D, C, up), gen).train(mode == "train")
-    x_t = _tokens(B, h, w, D, gen)
-    grad_out = torch.randn(B, C, h * up, w * up, generator=gen)
+    ref = randomize_module(FCUUp(D, C, up), gen).to(device).train(mode == "train")
+    x_t = _tokens(B, h, w, D, gen, device)
+    grad_out = torch.randn(B, C, h * up, w * up, generator=gen).to(device)
 
     def grads(module, dtype):
         x = x_t.to(dtype).requires_grad_()
@@ -148,12 +149,12 @@ def _expand_reference(x_t, weight, scale, shift, h, w, apply_relu):
 @pytest.mark.parametrize("D,C,hw,B,noncontiguous,apply_relu,dtype", EXPAND_GRAD_CASES,
                          ids=[f"D{c[0]}-C{c[1]}-{c[2][0]}x{c[2][1]}-{'relu' if c[5] else 'linear'}-{str(c[6])[6:]}"
                               for c in EXPAND_GRAD_CASES])
-def test_fcu_up_expand_gradients(backend_name, gen, D, C, hw, B, noncontiguous, apply_relu, dtype):
+def test_fcu_up_expand_gradients(backend_name, device, gen, D, C, hw, B, noncontiguous, apply_relu, dtype):
     h, w = hw
-    x_t = _tokens(B, h, w, D, gen, noncontiguous)
-    leaves = [torch.randn(C, D, generator=gen) / D**0.5, 1 + 0.5 * torch.randn(C, generator=gen),
-              0.5 * torch.randn(C, generator=gen)]
-    grad_out = torch.randn(B, C, h, w, generator=gen)
+    x_t = _tokens(B, h, w, D, gen, device, noncontiguous)
+    leaves = [t.to(device) for t in (torch.randn(C, D, generator=gen) / D**0.5, 1 + 0.5 * torch.randn(C, generator=gen),
+                                     0.5 * torch.randn(C, generator=gen))]
+    grad_out = torch.randn(B, C, h, w, generator=gen).to(device)
 
     def grads(dtype, fn):
         x = x_t.detach().to(dtype).requires_grad_()
@@ -191,7 +192,7 @@ def test_fcu_up_expand_gradcheck(gen):
 def test_fcu_up_autocast_bf16(gen):
 
     ref = randomize_module(FCUUp(384, 64, 4), gen)
-    x_t = _tokens(2, 14, 14, 384, gen)
+    x_t = _tokens(2, 14, 14, 384, gen, "cpu")
     for mode in (False, True):
         ref64 = copy.deepcopy(ref).double().train(mode)
         expected = ref64(to_float64(x_t), 14, 14)
@@ -208,11 +209,11 @@ def test_fcu_up_autocast_bf16(gen):
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_fcu_up_bf16_on_gpu(backend_name, device, gen, mode):
     ref = randomize_module(FCUUp(576, 96, 4), gen).train(mode == "train")
-    x_t = _tokens(5, 14, 14, 576, gen)
-    expected = copy.deepcopy(ref).double().to(device)(to_float64(x_t).to(device), 14, 14)
-    baseline = copy.deepcopy(ref).to(device, torch.bfloat16)(x_t.to(device, torch.bfloat16), 14, 14)
+    x_t = _tokens(5, 14, 14, 576, gen, device)
+    expected = copy.deepcopy(ref).double().to(device)(to_float64(x_t), 14, 14)
+    baseline = copy.deepcopy(ref).to(device, torch.bfloat16)(x_t.to(torch.bfloat16), 14, 14)
     fused = FusedFCUUp.from_reference(copy.deepcopy(ref).to(device, torch.bfloat16))
-    assert_matches(fused(x_t.to(device, torch.bfloat16), 14, 14), expected, baseline=baseline)
+    assert_matches(fused(x_t.to(torch.bfloat16), 14, 14), expected, baseline=baseline)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,17 +232,17 @@ UPSAMPLE_ADD_CASES = [
 
 @pytest.mark.parametrize("C,up,hw,B,layout,dtype", UPSAMPLE_ADD_CASES,
                          ids=[f"C{c[0]}-s{c[1]}-{c[4]}-{str(c[5])[6:]}" for c in UPSAMPLE_ADD_CASES])
-def test_bn_relu_add_upsampled(backend_name, gen, C, up, hw, B, layout, dtype):
+def test_bn_relu_add_upsampled(backend_name, device, gen, C, up, hw, B, layout, dtype):
     H, W = hw
-    x = torch.randn(B, C, H, W, generator=gen) * 2
-    low = torch.randn(B, C, H // up, W // up, generator=gen)
-    scale = 1 + 0.5 * torch.randn(C, generator=gen)
-    shift = 0.5 * torch.randn(C, generator=gen)
+    x = torch.randn(B, C, H, W, generator=gen).to(device) * 2
+    low = torch.randn(B, C, H // up, W // up, generator=gen).to(device)
+    scale = (1 + 0.5 * torch.randn(C, generator=gen)).to(device)
+    shift = (0.5 * torch.randn(C, generator=gen)).to(device)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":  # neither contiguous nor channels_last, and a transposed low
-        x = torch.randn(B, C, W, H, generator=gen).transpose(2, 3)
-        low = torch.randn(B, C, W // up, H // up, generator=gen).transpose(2, 3)
+        x = torch.randn(B, C, W, H, generator=gen).to(device).transpose(2, 3)
+        low = torch.randn(B, C, W // up, H // up, generator=gen).to(device).transpose(2, 3)
 
     def reference(x, low):
         bn = x * scale.to(x.dtype).view(1, C, 1, 1) + shift.to(x.dtype).view(1, C, 1, 1)
@@ -272,12 +273,13 @@ def _upsample_add_reference(x, s, t, low, up):
 
 @pytest.mark.parametrize("B,C,H,W,up,layout,dtype", UPSAMPLE_ADD_GRAD_CASES,
                          ids=[f"C{c[1]}-s{c[4]}-{c[5]}-{str(c[6])[6:]}" for c in UPSAMPLE_ADD_GRAD_CASES])
-def test_bn_relu_add_upsampled_gradients(backend_name, gen, B, C, H, W, up, layout, dtype):
+def test_bn_relu_add_upsampled_gradients(backend_name, device, gen, B, C, H, W, up, layout, dtype):
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    leaves = [torch.randn(B, C, H, W, generator=gen).contiguous(memory_format=fmt),
-              1 + 0.5 * torch.randn(C, generator=gen), 0.5 * torch.randn(C, generator=gen),
-              torch.randn(B, C, H // up, W // up, generator=gen)]
-    grad_out = torch.randn(B, C, H, W, generator=gen)
+    leaves = [t.to(device) for t in (torch.randn(B, C, H, W, generator=gen), 1 + 0.5 * torch.randn(C, generator=gen),
+                                     0.5 * torch.randn(C, generator=gen),
+                                     torch.randn(B, C, H // up, W // up, generator=gen))]
+    leaves[0] = leaves[0].contiguous(memory_format=fmt)
+    grad_out = torch.randn(B, C, H, W, generator=gen).to(device)
 
     def grads(dtype, fn):
         ts = [t.detach().to(dtype).requires_grad_() for t in leaves]
@@ -340,19 +342,19 @@ BLOCK_RUNS = [
 
 
 @functools.cache
-def _block_case(name, dtype, mode):
+def _block_case(name, dtype, mode, device):
     """(reference block, x, x_t, float64 module after the run, float64 outputs, baseline module
-    after the run, baseline outputs) for one block; the baseline (the reference run in dtype) only
-    for half precision. Cached: each reference runs once for both backends."""
+    after the run, baseline outputs) for one block, all on ``device``; the baseline (the reference
+    run in dtype) only for half precision. Cached: each reference runs once for both backends."""
     args, kwargs, (H, W), B, channels_last = BLOCKS[name]  # args: inplanes, outplanes, res_conv, stride, dw_stride
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
-    block = randomize_module(ConvTransBlock(*args, **kwargs), gen).train(mode == "train")
+    block = randomize_module(ConvTransBlock(*args, **kwargs), gen).to(device).train(mode == "train")
     inplanes, _, _, stride, dw_stride = args
     grid = (H // stride // dw_stride, W // stride // dw_stride)
-    x = torch.randn(B, inplanes, H, W, generator=gen)
+    x = torch.randn(B, inplanes, H, W, generator=gen).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    x_t = torch.randn(B, 1 + grid[0] * grid[1], kwargs["embed_dim"], generator=gen)
+    x_t = torch.randn(B, 1 + grid[0] * grid[1], kwargs["embed_dim"], generator=gen).to(device)
     with torch.no_grad():
         ref64 = copy.deepcopy(block).double()
         expected = ref64(to_float64(x), to_float64(x_t))
@@ -364,8 +366,8 @@ def _block_case(name, dtype, mode):
 
 
 @pytest.mark.parametrize("name,dtype,mode", BLOCK_RUNS, ids=[f"{n}-{str(d)[6:]}-{m}" for n, d, m in BLOCK_RUNS])
-def test_conv_trans_block_matches_reference(backend_name, name, dtype, mode):
-    block, x, x_t, ref64, expected, baseline_mod, baseline = _block_case(name, dtype, mode)
+def test_conv_trans_block_matches_reference(backend_name, device, name, dtype, mode):
+    block, x, x_t, ref64, expected, baseline_mod, baseline = _block_case(name, dtype, mode, device)
     fused = FusedConvTransBlock.from_reference(copy.deepcopy(block).to(dtype))
     assert isinstance(fused.expand_block, FusedFCUUp)
     with torch.no_grad():
@@ -378,13 +380,14 @@ def test_conv_trans_block_matches_reference(backend_name, name, dtype, mode):
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_conv_trans_block_gradients(backend_name, gen, mode):
+def test_conv_trans_block_gradients(backend_name, device, gen, mode):
     # tiny/16's first stage-3 block: stride 2, res_conv, dw_stride 2.
-    block = randomize_module(ConvTransBlock(64, 128, True, 2, 2, 384, num_heads=6, qkv_bias=True), gen)
+    block = randomize_module(ConvTransBlock(64, 128, True, 2, 2, 384, num_heads=6, qkv_bias=True), gen).to(device)
     block.train(mode == "train")
-    x = torch.randn(1, 64, 56, 56, generator=gen).contiguous(memory_format=torch.channels_last)
-    x_t = torch.randn(1, 197, 384, generator=gen)
-    g_x, g_t = torch.randn(1, 128, 28, 28, generator=gen), torch.randn(1, 197, 384, generator=gen)
+    x = torch.randn(1, 64, 56, 56, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+    x_t = torch.randn(1, 197, 384, generator=gen).to(device)
+    g_x, g_t = (torch.randn(1, 128, 28, 28, generator=gen).to(device),
+                torch.randn(1, 197, 384, generator=gen).to(device))
 
     def grads(module, dtype):
         inputs = [x.to(dtype).requires_grad_(), x_t.to(dtype).requires_grad_()]
@@ -477,10 +480,10 @@ def test_state_dict_construction_and_sharing(gen):
     assert FusedConvTransBlock.from_reference(fused).expand_block is fused.expand_block  # converting twice
 
 
-def test_no_state_goes_stale(backend_name, gen):
-    ref = randomize_module(FCUUp(384, 64, 2), gen)
+def test_no_state_goes_stale(backend_name, device, gen):
+    ref = randomize_module(FCUUp(384, 64, 2), gen).to(device)
     fused = FusedFCUUp.from_reference(copy.deepcopy(ref))
-    x_t = _tokens(2, 7, 7, 384, gen)
+    x_t = _tokens(2, 7, 7, 384, gen, device)
     for step in range(3):
         for training in (True, False):
             ref.train(training)
@@ -492,14 +495,14 @@ def test_no_state_goes_stale(backend_name, gen):
         fused.load_state_dict(new_state)
 
 
-def test_sync_batchnorm(backend_name, gen, monkeypatch):
-    block = randomize_module(ConvTransBlock(64, 64, False, 1, 4, 384, num_heads=6, qkv_bias=True), gen)
+def test_sync_batchnorm(backend_name, device, gen, monkeypatch):
+    block = randomize_module(ConvTransBlock(64, 64, False, 1, 4, 384, num_heads=6, qkv_bias=True), gen).to(device)
     ref = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(block))
     fused = nn.SyncBatchNorm.convert_sync_batchnorm(FusedConvTransBlock.from_reference(copy.deepcopy(block)))
     assert isinstance(fused.expand_block, FusedFCUUp) and isinstance(fused.expand_block.bn, nn.SyncBatchNorm)
     assert isinstance(fused.fusion_block.bn1, nn.SyncBatchNorm)
     assert list(fused.state_dict()) == list(block.state_dict())
-    x, x_t = torch.randn(1, 64, 56, 56, generator=gen), torch.randn(1, 197, 384, generator=gen)
+    x, x_t = torch.randn(1, 64, 56, 56, generator=gen).to(device), torch.randn(1, 197, 384, generator=gen).to(device)
     # Outside a process group SyncBatchNorm normalises locally: the fused statistics path applies.
     # Inside one it must run as the module: exercise that path by declaring the BNs synchronising
     # (a real group would need GPUs).
@@ -534,12 +537,14 @@ def test_float64_on_the_torch_backend(gen):
         assert_matches(list(_bn_buffers(fused).values()), list(_bn_buffers(ref).values()), fp32_tol=1e-12)
 
 
-def test_triton_twins_reject_float64(triton_backend):
-    x_t, w, s = torch.randn(1, 50, 32).double(), torch.randn(16, 32).double(), torch.ones(16)
+def test_triton_twins_reject_float64(triton_backend, device):
+    x_t, w = torch.randn(1, 50, 32, device=device).double(), torch.randn(16, 32, device=device).double()
+    s = torch.ones(16, device=device)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         fcu_up_expand(x_t, w, s, s, 7, 7, True)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        bn_relu_add_upsampled(torch.randn(1, 16, 14, 14).double(), s, s, torch.randn(1, 16, 7, 7).double(), 2)
+        bn_relu_add_upsampled(torch.randn(1, 16, 14, 14, device=device).double(), s, s,
+                              torch.randn(1, 16, 7, 7, device=device).double(), 2)
 
 
 def test_bad_inputs(gen):

@@ -311,12 +311,13 @@ def test_torch_compile_train_mode_matches_eager():
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_whole_model_gradients(backend_name, mode, dtype):
+def test_whole_model_gradients(backend_name, device, mode, dtype):
     """Input and every parameter gradient of the whole model (loss: both heads' cross-entropy) on
     each backend (Triton under the interpreter on CPUs) against the float64 reference, eval and
     train mode (batch statistics): fp32 within MODEL_TOL, fp16 within the policy's 2x of the
-    reference's own fp16 error. (Measured: fp32 2.7e-6 train, 3.8e-7 eval; this small depth-3
-    model is well conditioned, unlike the depth-6 one of the loss-curve test.)"""
+    reference's own fp16 error; the fast model and the fp16 reference run on ``device``, the float64
+    reference on the CPU. (Measured: fp32 2.7e-6 train, 3.8e-7 eval; this small depth-3 model is
+    well conditioned, unlike the depth-6 one of the loss-curve test.)"""
     model, fast = _pair(seed=15, randomize=mode == "eval", depth=3)
     x, y = _batch(2, 64, seed=16)
     for m in (model, fast):
@@ -325,8 +326,8 @@ def test_whole_model_gradients(backend_name, mode, dtype):
         _, _, grads64 = _grad_step(copy.deepcopy(model).double(), x.double(), y)
         baseline = None
         if dtype != torch.float32:
-            _, _, baseline = _grad_step(copy.deepcopy(model).to(dtype), x.to(dtype), y)
-    _, loss, grads = _grad_step(fast.to(dtype), x.to(dtype), y)
+            _, _, baseline = _grad_step(copy.deepcopy(model).to(device, dtype), x.to(device, dtype), y.to(device))
+    _, loss, grads = _grad_step(fast.to(device, dtype), x.to(device, dtype), y.to(device))
     assert math.isfinite(loss.item()) and all(g is not None for g in grads)
     assert_matches(grads, grads64, baseline=baseline, fp32_tol=MODEL_TOL,
                    name=f"{backend_name} {mode} {dtype} whole-model gradients")
