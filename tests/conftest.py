@@ -20,7 +20,28 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
+# Fixtures that run a test on a chosen backend. On CUDA the triton backend accepts only CUDA
+# tensors, so a test that takes one of them (directly or through another fixture) must take
+# ``device`` too and build its tensors there.
+BACKEND_FIXTURES = ("backend_name", "triton_backend")
+
+
+def _tests_without_device(items) -> list[str]:
+    """Node ids (one per test function, parameters dropped) of the collected tests whose fixture
+    closure holds a backend fixture but not ``device``."""
+    return list(dict.fromkeys(
+        item.nodeid.partition("[")[0] for item in items
+        if "device" not in getattr(item, "fixturenames", ())
+        and any(name in item.fixturenames for name in BACKEND_FIXTURES)))
+
+
 def pytest_collection_modifyitems(config, items):
+    unplaced = _tests_without_device(items)
+    if unplaced:
+        raise pytest.UsageError(
+            f"{len(unplaced)} test(s) take a backend fixture ({' or '.join(BACKEND_FIXTURES)}) without the "
+            "`device` fixture; on CUDA the triton backend needs every tensor on `device`: take it and build the "
+            "tensors there:\n  " + "\n  ".join(unplaced))
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
