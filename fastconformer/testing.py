@@ -99,9 +99,12 @@ def assert_matches(out, ref, *, baseline=None, fp32_tol: float = MODULE_TOL, nam
 
 
 def to_float64(x):
-    """A float64 copy of a tensor (or of each tensor in a list/tuple), for reference computations."""
+    """A float64 copy of a tensor (or of each tensor in a list/tuple), for reference computations;
+    anything else (e.g. the ints H, W that FCUUp takes next to its tokens) is returned as it is."""
     if isinstance(x, (list, tuple)):
         return type(x)(to_float64(t) for t in x)
+    if not isinstance(x, torch.Tensor):
+        return x
     return x.detach().to(torch.float64)
 
 
@@ -153,7 +156,7 @@ def saved_activation_bytes(model: nn.Module, *inputs, autocast_dtype: torch.dtyp
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    device_type = inputs[0].device.type
+    device_type = next(t for t in inputs if isinstance(t, torch.Tensor)).device.type
     with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
           torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None)):
         out = model(*inputs)

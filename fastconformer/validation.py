@@ -27,7 +27,7 @@ from .modules.transformer import FusedBlock
 from .registry import create_model
 from .testing import MODEL_TOL, MODULE_TOL, Comparison, compare, randomize_module, to_float64
 
-__all__ = ["Check", "CheckResult", "CHECKS", "run_checks"]
+__all__ = ["Check", "CheckResult", "CHECKS", "run_checks", "select_checks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,18 +69,25 @@ def _cast(args: tuple, dtype: torch.dtype, device: torch.device) -> tuple:
 
 
 @torch.no_grad()
-def _run_check(check: Check, dtype: torch.dtype, device: torch.device, seed: int) -> Comparison:
+def _reference(check: Check, seed: int) -> tuple[nn.Module, tuple, object]:
+    """The check's reference module (random weights and statistics, eval mode), its inputs, and its
+    float64 output."""
     gen = torch.Generator().manual_seed(seed)
     module = randomize_module(check.build(), gen).eval()
     inputs = check.inputs(gen)
     with backend("torch"):
         expected = copy.deepcopy(module).double()(*to_float64(inputs))
-        baseline = None
-        if dtype != torch.float32:
-            baseline = copy.deepcopy(module).to(device, dtype)(*_cast(inputs, dtype, device))
-    fused = check.convert(copy.deepcopy(module)).to(device, dtype)
-    out = fused(*_cast(inputs, dtype, device))
-    return compare(out, expected, baseline=baseline, fp32_tol=check.tol, name=check.name)
+    return module, inputs, expected
+
+
+@torch.no_grad()
+def _baseline(module: nn.Module, inputs: tuple, dtype: torch.dtype, device: torch.device):
+    """The plain reference module's output in ``dtype`` on ``device``: the yardstick of a float16 or
+    bfloat16 bound (None for float32, whose bound is absolute)."""
+    if dtype == torch.float32:
+        return None
+    with backend("torch"):
+        return copy.deepcopy(module).to(device, dtype)(*_cast(inputs, dtype, device))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,18 +105,48 @@ class CheckResult:
         return self.comparison is not None and self.comparison.passed
 
 
-def run_checks(device: torch.device, dtypes: tuple[torch.dtype, ...], backends: tuple[str, ...],
-               seed: int = 0, only: str | None = None) -> Iterator[CheckResult]:
-    """Yield a :class:`CheckResult` for every backend x dtype x check (those whose name contains
-    ``only``, if given); a check that raises is a failed result carrying the error's text."""
+def select_checks(only: str | None = None) -> list[Check]:
+    """The checks whose name contains ``only`` (case-insensitive; all of them when None);
+    ValueError when no name does."""
     checks = [c for c in CHECKS if only is None or only.lower() in c.name.lower()]
     if not checks:
-        raise ValueError(f"no check name contains {only!r}; checks: {[c.name for c in CHECKS]}")
-    for name in backends:
+        raise ValueError(f"no check name contains {only!r}; the checks are: {', '.join(c.name for c in CHECKS)}")
+    return checks
+
+
+def run_checks(device: torch.device, dtypes: tuple[torch.dtype, ...], backends: tuple[str, ...],
+               seed: int = 0, only: str | None = None) -> Iterator[CheckResult]:
+    """An iterator of :class:`CheckResult`, check by check, then dtype by dtype, then backend by
+    backend (the checks :func:`select_checks` picks for ``only``: its ValueError is raised here, at
+    once). The reference side of a check (module, inputs, float64 output, plain output in each
+    dtype) is computed once and shared by the backends. A check that raises is a failed result
+    carrying the error's text."""
+    return _results(select_checks(only), device, dtypes, backends, seed)
+
+
+def _results(checks: list[Check], device: torch.device, dtypes: tuple[torch.dtype, ...], backends: tuple[str, ...],
+             seed: int) -> Iterator[CheckResult]:
+    for check in checks:
+        reference = None
         for dtype in dtypes:
-            for check in checks:
+            try:
+                if reference is None:
+                    reference = _reference(check, seed)
+                module, inputs, expected = reference
+                baseline = _baseline(module, inputs, dtype, device)
+            except Exception as err:  # the reference side failed: so does the check on every backend
+                yield from (CheckResult(check.name, name, dtype, error=_describe(err)) for name in backends)
+                continue
+            for name in backends:
                 try:
-                    with backend(name):
-                        yield CheckResult(check.name, name, dtype, comparison=_run_check(check, dtype, device, seed))
+                    with backend(name), torch.no_grad():
+                        out = check.convert(copy.deepcopy(module)).to(device, dtype)(*_cast(inputs, dtype, device))
+                    result = CheckResult(check.name, name, dtype, comparison=compare(
+                        out, expected, baseline=baseline, fp32_tol=check.tol, name=check.name))
                 except Exception as err:  # reported as a failed check, never swallowed
-                    yield CheckResult(check.name, name, dtype, error=f"{type(err).__name__}: {err}")
+                    result = CheckResult(check.name, name, dtype, error=_describe(err))
+                yield result
+
+
+def _describe(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}"

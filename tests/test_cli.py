@@ -4,9 +4,13 @@ import json
 
 import pytest
 import torch
+import torch.nn as nn
 
 import fastconformer
+from fastconformer import dispatch
 from fastconformer.cli import main
+from fastconformer.testing import saved_activation_bytes, to_float64
+from fastconformer.validation import CHECKS
 
 
 def test_info(capsys):
@@ -27,10 +31,36 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
     assert result["results"][1]["rel_error_vs_reference"] < 1e-4
 
 
-def test_check_reports_a_pass_table(capsys):
-    assert main(["check", "--device", "cpu", "--only", "squeeze"]) == 0
+@pytest.mark.slow
+def test_check_default_run_passes(capsys):
+    """The real default `fastconformer check`: every check, on every backend that runs here (torch,
+    and triton under the interpreter), in float32 and float16. The expand row failed before
+    (to_float64 called .detach() on its ints H and W)."""
+    assert main(["check", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "squeeze (FCUDown, S block 2)" in out and "all checks passed" in out and "FAIL" not in out
+    backends = ["torch"] + (["triton"] if dispatch.triton_available() and dispatch.interpreter_enabled() else [])
+    rows = [line for line in out.splitlines() if line.endswith("  pass")]
+    assert len(rows) == len(CHECKS) * len(backends) * 2
+    assert {row.split()[-5] for row in rows} == set(backends)
+    assert "FAIL" not in out and out.rstrip().endswith("all checks passed")
+
+
+def test_check_reports_a_pass_table(capsys):
+    assert main(["check", "--device", "cpu", "--only", "expand"]) == 0
+    out = capsys.readouterr().out
+    assert "expand (FCUUp, S block 2)" in out and "all checks passed" in out and "FAIL" not in out
+
+
+def test_testing_helpers_take_non_tensor_inputs():
+    """The helpers check feeds a module's inputs through pass non-tensors along (FCUUp takes H, W)."""
+    x = torch.randn(2, 3, requires_grad=True)
+    assert to_float64((x, 14, None))[1:] == (14, None) and to_float64(x).dtype == torch.float64
+
+    class Scaled(nn.Module):
+        def forward(self, scale, x):
+            return x.sin() * scale
+
+    assert saved_activation_bytes(Scaled(), 2.0, x) == x.untyped_storage().nbytes()  # sin saves its input
 
 
 def test_check_rejects_unknown_filter():
