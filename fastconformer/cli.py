@@ -1,4 +1,9 @@
-"""The ``fastconformer`` command line: info, bench, check, predict."""
+"""The ``fastconformer`` command line: info, bench, check, predict.
+
+Exit status: 0 on success; 1 when a command ran but something it checked failed (an equality
+check); 2 when the arguments or the files given are wrong, with
+one ``error: ...`` line on stderr saying what was wrong and what is expected (never a traceback).
+"""
 
 from __future__ import annotations
 
@@ -6,20 +11,23 @@ import argparse
 import contextlib
 import copy
 import json
+import math
+import os
 import platform
 import sys
 import time
+from typing import Callable
 
 import torch
 
 from . import __version__
+from .checkpoint import CheckpointMismatchError
 from .convert import convert
 from .dispatch import interpreter_enabled, onednn_available, triton_available
 from .environment import device_name, synchronize
 from .registry import VARIANTS, create_model, resolve_name
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 def _triton_version() -> str:
     if not triton_available():
@@ -33,7 +41,7 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was requested but torch sees no CUDA device")
+        raise ValueError("--device cuda was requested but torch sees no CUDA device; use --device cpu or auto")
     return torch.device(name)
 
 
@@ -90,10 +98,30 @@ def _logits_error(out, ref) -> float:
     return rel_error([o.float() for o in out], [r.float() for r in ref])
 
 
+def _check_image_size(name: str, size: int) -> None:
+    patch = VARIANTS[name].kwargs["patch_size"]
+    if size % patch:
+        raise ValueError(f"--image-size must be a positive multiple of {name}'s patch size {patch}, got {size}")
+
+
+def _check_writable(path: str) -> None:
+    """Raise unless a file can be written at ``path`` (its folder exists and is writable)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--json {path!r} is a folder; expected a file path")
+    if not os.path.isdir(folder):
+        raise ValueError(f"--json {path!r}: the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"--json {path!r}: no permission to write there")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Reference vs fast (and torch.compile(reference)) on the same weights and inputs."""
     device = _device(args.device)
     name = resolve_name(args.model)
+    _check_image_size(name, args.image_size)
+    if args.json:
+        _check_writable(args.json)
     torch.manual_seed(args.seed)
     _progress(f"building {name} (reference and fast, same weights) on {device_name(device)} ...")
     reference = create_model(name, pretrained=args.pretrained).eval()
@@ -133,15 +161,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Module and whole-model equality checks on this machine; exit status 1 on any failure."""
-    from .validation import CHECKS, run_checks
+    from .validation import run_checks, select_checks
 
     device = _device(args.device)
+    checks = select_checks(args.only)
     backends = ["torch"]
     if triton_available() and (device.type == "cuda" or interpreter_enabled()):
         backends.append("triton")
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
     print(f"equality checks on {device_name(device)}, torch {torch.__version__}, triton {_triton_version()}")
-    width = max(len(c.name) for c in CHECKS) + 2
+    width = max(len(c.name) for c in checks) + 2
     print(f"{'check':<{width}}{'backend':<9}{'dtype':<10}{'rel. error':>12}{'bound':>11}  verdict")
     failures = 0
     for result in run_checks(device, tuple(dtypes), tuple(backends), seed=args.seed, only=args.only):
@@ -160,12 +189,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Top-5 ImageNet classes for each image, with the official evaluation preprocessing."""
+    """Top-k ImageNet classes for each image, with the official evaluation preprocessing."""
     from .data import imagenet_classes, load_images
 
     device = _device(args.device)
     _progress(f"loading {resolve_name(args.model)} from {args.pretrained} ...")
     model = create_model(args.model, pretrained=args.pretrained, fast=not args.reference).eval().to(device)
+    if args.top_k > model.num_classes:
+        raise ValueError(f"--top-k must be at most the model's {model.num_classes} classes, got {args.top_k}")
     classes = imagenet_classes()
     images = load_images(args.images).to(device)
     with torch.inference_mode():
@@ -179,33 +210,72 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe(err: BaseException) -> str:
+    """An error as one line: an OS error as 'file: reason' (without the errno), any other as its text."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.filename}: {err.strerror}" if err.filename is not None else err.strerror
+    return str(err)
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, reporting a usage error as one ``error:`` line (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastconformer", description=__doc__)
+    parser = _Parser(prog="fastconformer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"fastconformer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     devices = ["auto", "cpu", "cuda"]
+    positive = _int_at_least(1)
 
     sub.add_parser("info", help="variants, parameter counts, device and Triton availability").set_defaults(
         func=cmd_info)
 
     bench = sub.add_parser("bench", help="reference vs fast throughput and logits error, same weights")
     bench.add_argument("--model", default="conformer_small_patch16", help="variant (default conformer_small_patch16)")
-    bench.add_argument("--batch-size", type=int, default=8)
-    bench.add_argument("--image-size", type=int, default=224)
+    bench.add_argument("--batch-size", type=positive, default=8)
+    bench.add_argument("--image-size", type=positive, default=224, help="a multiple of the patch size (default 224)")
     bench.add_argument("--device", choices=devices, default="auto")
     bench.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                        help="fp16/bf16 run under torch.autocast, as the official evaluation did")
     bench.add_argument("--compile", action="store_true", help="also time torch.compile(reference)")
     bench.add_argument("--pretrained", default=None, help="checkpoint path (default: random weights)")
-    bench.add_argument("--iters", type=int, default=5, help="timed iterations at least (default 5)")
-    bench.add_argument("--min-seconds", type=float, default=3.0, help="time each model at least this long")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--iters", type=positive, default=5, help="timed iterations at least (default 5)")
+    bench.add_argument("--min-seconds", type=_seconds, default=3.0,
+                       help="time each model at least this long in all (default 3)")
+    bench.add_argument("--seed", type=_int_at_least(0), default=0)
     bench.add_argument("--json", default=None, help="write the results to this JSON file")
     bench.set_defaults(func=cmd_bench)
 
     check = sub.add_parser("check", help="equality checks of every fused module and the whole model here")
     check.add_argument("--device", choices=devices, default="auto")
-    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--seed", type=_int_at_least(0), default=0)
     check.add_argument("--only", default=None, help="run only the checks whose name contains this text")
     check.set_defaults(func=cmd_check)
 
@@ -214,17 +284,24 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--pretrained", required=True, help="checkpoint path")
     predict.add_argument("--model", default="conformer_small_patch16")
     predict.add_argument("--device", choices=devices, default="auto")
-    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--top-k", type=positive, default=5, help="classes per image, 1..1000 (default 5)")
     predict.add_argument("--reference", action="store_true", help="use the reference model instead of the fast one")
     predict.set_defaults(func=cmd_predict)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (argparse's usage errors exit with status 2).
+    The errors a user's arguments or files can cause end as one ``error:`` line on stderr."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "batch_size", 1) < 1:
-        raise SystemExit("error: --batch-size must be a positive integer")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError, CheckpointMismatchError) as err:
+        print(f"error: {_describe(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,16 +1,44 @@
-"""The command line, end to end at small sizes."""
+"""The command line, end to end at small sizes, and its error contract: wrong input gives one
+``error:`` line on stderr and a non-zero exit status, never a traceback."""
 
 import json
 
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import fastconformer
 from fastconformer import dispatch
 from fastconformer.cli import main
 from fastconformer.testing import saved_activation_bytes, to_float64
 from fastconformer.validation import CHECKS
+
+
+def run(argv, capsys):
+    """(exit status, stdout, stderr) of the command line, the way the console script ends."""
+    try:
+        status = main(argv)
+    except SystemExit as exit_:
+        status = exit_.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    torch.save({"model": fastconformer.create_model("conformer_tiny_patch16").state_dict()}, path)
+    return path
+
+
+@pytest.fixture
+def photo(tmp_path):
+    skimage_data = pytest.importorskip("skimage.data")
+    path = tmp_path / "chelsea.png"
+    Image.fromarray(skimage_data.chelsea()).save(path)
+    return path
 
 
 def test_info(capsys):
@@ -63,29 +91,53 @@ def test_testing_helpers_take_non_tensor_inputs():
     assert saved_activation_bytes(Scaled(), 2.0, x) == x.untyped_storage().nbytes()  # sin saves its input
 
 
-def test_check_rejects_unknown_filter():
-    with pytest.raises(ValueError, match="no check name contains"):
-        main(["check", "--device", "cpu", "--only", "nonexistent"])
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--iters", "0", "--min-seconds", "0"], "argument --iters: expected an integer >= 1, got 0"),
+    (["bench", "--min-seconds", "-1"], "argument --min-seconds: expected a finite number of seconds >= 0"),
+    (["bench", "--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
+    (["bench", "--image-size", "two"], "argument --image-size: expected an integer >= 1, got 'two'"),
+    (["bench", "--image-size", "200"], "--image-size must be a positive multiple of conformer_small_patch16's "
+                                       "patch size 16, got 200"),
+    (["bench", "--model", "conformer_small_patch32", "--image-size", "240"], "patch size 32, got 240"),
+    (["bench", "--dtype", "fp64"], "argument --dtype: invalid choice: 'fp64'"),
+    (["bench", "--model", "resnet50"], "unknown model 'resnet50'"),
+    (["bench", "--json", "{tmp}/missing/bench.json"], "the folder '{tmp}/missing' does not exist"),
+    (["bench", "--json", "{tmp}"], "is a folder; expected a file path"),
+    (["bench", "--pretrained", "{tmp}/missing.pth"], "no checkpoint file"),
+    (["check", "--only", "nonexistent"], "no check name contains 'nonexistent'"),
+    (["check", "--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+    (["predict", "{photo}", "--pretrained", "{tmp}/missing.pth"], "no checkpoint file"),
+    (["predict", "{photo}", "--pretrained", "{ckpt}", "--model", "conformer_tiny_patch16", "--top-k", "0"],
+     "argument --top-k: expected an integer >= 1, got 0"),
+    (["predict", "{photo}", "--pretrained", "{ckpt}", "--model", "conformer_tiny_patch16", "--top-k", "1001"],
+     "--top-k must be at most the model's 1000 classes, got 1001"),
+    (["info", "--verbose"], "unrecognized arguments: --verbose"),
+    ([], "the following arguments are required: command"),
+])
+def test_wrong_input_gives_one_error_line(argv, message, tmp_path, photo, tiny_checkpoint, capsys):
+    names = dict(tmp=tmp_path, photo=photo, ckpt=tiny_checkpoint)
+    status, out, err = run([arg.format(**names) for arg in argv], capsys)
+    assert status == 2 and out == "" and "Traceback" not in err
+    lines = [line for line in err.splitlines() if not line.startswith(("loading ", "building "))]  # progress
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message.format(**names) in lines[0], err
 
 
-def test_predict_top5(tmp_path, capsys):
-    skimage_data = pytest.importorskip("skimage.data")
-    from PIL import Image
+def test_checkpoint_mismatch_is_reported_without_a_traceback(photo, tiny_checkpoint, capsys):
+    """The mismatch error's message lists the keys on further lines: printed after "error:"."""
+    status, out, err = run(["predict", str(photo), "--pretrained", str(tiny_checkpoint)], capsys)  # a small model
+    assert status == 2 and out == "" and "Traceback" not in err
+    assert err.splitlines()[1].startswith("error: ") and "conformer_tiny_patch16" in err
 
-    image = tmp_path / "chelsea.png"
-    Image.fromarray(skimage_data.chelsea()).save(image)
-    torch.manual_seed(0)
-    ckpt = tmp_path / "tiny.pth"
-    torch.save({"model": fastconformer.create_model("conformer_tiny_patch16").state_dict()}, ckpt)
-    assert main(["predict", str(image), "--pretrained", str(ckpt), "--model", "conformer_tiny_patch16",
+
+@pytest.mark.parametrize("argv", [["--json", "{tmp}/missing/bench.json"], ["--image-size", "100"]])
+def test_bench_checks_its_arguments_before_building(argv, tmp_path, capsys):
+    status, _, err = run(["bench", *[arg.format(tmp=tmp_path) for arg in argv]], capsys)
+    assert status == 2 and err.startswith("error: ") and len(err.splitlines()) == 1
+
+
+def test_predict_top5(photo, tiny_checkpoint, capsys):
+    assert main(["predict", str(photo), "--pretrained", str(tiny_checkpoint), "--model", "conformer_tiny_patch16",
                  "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == str(image) and len(lines) == 6 and lines[1].strip().endswith(
+    assert lines[0] == str(photo) and len(lines) == 6 and lines[1].strip().endswith(
         fastconformer.data.imagenet_classes()[int(lines[1].split()[1])])
-
-
-def test_bad_arguments():
-    with pytest.raises(SystemExit):
-        main(["bench", "--batch-size", "0"])
-    with pytest.raises(SystemExit):
-        main(["bench", "--dtype", "fp64"])
