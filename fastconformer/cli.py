@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
+import functools
 import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from typing import Callable
@@ -28,6 +31,16 @@ from .environment import device_name, synchronize
 from .registry import VARIANTS, create_model, resolve_name
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Warm-up ends when the last SETTLE_WINDOW calls agree within SETTLE_TOLERANCE of their median, or
+# after MAX_WARMUP calls. A timing whose interquartile range exceeds SPREAD_LIMIT of its median, or
+# fewer than MIN_ROUNDS rounds, is flagged: the speed-up from such medians is not to be trusted.
+SETTLE_WINDOW = 3
+SETTLE_TOLERANCE = 0.05
+MAX_WARMUP = 10
+SPREAD_LIMIT = 0.05
+MIN_ROUNDS = 5
+
 
 def _triton_version() -> str:
     if not triton_available():
@@ -70,26 +83,76 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _time(label: str, model, x, device, autocast_dtype, min_iters: int, min_seconds: float):
-    """(seconds per batch (median), last output) for model(x), with progress on stderr."""
-    ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-           else contextlib.nullcontext())
-    with torch.inference_mode(), ctx:
-        _progress(f"  {label}: warm-up ...")
-        t0 = time.perf_counter()
-        out = model(x)
-        synchronize(device)
-        _progress(f"  {label}: warm-up took {time.perf_counter() - t0:.1f} s; timing ...")
-        times = []
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """One candidate's times in seconds: its warm-up calls, then one call per interleaved round."""
+
+    warmup: tuple[float, ...]
+    rounds: tuple[float, ...]
+
+    @property
+    def settled(self) -> bool:
+        """Whether the warm-up ended with its last SETTLE_WINDOW calls within SETTLE_TOLERANCE."""
+        return _settled(self.warmup)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rounds)
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range of the rounds over their median (0 for a single round)."""
+        if len(self.rounds) < 2:
+            return 0.0
+        q1, _, q3 = statistics.quantiles(self.rounds, n=4, method="inclusive")
+        return (q3 - q1) / self.median
+
+
+def _settled(times) -> bool:
+    last = times[-SETTLE_WINDOW:]
+    return len(last) == SETTLE_WINDOW and max(last) - min(last) <= SETTLE_TOLERANCE * statistics.median(last)
+
+
+def time_interleaved(candidates: dict[str, Callable[[], object]], min_rounds: int, min_seconds: float, *,
+                     sync: Callable[[], None] = lambda: None, progress: Callable[[str], None] = lambda msg: None
+                     ) -> tuple[dict[str, Timing], dict[str, object]]:
+    """Time zero-argument callables against each other: ({label: Timing}, {label: last result}).
+
+    Each candidate first warms up alone until its times settle (:data:`SETTLE_WINDOW` calls within
+    :data:`SETTLE_TOLERANCE` of their median, at most :data:`MAX_WARMUP` calls). Then rounds call
+    every candidate once, in the given order, until ``min_rounds`` rounds are done and each
+    candidate has run for ``min_seconds`` in all: interleaving exposes all of them alike to the
+    machine's drifts (other load, clock changes), so ratios of their medians hold where sequential
+    blocks would not. ``sync`` runs after each call, before the clock is read (a device wait).
+    ``progress`` receives one line per warm-up call and per round.
+    """
+    if min_rounds < 1 or not 0 <= min_seconds < math.inf:
+        raise ValueError(f"need min_rounds >= 1 and a finite min_seconds >= 0, got {min_rounds}, {min_seconds}")
+    results = {}
+
+    def call(label: str) -> float:
         start = time.perf_counter()
-        while len(times) < min_iters or time.perf_counter() - start < min_seconds:
-            t0 = time.perf_counter()
-            out = model(x)
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
-            _progress(f"  {label}: iteration {len(times)}: {times[-1] * 1e3:.1f} ms")
-    times.sort()
-    return times[len(times) // 2], out
+        results[label] = candidates[label]()
+        sync()
+        return time.perf_counter() - start
+
+    warmups = {}
+    for label in candidates:
+        times = []
+        while not _settled(times) and len(times) < MAX_WARMUP:
+            times.append(call(label))
+            progress(f"  {label}: warm-up {len(times)}: {times[-1] * 1e3:.1f} ms")
+        if not _settled(times):
+            progress(f"  {label}: times did not settle within {MAX_WARMUP} warm-up calls; timing anyway")
+        warmups[label] = tuple(times)
+    rounds = {label: [] for label in candidates}
+    done = 0
+    while done < min_rounds or min(sum(times) for times in rounds.values()) < min_seconds:
+        for label in candidates:
+            rounds[label].append(call(label))
+        done += 1
+        progress(f"  round {done}: " + ", ".join(f"{label} {t[-1] * 1e3:.1f} ms" for label, t in rounds.items()))
+    return {label: Timing(warmups[label], tuple(rounds[label])) for label in candidates}, results
 
 
 def _logits_error(out, ref) -> float:
@@ -115,8 +178,23 @@ def _check_writable(path: str) -> None:
         raise ValueError(f"--json {path!r}: no permission to write there")
 
 
+def _spread_warnings(timings: dict[str, Timing]) -> list[str]:
+    rounds = len(next(iter(timings.values())).rounds)
+    if rounds < MIN_ROUNDS:
+        return [f"only {rounds} round(s): too few to judge the spread; use --iters {MIN_ROUNDS} or more "
+                "for a speed-up to quote"]
+    wide = {label: t.spread for label, t in timings.items() if t.spread > SPREAD_LIMIT}
+    if not wide:
+        return []
+    listed = ", ".join(f"{label} {spread:.1%}" for label, spread in wide.items())
+    return [f"timing spread (interquartile range / median) above {SPREAD_LIMIT:.0%}: {listed}; the machine is "
+            "busy or its clock varies, so the speed-up is not trustworthy: rerun on a quiet machine or with "
+            "more --iters / --min-seconds"]
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Reference vs fast (and torch.compile(reference)) on the same weights and inputs."""
+    """Reference vs fast (and torch.compile(reference)) on the same weights and inputs, timed in
+    interleaved rounds after each settled its warm-up."""
     device = _device(args.device)
     name = resolve_name(args.model)
     _check_image_size(name, args.image_size)
@@ -131,30 +209,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     autocast_dtype = None if dtype == torch.float32 else dtype
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
 
-    candidates = [("reference", reference), ("fast", fast)]
+    models = {"reference": reference, "fast": fast}
     if args.compile:
-        candidates.append(("compile(reference)", torch.compile(reference)))
-    rows = []
-    ref_out = None
-    for label, model in candidates:
-        seconds, out = _time(label, model, x, device, autocast_dtype, args.iters, args.min_seconds)
-        if ref_out is None:
-            ref_out = out
-        rows.append(dict(impl=label, seconds_per_batch=seconds, images_per_s=args.batch_size / seconds,
-                         rel_error_vs_reference=_logits_error(out, ref_out)))
-    base = rows[0]["seconds_per_batch"]
+        models["compile(reference)"] = torch.compile(reference)
+    ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with torch.inference_mode(), ctx:
+        timings, outputs = time_interleaved({label: functools.partial(model, x) for label, model in models.items()},
+                                            args.iters, args.min_seconds, sync=functools.partial(synchronize, device),
+                                            progress=_progress)
+    base = timings["reference"].median
+    rows = [dict(impl=label, seconds_per_batch=t.median, spread=t.spread, images_per_s=args.batch_size / t.median,
+                 speedup=base / t.median, rel_error_vs_reference=_logits_error(outputs[label], outputs["reference"]),
+                 seconds=list(t.rounds), warmup_seconds=list(t.warmup), warmup_settled=t.settled)
+            for label, t in timings.items()]
+    warnings = _spread_warnings(timings)
+    rounds = len(timings["reference"].rounds)
     print(f"{name}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.dtype}"
           f"{' (autocast)' if autocast_dtype else ''}, {device_name(device)}, torch {torch.__version__}")
-    print(f"{'impl':<22}{'images/s':>12}{'latency ms':>13}{'speedup':>10}{'logits rel. err':>18}")
+    print(f"{rounds} interleaved rounds after warm-up; latency: median; spread: interquartile range / median")
+    print(f"{'impl':<22}{'images/s':>12}{'latency ms':>13}{'spread':>9}{'speedup':>10}{'logits rel. err':>18}")
     for row in rows:
-        row["speedup"] = base / row["seconds_per_batch"]
         print(f"{row['impl']:<22}{row['images_per_s']:>12.1f}{row['seconds_per_batch'] * 1e3:>13.1f}"
-              f"{row['speedup']:>9.2f}x{row['rel_error_vs_reference']:>18.2e}")
+              f"{row['spread']:>9.1%}{row['speedup']:>9.2f}x{row['rel_error_vs_reference']:>18.2e}")
+    for warning in warnings:
+        print(f"warning: {warning}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(model=name, batch_size=args.batch_size, image_size=args.image_size, dtype=args.dtype,
                            device=device_name(device), torch=torch.__version__, triton=_triton_version(),
-                           results=rows), f, indent=2)
+                           rounds=rounds, spread_limit=SPREAD_LIMIT, warnings=warnings, results=rows), f, indent=2)
         _progress(f"wrote {args.json}")
     return 0
 
@@ -266,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fp16/bf16 run under torch.autocast, as the official evaluation did")
     bench.add_argument("--compile", action="store_true", help="also time torch.compile(reference)")
     bench.add_argument("--pretrained", default=None, help="checkpoint path (default: random weights)")
-    bench.add_argument("--iters", type=positive, default=5, help="timed iterations at least (default 5)")
+    bench.add_argument("--iters", type=positive, default=10,
+                       help="interleaved rounds at least, each timing every model once (default 10)")
     bench.add_argument("--min-seconds", type=_seconds, default=3.0,
                        help="time each model at least this long in all (default 3)")
     bench.add_argument("--seed", type=_int_at_least(0), default=0)
