@@ -1,7 +1,7 @@
 """The ``fastconformer`` command line: info, bench, check, predict.
 
 Exit status: 0 on success; 1 when a command ran but something it checked failed (an equality
-check); 2 when the arguments or the files given are wrong, with
+check, an image that could not be read); 2 when the arguments or the files given are wrong, with
 one ``error: ...`` line on stderr saying what was wrong and what is expected (never a traceback).
 """
 
@@ -273,8 +273,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Top-k ImageNet classes for each image, with the official evaluation preprocessing."""
-    from .data import imagenet_classes, load_images
+    """Top-k ImageNet classes for each image, with the official evaluation preprocessing; an image
+    that cannot be read gets one error line on stderr and exit status 1, the others their results."""
+    from .data import imagenet_classes, load_image
 
     device = _device(args.device)
     _progress(f"loading {resolve_name(args.model)} from {args.pretrained} ...")
@@ -282,23 +283,38 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k > model.num_classes:
         raise ValueError(f"--top-k must be at most the model's {model.num_classes} classes, got {args.top_k}")
     classes = imagenet_classes()
-    images = load_images(args.images).to(device)
-    with torch.inference_mode():
-        conv_logits, trans_logits = model(images)
-        probs = (conv_logits + trans_logits).float().softmax(-1)
-    top = probs.topk(args.top_k, dim=-1)
-    for path, values, indices in zip(args.images, top.values.tolist(), top.indices.tolist()):
-        print(path)
-        for p, i in zip(values, indices):
-            print(f"  {p * 100:6.2f}%  {i:4d}  {classes[i]}")
-    return 0
+    failed = 0
+    for start in range(0, len(args.images), args.batch_size):
+        paths, images = [], []
+        for path in args.images[start:start + args.batch_size]:
+            try:
+                images.append(load_image(path))
+                paths.append(path)
+            except Exception as err:  # one line per unreadable image; the others still get their results
+                print(f"error: {_describe(err, path)}", file=sys.stderr, flush=True)
+                failed += 1
+        if not images:
+            continue
+        with torch.inference_mode():
+            conv_logits, trans_logits = model(torch.stack(images).to(device))
+            top = (conv_logits + trans_logits).float().softmax(-1).topk(args.top_k, dim=-1)
+        for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
+            print(path)
+            for p, i in zip(values, indices):
+                print(f"  {p * 100:6.2f}%  {i:4d}  {classes[i]}")
+    if failed:
+        _progress(f"{failed} of {len(args.images)} image(s) could not be read")
+    return 1 if failed else 0
 
 
-def _describe(err: BaseException) -> str:
-    """An error as one line: an OS error as 'file: reason' (without the errno), any other as its text."""
+def _describe(err: BaseException, path: str | None = None) -> str:
+    """An error as one line: an OS error as 'file: reason' (without the errno), any other as its
+    text, after ``path`` when given."""
     if isinstance(err, OSError) and err.strerror:
-        return f"{err.filename}: {err.strerror}" if err.filename is not None else err.strerror
-    return str(err)
+        where = err.filename if err.filename is not None else path
+        return f"{where}: {err.strerror}" if where is not None else err.strerror
+    text = str(err) or type(err).__name__
+    return f"{path}: {text}" if path is not None else text
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
@@ -370,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", default="conformer_small_patch16")
     predict.add_argument("--device", choices=devices, default="auto")
     predict.add_argument("--top-k", type=positive, default=5, help="classes per image, 1..1000 (default 5)")
+    predict.add_argument("--batch-size", type=positive, default=16, help="images per forward pass (default 16)")
     predict.add_argument("--reference", action="store_true", help="use the reference model instead of the fast one")
     predict.set_defaults(func=cmd_predict)
     return parser

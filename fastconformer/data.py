@@ -10,40 +10,106 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "eval_transform", "load_images", "imagenet_classes"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MAX_ASPECT_RATIO", "eval_transform", "load_image", "load_images",
+           "imagenet_classes"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Longest side over shortest side that eval_transform accepts: beyond it the centre crop keeps a
+# sliver of the image (under 2% of the long side) blown up from a few source rows or columns.
+MAX_ASPECT_RATIO = 50
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _intensities(image: Image.Image) -> Image.Image:
+    """A 16-bit or 32-bit integer or float grayscale image -> mode "F" with values in [0, 1]."""
+    values = np.asarray(image, dtype=np.float32)
+    if image.mode == "F":
+        if not np.isfinite(values).all() or values.min() < 0.0 or values.max() > 1.0:
+            raise ValueError(f"float image with values in [{values.min():.4g}, {values.max():.4g}]; float images "
+                             "are read as intensities in [0, 1]: scale it first or save it as 8- or 16-bit")
+    else:
+        if image.mode == "I" and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"32-bit integer image with values in [{values.min():.0f}, {values.max():.0f}]; "
+                             "integer images are read as 16-bit (0..65535): save it as 8- or 16-bit")
+        values = values / 65535.0
+    return Image.fromarray(values)
 
 
 def eval_transform(image: Image.Image, resize: int = 256, crop: int = 224) -> torch.Tensor:
     """The official evaluation preprocessing of one image -> float32 (3, crop, crop): resize the
     short side to ``resize`` (bicubic), centre-crop ``crop``, scale to [0, 1], normalise with the
-    ImageNet mean and std."""
+    ImageNet mean and std.
+
+    Only the source region that the centre crop keeps is resampled (Pillow's ``resize(box=...)``,
+    which reads the filter's support around the box), so the work depends on ``crop``, not on the
+    image's size or shape, and the output is that of resizing the whole image and then cropping,
+    to within the rounding of Pillow's two resampling passes (at most 1/255 on photographs).
+
+    Modes: 8-bit images ("1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", ...) go through
+    ``convert("RGB")`` as in the official evaluation (and timm's and torchvision's loaders): a
+    palette is expanded, an alpha channel is dropped (the colour stored under it is used; pixels are
+    not composited onto a background), CMYK is converted without a colour profile. Grayscale of
+    more than 8 bits keeps its precision: 16-bit ("I;16", "I;16B", ...) is divided by 65535, as
+    is "I" (Pillow's mode for 32-bit integers) when its values lie in 0..65535; "F" (float) is read
+    as intensities in [0, 1]; each is resampled in float and repeated to 3 channels.
+
+    Raises TypeError when ``image`` is not a PIL image; ValueError for an empty image, an aspect
+    ratio above :data:`MAX_ASPECT_RATIO`, "I" values outside 0..65535, "F" values outside [0, 1]
+    (or not finite), a mode Pillow cannot convert to RGB, or ``crop`` > ``resize``.
+    """
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
-    image = image.convert("RGB")
+    if not 0 < crop <= resize:
+        raise ValueError(f"crop must be positive and at most resize, got crop={crop}, resize={resize}")
     w, h = image.size
-    if w <= h:
-        new_w, new_h = resize, int(resize * h / w)
+    if min(w, h) < 1:
+        raise ValueError(f"the image is empty ({w}x{h})")
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise ValueError(f"the image is {w}x{h}, an aspect ratio of {max(w, h) / min(w, h):.0f}:1; "
+                         f"at most {MAX_ASPECT_RATIO}:1 is supported (the centre crop would keep a sliver of it)")
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        image = _intensities(image)
     else:
-        new_w, new_h = int(resize * w / h), resize
-    image = image.resize((new_w, new_h), Image.BICUBIC)
+        try:
+            image = image.convert("RGB")
+        except ValueError as err:
+            raise ValueError(f"image mode {image.mode!r} is not supported ({err})") from err
+    # The size the short-side resize would give, and the centre crop's box in it (torchvision's rounding).
+    new_w, new_h = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
     left, top = int(round((new_w - crop) / 2.0)), int(round((new_h - crop) / 2.0))
-    image = image.crop((left, top, left + crop, top + crop))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    box = (left * w / new_w, top * h / new_h, min(w, (left + crop) * w / new_w), min(h, (top + crop) * h / new_h))
+    image = image.resize((crop, crop), Image.BICUBIC, box=box)
+    if image.mode == "F":
+        gray = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).clamp_(0.0, 1.0)
+        pixels = gray.expand(3, crop, crop)
+    else:
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (pixels - mean) / std
 
 
-def load_images(paths: list[str | os.PathLike], resize: int = 256, crop: int = 224) -> torch.Tensor:
-    """Images from files -> (len(paths), 3, crop, crop) through :func:`eval_transform`."""
-    batch = []
-    for path in paths:
+def load_image(path: str | os.PathLike, resize: int = 256, crop: int = 224) -> torch.Tensor:
+    """One image file (its first frame) -> float32 (3, crop, crop) through :func:`eval_transform`.
+
+    Raises OSError when the file cannot be read or is not an image Pillow knows, ValueError for
+    what :func:`eval_transform` refuses and for an image beyond Pillow's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``).
+    """
+    try:
         with Image.open(path) as image:
-            batch.append(eval_transform(image, resize, crop))
-    return torch.stack(batch)
+            return eval_transform(image, resize, crop)
+    except Image.DecompressionBombError as err:
+        raise ValueError(str(err)) from err
+
+
+def load_images(paths: list[str | os.PathLike], resize: int = 256, crop: int = 224) -> torch.Tensor:
+    """Images from files -> (len(paths), 3, crop, crop) through :func:`load_image` (which says what
+    it raises; the first file that fails stops the batch)."""
+    return torch.stack([load_image(path, resize, crop) for path in paths])
 
 
 @functools.cache

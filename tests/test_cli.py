@@ -203,3 +203,25 @@ def test_predict_top5(photo, tiny_checkpoint, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == str(photo) and len(lines) == 6 and lines[1].strip().endswith(
         fastconformer.data.imagenet_classes()[int(lines[1].split()[1])])
+
+
+def test_predict_keeps_the_good_images_of_a_bad_batch(photo, tiny_checkpoint, tmp_path, capsys):
+    """One line per unreadable image on stderr, results for the others (in batches of two here),
+    exit status 1."""
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("hello")
+    line = tmp_path / "line.png"
+    Image.new("L", (1, 20000)).save(line)
+    gray = tmp_path / "gray16.png"
+    Image.new("I;16", (300, 200), 40000).save(gray)
+    paths = [photo, not_an_image, tmp_path / "missing.png", line, gray]
+    status, out, err = run(["predict", *map(str, paths), "--pretrained", str(tiny_checkpoint), "--model",
+                            "conformer_tiny_patch16", "--device", "cpu", "--top-k", "3", "--batch-size", "2"], capsys)
+    assert status == 1
+    assert out.splitlines()[0::4] == [str(photo), str(gray)] and len(out.splitlines()) == 8
+    errors = [e for e in err.splitlines() if e.startswith("error: ")]
+    assert errors == [f"error: {not_an_image}: cannot identify image file {str(not_an_image)!r}",
+                      f"error: {tmp_path / 'missing.png'}: No such file or directory",
+                      f"error: {line}: the image is 1x20000, an aspect ratio of 20000:1; at most 50:1 is supported "
+                      "(the centre crop would keep a sliver of it)"]
+    assert "Traceback" not in err and "3 of 5 image(s) could not be read" in err
