@@ -17,7 +17,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Longest side over shortest side that eval_transform accepts: beyond it the centre crop keeps a
-# sliver of the image (under 2% of the long side) blown up from a few source rows or columns.
+# sliver of the image (under 2% of the long side), and the short-side resize would make an
+# unbounded image (a 1 x 20000 line: 256 x 5,120,000 pixels). At the limit it makes 256 x 12800.
 MAX_ASPECT_RATIO = 50
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -43,10 +44,8 @@ def eval_transform(image: Image.Image, resize: int = 256, crop: int = 224) -> to
     short side to ``resize`` (bicubic), centre-crop ``crop``, scale to [0, 1], normalise with the
     ImageNet mean and std.
 
-    Only the source region that the centre crop keeps is resampled (Pillow's ``resize(box=...)``,
-    which reads the filter's support around the box), so the work depends on ``crop``, not on the
-    image's size or shape, and the output is that of resizing the whole image and then cropping,
-    to within the rounding of Pillow's two resampling passes (at most 1/255 on photographs).
+    The resized image is at most ``resize`` x ``resize * MAX_ASPECT_RATIO`` pixels: the aspect
+    ratio is bounded, and the source size by Pillow's decompression-bomb limit when it is read.
 
     Modes: 8-bit images ("1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", ...) go through
     ``convert("RGB")`` as in the official evaluation (and timm's and torchvision's loaders): a
@@ -77,11 +76,13 @@ def eval_transform(image: Image.Image, resize: int = 256, crop: int = 224) -> to
             image = image.convert("RGB")
         except ValueError as err:
             raise ValueError(f"image mode {image.mode!r} is not supported ({err})") from err
-    # The size the short-side resize would give, and the centre crop's box in it (torchvision's rounding).
+    # The whole image is resized, then cropped, as the official evaluation does (torchvision's
+    # rounding): resampling only the crop's source box gives other pixels, since Pillow picks the
+    # order of its two 8-bit rounding passes from the sizes involved.
     new_w, new_h = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+    image = image.resize((new_w, new_h), Image.BICUBIC)
     left, top = int(round((new_w - crop) / 2.0)), int(round((new_h - crop) / 2.0))
-    box = (left * w / new_w, top * h / new_h, min(w, (left + crop) * w / new_w), min(h, (top + crop) * h / new_h))
-    image = image.resize((crop, crop), Image.BICUBIC, box=box)
+    image = image.crop((left, top, left + crop, top + crop))
     if image.mode == "F":
         gray = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).clamp_(0.0, 1.0)
         pixels = gray.expand(3, crop, crop)
