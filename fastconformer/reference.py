@@ -57,12 +57,15 @@ def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -
     repository pins: one ``torch.rand`` of shape (B, 1, ...) in x's dtype, mask
     ``floor(keep_prob + rand)``, output ``x.div(keep_prob) * mask``. Later timm versions draw with
     ``bernoulli_`` and scale the mask instead, which gives other masks and values for the same seed.
+    With ``drop_prob`` 1 every sample is zeroed (timm 0.3.2 returns NaN there).
     """
     if drop_prob == 0.0 or not training:
         return x
     keep_prob = 1.0 - drop_prob
     mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = (keep_prob + torch.rand(mask_shape, dtype=x.dtype, device=x.device)).floor_()
+    if keep_prob == 0.0:  # every sample dropped: zeros, where timm's x.div(0) * 0 gives NaN
+        return x * mask
     return x.div(keep_prob) * mask
 
 

@@ -164,3 +164,13 @@ def test_drop_path_follows_the_pinned_timm(dtype):
     assert 0 < survives.sum() < 16
     assert torch.equal(out, x.div(0.7) * survives)
     assert module.eval()(x) is x
+
+
+def test_drop_path_of_one_drops_every_sample():
+    from fastconformer.reference import drop_path
+
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    out = drop_path(x, 1.0, training=True)
+    assert torch.equal(out, torch.zeros_like(x))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
