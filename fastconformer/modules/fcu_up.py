@@ -321,7 +321,8 @@ class FusedFCUUp(nn.Module):
 
     def forward_low_res(self, x_t: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """x_t (B, 1 + H*W, inplanes) -> relu(bn(conv_project(tokens))) (B, outplanes, H, W),
-        channels_last, in x_t's dtype (the autocast dtype under autocast)."""
+        channels_last (contiguous when bn uses batch statistics on the CPU), in x_t's dtype (the
+        autocast dtype under autocast)."""
         if not isinstance(x_t, torch.Tensor):
             raise TypeError(f"x_t must be a (B, 1 + H*W, D) tensor of tokens, got {type(x_t).__name__}")
         weight, bias = self.conv_project.weight, self.conv_project.bias
@@ -334,6 +335,8 @@ class FusedFCUUp(nn.Module):
             # runs as itself on the low-resolution map.
             ones = torch.ones(weight.shape[0], device=weight.device, dtype=_math_dtype(weight))
             conv_out = fcu_up_expand(x_t, weight, ones, torch.zeros_like(ones) if bias is None else bias, H, W, False)
+            if conv_out.device.type == "cpu":  # torch's channels_last BatchNorm backward is less precise there
+                conv_out = conv_out.contiguous()
             return F.relu(self.bn(conv_out), inplace=True)
         scale, shift = batch_norm_scale_shift(self.bn, conv_bias=bias)
         return fcu_up_expand(x_t, weight, scale, shift, H, W, True)
