@@ -75,13 +75,23 @@ def _torch_load(path: str | os.PathLike) -> object:
             f"refusing to load {name!r}: it holds Python objects beyond tensors and plain containers, "
             f"and fastconformer only loads checkpoints with torch.load(weights_only=True) so that no code in a "
             f"checkpoint is ever executed. Re-save just the state_dict from a trusted environment "
-            f"(torch.save(model.state_dict(), path)). Details: {err}") from err
+            f"(torch.save(model.state_dict(), path)). {_unpickler_reason(err)}") from err
     except (OSError, MemoryError):
         raise
     except Exception as err:  # a damaged file fails anywhere in torch.load, with any exception type
         detail = str(err).strip().split("\n")[0]
         raise ValueError(f"{name!r} is not a readable PyTorch checkpoint ({type(err).__name__}: {detail}); "
                          f"{_EXPECTED_FILE} - is it truncated or damaged?") from err
+
+
+def _unpickler_reason(err: pickle.UnpicklingError) -> str:
+    """The sentence of torch's weights-only refusal that says what was refused (the rest of torch's
+    message suggests loading with weights_only=False, which fastconformer never does)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    for line in (line.strip() for line in text.splitlines()):
+        if line.startswith(("WeightsUnpickler error:", "Trying to load")):
+            return line.split(" Please ", 1)[0]
+    return "torch.load(weights_only=True) refused it"
 
 
 def _official_name(name: str) -> str | None:

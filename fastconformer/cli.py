@@ -314,7 +314,7 @@ def _describe(err: BaseException, path: str | None = None) -> str:
         where = err.filename if err.filename is not None else path
         return f"{where}: {err.strerror}" if where is not None else err.strerror
     text = str(err) or type(err).__name__
-    return f"{path}: {text}" if path is not None else text
+    return f"{path}: {text}" if path is not None and str(path) not in text else text
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--pretrained", required=True, help="checkpoint path")
     predict.add_argument("--model", default="conformer_small_patch16")
     predict.add_argument("--device", choices=devices, default="auto")
-    predict.add_argument("--top-k", type=positive, default=5, help="classes per image, 1..1000 (default 5)")
+    predict.add_argument("--top-k", type=positive, default=5, help="classes per image, at most the model's number of classes (default 5)")
     predict.add_argument("--batch-size", type=positive, default=16, help="images per forward pass (default 16)")
     predict.add_argument("--reference", action="store_true", help="use the reference model instead of the fast one")
     predict.set_defaults(func=cmd_predict)

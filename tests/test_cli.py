@@ -220,7 +220,7 @@ def test_predict_keeps_the_good_images_of_a_bad_batch(photo, tiny_checkpoint, tm
     assert status == 1
     assert out.splitlines()[0::4] == [str(photo), str(gray)] and len(out.splitlines()) == 8
     errors = [e for e in err.splitlines() if e.startswith("error: ")]
-    assert errors == [f"error: {not_an_image}: cannot identify image file {str(not_an_image)!r}",
+    assert errors == [f"error: cannot identify image file {str(not_an_image)!r}",  # the path once
                       f"error: {tmp_path / 'missing.png'}: No such file or directory",
                       f"error: {line}: the image is 1x20000, an aspect ratio of 20000:1; at most 50:1 is supported "
                       "(the centre crop would keep a sliver of it)"]
