@@ -54,11 +54,23 @@ def tl_dtype(dtype: torch.dtype) -> str:
         raise TypeError(f"fused kernels take float32, float16 or bfloat16 tensors, got {dtype}") from None
 
 
+def tf32_matmul_enabled() -> bool:
+    """Whether torch's own float32 CUDA matmuls use TF32, under either of torch's switches: the
+    ``fp32_precision`` settings (torch >= 2.9; ``torch.backends.cuda.matmul.fp32_precision``
+    resolves the global one) or the legacy ``torch.backends.cuda.matmul.allow_tf32``, which raises
+    RuntimeError once the new style has been used, so it is read only where the new one is missing."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    return precision == "tf32"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input_precision for ``dtype`` inputs: ``"tf32"`` only for float32 and only where
-    torch's own matmuls use TF32 (``torch.backends.cuda.matmul.allow_tf32``), else ``"ieee"``
-    (ignored by fp16/bf16 dots)."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    torch's own matmuls use TF32 (:func:`tf32_matmul_enabled`), else ``"ieee"`` (ignored by
+    fp16/bf16 dots)."""
+    return "tf32" if dtype == torch.float32 and tf32_matmul_enabled() else "ieee"
 
 
 # The 2-D tiles of the elementwise kernels over a (B, C, H, W) tensor viewed as a row-major matrix:

@@ -93,6 +93,42 @@ def test_follows_tf32_setting(backend_name, device, gen, tf32_matmuls):
     _check_forward(ref, torch.randn(1, 197, 384, generator=gen), torch.float32, device, fp32_tol=None)
 
 
+def _tf32_unset():
+    """torch's fp32_precision settings unset, so the CUDA matmul one inherits the global one."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.fp32_precision = "none"
+        torch.backends.cuda.matmul.fp32_precision = "none"
+
+
+@pytest.mark.parametrize("style", ["cuda.matmul.fp32_precision", "fp32_precision", "allow_tf32"])
+@pytest.mark.parametrize("tf32", [True, False], ids=["tf32", "ieee"])
+def test_dot_precision_follows_either_tf32_api(style, tf32, triton_backend, device, gen):
+    """The kernels read torch's TF32 choice through an API that works after either style of
+    setting it (reading the legacy allow_tf32 raises once fp32_precision has been set), and an
+    fp32 fused op runs under each."""
+    from fastconformer.kernels import dot_precision
+
+    backends = torch.backends
+    if style != "allow_tf32" and not hasattr(backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision settings")
+    _tf32_unset()
+    try:
+        if style == "allow_tf32":
+            backends.cuda.matmul.allow_tf32 = tf32
+        elif style == "fp32_precision":
+            backends.fp32_precision = "tf32" if tf32 else "ieee"
+        else:
+            backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
+        assert dot_precision(torch.float32) == ("tf32" if tf32 else "ieee")
+        assert dot_precision(torch.float16) == "ieee"
+        x = torch.randn(1, 5, 3 * 64, generator=gen).to(device)
+        assert attention(x, 2, 0.125).shape == (1, 5, 64)
+    finally:  # torch's default, set through the legacy switch last: only then does reading it work again
+        _tf32_unset()
+        backends.cuda.matmul.allow_tf32 = False
+    assert backends.cuda.matmul.allow_tf32 is False
+
+
 def test_noncontiguous_input(backend_name, device, gen):
     ref = _reference(576, 9, gen, "rand")
     x = torch.randn(50, 3, 576, generator=gen).transpose(0, 1)
