@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 import fastconformer
 from fastconformer import dispatch
+from fastconformer.kernels import tf32_matmul_enabled
 from fastconformer.modules.attention import attention
 from fastconformer.modules.fcu_down import fcu_down
 from fastconformer.modules.fcu_up import bn_relu_add_upsampled, fcu_up_expand
@@ -192,7 +193,7 @@ def environment(device: str) -> dict:
         "torch": torch.__version__, "triton": triton_version, "fastconformer": fastconformer.__version__,
         "cuda": torch.version.cuda, "cudnn": cudnn, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-        "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "allow_tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "allow_tf32_matmul": tf32_matmul_enabled(), "allow_tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
     if device == "cuda":
@@ -370,7 +371,7 @@ def roofline(device: str) -> dict:
     result: dict[str, Any] = {"copy": {"bytes": 2 * nbytes, "seconds": seconds, "GB_per_s": 2 * nbytes / seconds / 1e9}}
     pair = None  # free it before the matmuls
     n = 8192 if device == "cuda" else 512
-    saved = torch.backends.cuda.matmul.allow_tf32
+    saved = tf32_matmul_enabled()
     matmul = {}
     try:
         for name, dtype, tf32 in (("bf16", torch.bfloat16, False), ("fp16", torch.float16, False),
