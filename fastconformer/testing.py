@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn as nn
 
-__all__ = ["MODULE_TOL", "MODEL_TOL", "Comparison", "rel_error", "compare", "assert_matches",
+__all__ = ["MODULE_TOL", "MODEL_TOL", "Comparison", "rel_error", "compare", "assert_matches", "onednn_calls",
            "randomize_module", "reference_and_fast", "saved_activation_bytes", "to_float64"]
 
 MODULE_TOL = 1e-5
@@ -162,3 +162,11 @@ def saved_activation_bytes(model: nn.Module, *inputs, autocast_dtype: torch.dtyp
         out = model(*inputs)
     del out
     return sum(saved.values())
+
+
+def onednn_calls(fn) -> int:
+    """How many oneDNN fused-primitive calls (``mkldnn::_*`` ops) ``fn()`` makes, by the profiler:
+    proof that a fast path was (or was not) taken."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("mkldnn::_"))

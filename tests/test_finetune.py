@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastconformer import dispatch
-from fastconformer.testing import MODEL_TOL, assert_matches, reference_and_fast
+from fastconformer.testing import MODEL_TOL, assert_matches, onednn_calls, reference_and_fast
 
 NUM_CLASSES = 10
 DEPTH = 3  # Conformer-Ti widths, two ConvTransBlocks: conv_trans_2 and the last one, conv_trans_3
@@ -54,12 +54,6 @@ def _grads(model, x, y) -> dict[str, torch.Tensor | None]:
     return {n: p.grad for n, p in model.named_parameters()}
 
 
-def _onednn_calls(fn) -> int:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("mkldnn::_linear_pointwise"))
-
-
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_eval_mode_finetuning_keeps_every_gradient(pattern):
     reference, fast = reference_and_fast("conformer_tiny_patch16", seed=3, num_classes=NUM_CLASSES, depth=DEPTH)
@@ -90,6 +84,6 @@ def test_onednn_still_serves_the_blocks_no_gradient_passes_through():
     _, fast = reference_and_fast("conformer_tiny_patch16", seed=3, num_classes=NUM_CLASSES, depth=DEPTH)
     _freeze_all_but(fast.eval(), _heads_and_last_block)
     x = torch.randn(2, 3, 64, 64)
-    assert _onednn_calls(lambda: fast(x)) == 4 * (DEPTH - 1)
+    assert onednn_calls(lambda: fast(x)) == 4 * (DEPTH - 1)
     fast.requires_grad_(False)
-    assert _onednn_calls(lambda: fast(x)) == 4 * DEPTH
+    assert onednn_calls(lambda: fast(x)) == 4 * DEPTH

@@ -17,17 +17,10 @@ from fastconformer.dispatch import onednn, use_onednn
 from fastconformer.modules.conv_block import FusedConvBlock
 from fastconformer.modules.conv_trans_block import FusedConvTransBlock
 from fastconformer.modules.transformer import FusedBlock
-from fastconformer.testing import MODEL_TOL, assert_matches, randomize_module, reference_and_fast
+from fastconformer.testing import MODEL_TOL, assert_matches, onednn_calls, randomize_module, reference_and_fast
 
 pytestmark = pytest.mark.skipif(not dispatch.onednn_available(), reason="this torch has no working oneDNN fused linear")
 SWITCH = pytest.mark.parametrize("enabled", [True, False], ids=["onednn", "plain"])
-
-
-def _onednn_calls(fn) -> int:
-    """How many oneDNN fused-primitive calls ``fn()`` makes."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("mkldnn::_"))
 
 
 def _eval_pair(module: nn.Module, make_fused, gen: torch.Generator):
@@ -70,7 +63,7 @@ def test_fused_block_eval(enabled, B, N, strided, gen):
     expected_block, fused = _eval_pair(block, FusedBlock.from_reference, gen)
     x = torch.randn(N, B, 384, generator=gen).transpose(0, 1) if strided else torch.randn(B, N, 384, generator=gen)
     with torch.no_grad(), onednn(enabled):
-        calls = _onednn_calls(lambda: fused(x))
+        calls = onednn_calls(lambda: fused(x))
         assert_matches(fused(x), expected_block(x.double()), name=f"FusedBlock B={B} N={N}")
     assert calls == (4 if enabled else 0)
 
@@ -123,12 +116,12 @@ def test_whole_model_takes_the_path_only_without_autograd():
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     expected = copy.deepcopy(model).double().eval()(x.double())
     with torch.no_grad():
-        calls = _onednn_calls(lambda: fast(x))
+        calls = onednn_calls(lambda: fast(x))
         assert_matches(fast(x), expected, fp32_tol=MODEL_TOL, name="no_grad logits")
     assert calls == 12 * 4  # 12 Blocks x (qkv, proj + residual, fc1 + GELU, fc2 + residual)
-    assert _onednn_calls(lambda: fast(x)) == 0, "with autograd on, the plain ops must run"
+    assert onednn_calls(lambda: fast(x)) == 0, "with autograd on, the plain ops must run"
     with torch.inference_mode():
-        assert _onednn_calls(lambda: fast(x)) == calls
+        assert onednn_calls(lambda: fast(x)) == calls
 
 
 def test_torch_compile_traces_around_it():
