@@ -135,7 +135,7 @@ def _results(checks: list[Check], device: torch.device, dtypes: tuple[torch.dtyp
                 module, inputs, expected = reference
                 baseline = _baseline(module, inputs, dtype, device)
             except Exception as err:  # the reference side failed: so does the check on every backend
-                yield from (CheckResult(check.name, name, dtype, error=_describe(err)) for name in backends)
+                yield from (CheckResult(check.name, name, dtype, error=_error_text(err)) for name in backends)
                 continue
             for name in backends:
                 try:
@@ -144,9 +144,9 @@ def _results(checks: list[Check], device: torch.device, dtypes: tuple[torch.dtyp
                     result = CheckResult(check.name, name, dtype, comparison=compare(
                         out, expected, baseline=baseline, fp32_tol=check.tol, name=check.name))
                 except Exception as err:  # reported as a failed check, never swallowed
-                    result = CheckResult(check.name, name, dtype, error=_describe(err))
+                    result = CheckResult(check.name, name, dtype, error=_error_text(err))
                 yield result
 
 
-def _describe(err: Exception) -> str:
+def _error_text(err: Exception) -> str:
     return f"{type(err).__name__}: {err}"
