@@ -385,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--pretrained", required=True, help="checkpoint path")
     predict.add_argument("--model", default="conformer_small_patch16")
     predict.add_argument("--device", choices=devices, default="auto")
-    predict.add_argument("--top-k", type=positive, default=5, help="classes per image, at most the model's number of classes (default 5)")
+    predict.add_argument("--top-k", type=positive, default=5,
+                         help="classes per image, at most the model's number of classes (default 5)")
     predict.add_argument("--batch-size", type=positive, default=16, help="images per forward pass (default 16)")
     predict.add_argument("--reference", action="store_true", help="use the reference model instead of the fast one")
     predict.set_defaults(func=cmd_predict)

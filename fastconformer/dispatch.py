@@ -172,8 +172,9 @@ def use_onednn(*tensors: torch.Tensor) -> bool:
     the switch is on (:func:`onednn`), torch has them, the fused ops would not pick Triton for
     ``tensors``, all are float32 CPU tensors, no autograd graph can be recorded through them (grad
     mode is off, or none of them requires grad: pass every tensor the fused path reads, parameters
-    included, since the primitives have no backward), CPU autocast is off and torch.compile is not tracing (inductor picks its own CPU fusions, and the
-    primitive's residual-add form has no fake-tensor kernel to trace with)."""
+    included, since the primitives have no backward), CPU autocast is off and torch.compile is not
+    tracing (inductor picks its own CPU fusions, and the primitive's residual-add form has no
+    fake-tensor kernel to trace with)."""
     if not _onednn_enabled() or torch.compiler.is_compiling() or use_triton(*tensors):
         return False
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
