@@ -184,11 +184,13 @@ def use_onednn(*tensors: torch.Tensor) -> bool:
     return not torch.is_autocast_enabled("cpu") and onednn_available()
 
 
-def fused_op(triton_impl: str) -> Callable[[Callable], Callable]:
+def fused_op(triton_impl: str, check: Callable[..., None]) -> Callable[[Callable], Callable]:
     """Decorate the PyTorch implementation of a fused op; ``triton_impl`` names its Triton twin as
     ``"module:function"`` inside ``fastconformer.kernels`` (imported on first use, so a machine
     without triton never imports it). Both take the same arguments; the tensor arguments decide
-    the device for :func:`use_triton`.
+    the device for :func:`use_triton`. ``check`` takes those arguments too and raises ValueError or
+    TypeError for what the op cannot take: it runs once per call, before either implementation, so
+    neither validates its inputs again (the Triton twin checks only its own limits).
     """
     module_name, _, attr = triton_impl.partition(":")
     module_name = f"fastconformer.kernels.{module_name}"
@@ -196,6 +198,7 @@ def fused_op(triton_impl: str) -> Callable[[Callable], Callable]:
     def decorate(torch_impl: Callable) -> Callable:
         @functools.wraps(torch_impl)
         def dispatched(*args, **kwargs):
+            check(*args, **kwargs)
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
             if use_triton(*tensors):
                 # sys.modules first: a plain dict lookup that torch.compile traces (the import runs once).

@@ -41,13 +41,19 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastconformer.modules.attention import qkv_heads_shape
-
 from . import CompileSpec, dot_precision, tl_dtype
 
 MAX_HEAD_DIM = 128
 _BLOCK_DHS = (16, 32, 64, 128)
 LOG2E = math.log2(math.e)
+LN2 = tl.constexpr(math.log(2.0))  # 1 / LOG2E, for the kernels (a jit function reads only constexpr globals)
+
+
+def _heads_shape(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int]:
+    """(B, N, heads, head_dim) of a qkv projection output (B, N, 3·heads·head_dim), already checked
+    by the dispatch (``fastconformer.modules.attention.check_qkv``)."""
+    B, N, C3 = qkv.shape
+    return B, N, num_heads, C3 // (3 * num_heads)
 
 # Launch configs (BLOCK_M, BLOCK_N, num_warps, num_stages), fixed until autotuning, by how the dots run
 # (fp16/bf16 and TF32 on tensor cores, IEEE fp32 on FMA units, which needs far more registers) and
@@ -123,7 +129,7 @@ def attention_fwd_kernel(
     acc = acc / l_i[:, None]
     out_ptrs = out_ptr + b * stride_out_b + offs_m[:, None] * stride_out_n + h * head_dim + offs_d[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log: ln(sum exp(scale·q·k))
+    lse = (m_i + tl.math.log2(l_i)) * LN2  # back to natural log: ln(sum exp(scale·q·k))
     tl.store(lse_ptr + bh * N + offs_m, lse, mask=mask_m)
 
 
@@ -148,7 +154,7 @@ def _launch_config(head_dim: int, dtype: torch.dtype, input_precision: str) -> t
 def attention_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """qkv (B, N, 3·heads·head_dim) with unit last stride -> (out (B, N, heads·head_dim) in qkv's dtype,
     lse (B, heads, N) fp32: the natural-log log-sum-exp of each row's scaled logits)."""
-    B, N, H, Dh = qkv_heads_shape(qkv, num_heads)
+    B, N, H, Dh = _heads_shape(qkv, num_heads)
     out = torch.empty((B, N, H * Dh), device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty((B, H, N), device=qkv.device, dtype=torch.float32)
     if out.numel() == 0:
@@ -303,7 +309,7 @@ def attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.
     grad_out and out (B, N, heads·head_dim), qkv (B, N, 3·heads·head_dim) with unit last stride,
     lse (B, heads, N) fp32 as :func:`attention_op` returned it. Returns grad_qkv (B, N,
     3·heads·head_dim) in qkv's dtype, contiguous, in the qkv layout (dQ, dK, dV per token)."""
-    B, N, H, Dh = qkv_heads_shape(qkv, num_heads)
+    B, N, H, Dh = _heads_shape(qkv, num_heads)
     grad_out = grad_out.to(qkv.dtype)
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
@@ -347,7 +353,7 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def attention_triton(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     """Triton twin of :func:`fastconformer.modules.attention.attention` (same arguments and result)."""
-    _, _, _, head_dim = qkv_heads_shape(qkv, num_heads)
+    _, _, _, head_dim = _heads_shape(qkv, num_heads)
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"attention's Triton kernel handles head_dim up to {MAX_HEAD_DIM}, got {head_dim}")
     tl_dtype(qkv.dtype)  # TypeError for dtypes the kernel does not take

@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..modules.fcu_down import check_fcu_down_inputs
 from . import CompileSpec, dot_precision, layout_tile, tile_layouts, tl_dtype
 
 MAX_D = 1024
@@ -395,7 +394,6 @@ def fcu_down_triton(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, b
                     ln_weight: torch.Tensor, ln_bias: torch.Tensor, dw_stride: int, eps: float,
                     add_x_t: bool = False) -> torch.Tensor:
     """Triton twin of :func:`fastconformer.modules.fcu_down` (same arguments and result)."""
-    check_fcu_down_inputs(x2, x_t, weight, bias, ln_weight, ln_bias, dw_stride)
     D = weight.shape[0]
     if D > MAX_D:
         raise ValueError(f"fcu_down's Triton kernel handles embed dims of at most {MAX_D}, got weight of shape "

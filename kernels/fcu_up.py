@@ -24,8 +24,6 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastconformer.modules.fcu_up import check_bn_relu_add_upsampled_args, check_expand_args
-
 from . import CompileSpec, dot_precision, layout_tile, tile_layouts, tl_dtype
 
 _EXPAND_BLOCK_M = 64
@@ -331,10 +329,9 @@ def bn_relu_add_upsampled_op(x: torch.Tensor, scale: torch.Tensor, shift: torch.
 
 
 def _upsample_add_setup_context(ctx, inputs, output):
-    x, scale, shift, low, up = inputs
+    x, scale, shift, _low, up = inputs
     ctx.save_for_backward(x, scale, shift)
-    ctx.up = up
-    ctx.low_dtype = low.dtype
+    ctx.up = up  # low has x's dtype (the dispatch checked it), so grad low is returned in it as computed
 
 
 @triton_op("fastconformer::bn_relu_add_upsampled_backward", mutates_args=())
@@ -376,7 +373,7 @@ def _upsample_add_backward(ctx, grad_out):
         grad_out.to(x.dtype).contiguous(memory_format=fmt), x, scale, shift, ctx.up)
     needs = ctx.needs_input_grad
     return (grad_x if needs[0] else None, grad_scale if needs[1] else None, grad_shift if needs[2] else None,
-            grad_low.to(ctx.low_dtype) if needs[3] else None, None)
+            grad_low if needs[3] else None, None)
 
 
 bn_relu_add_upsampled_op.register_autograd(_upsample_add_backward, setup_context=_upsample_add_setup_context)
@@ -385,7 +382,6 @@ bn_relu_add_upsampled_op.register_autograd(_upsample_add_backward, setup_context
 def fcu_up_expand_triton(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                          H: int, W: int, apply_relu: bool) -> torch.Tensor:
     """Triton twin of :func:`fastconformer.modules.fcu_up.fcu_up_expand` (same arguments and result)."""
-    check_expand_args(x_t, weight, scale, shift, H, W)
     tl_dtype(x_t.dtype)  # TypeError unless float32, float16 or bfloat16
     return fcu_up_expand_op(x_t, weight.flatten(1), scale.float().contiguous(), shift.float().contiguous(),
                             int(H), int(W), bool(apply_relu))
@@ -394,7 +390,6 @@ def fcu_up_expand_triton(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.T
 def bn_relu_add_upsampled_triton(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, low: torch.Tensor,
                                  up: int) -> torch.Tensor:
     """Triton twin of :func:`fastconformer.modules.fcu_up.bn_relu_add_upsampled` (same arguments and result)."""
-    check_bn_relu_add_upsampled_args(x, scale, shift, low, up)
     tl_dtype(x.dtype)  # TypeError unless float32, float16 or bfloat16
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from ..dispatch import fused_op
 from ..reference import Attention
 
-__all__ = ["FusedAttention", "attention", "check_tokens", "qkv_heads_shape"]
+__all__ = ["FusedAttention", "attention", "check_qkv", "check_tokens"]
 
 
-def qkv_heads_shape(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int]:
-    """(B, N, heads, head_dim) of a qkv projection output ``qkv`` (B, N, 3·heads·head_dim), or a
-    ValueError naming what is wrong."""
+def check_qkv(qkv: torch.Tensor, num_heads: int, scale: float = 1.0) -> None:
+    """TypeError or ValueError naming what is wrong unless ``qkv`` is a qkv projection output
+    (B, N, 3·heads·head_dim) for ``num_heads`` heads."""
     if not isinstance(qkv, torch.Tensor):
         raise TypeError(f"attention: qkv must be a tensor, got {type(qkv).__name__}")
     if qkv.ndim != 3:
@@ -33,7 +33,6 @@ def qkv_heads_shape(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, i
     if C3 == 0 or C3 % (3 * num_heads):
         raise ValueError(f"attention: qkv's last dimension must be a positive multiple of 3*num_heads = "
                          f"{3 * num_heads}, got {C3}")
-    return B, N, num_heads, C3 // (3 * num_heads)
 
 
 def check_tokens(x: torch.Tensor, dim: int, who: str) -> None:
@@ -42,7 +41,7 @@ def check_tokens(x: torch.Tensor, dim: int, who: str) -> None:
         raise ValueError(f"{who}: x must be (B, N, {dim}), got shape {tuple(x.shape)}")
 
 
-@fused_op(triton_impl="attention:attention_triton")
+@fused_op(triton_impl="attention:attention_triton", check=check_qkv)
 def attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     """Multi-head self-attention ``softmax(q kᵀ · scale) v`` read from the qkv projection.
 
@@ -53,10 +52,10 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     This PyTorch implementation hands strided views of q, k and v (no copies) to
     ``F.scaled_dot_product_attention`` with the given scale.
     """
-    B, N, H, Dh = qkv_heads_shape(qkv, num_heads)
-    q, k, v = qkv.unflatten(-1, (3, H, Dh)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh) views
+    B, N, _ = qkv.shape
+    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh) views
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return out.transpose(1, 2).reshape(B, N, H * Dh)
+    return out.transpose(1, 2).reshape(B, N, -1)
 
 
 class FusedAttention(Attention):

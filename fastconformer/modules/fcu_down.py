@@ -28,7 +28,8 @@ def _check_dw_stride(dw_stride: object) -> None:
 
 
 def check_fcu_down_inputs(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                          ln_weight: torch.Tensor, ln_bias: torch.Tensor, dw_stride: int) -> None:
+                          ln_weight: torch.Tensor, ln_bias: torch.Tensor, dw_stride: int, eps: float = 0.0,
+                          add_x_t: bool = False) -> None:
     """Raise ValueError (shapes, dw_stride) or TypeError (dtypes) for arguments :func:`fcu_down` cannot take."""
     _check_dw_stride(dw_stride)
     if weight.dim() not in (2, 4) or _shape(weight)[2:] not in ((), (1, 1)):
@@ -51,7 +52,7 @@ def check_fcu_down_inputs(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Ten
         raise TypeError(f"x2 ({x2.dtype}) and weight ({weight.dtype}) must have the same dtype outside autocast")
 
 
-@fused_op(triton_impl="fcu_down:fcu_down_triton")
+@fused_op(triton_impl="fcu_down:fcu_down_triton", check=check_fcu_down_inputs)
 def fcu_down(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
              ln_weight: torch.Tensor, ln_bias: torch.Tensor, dw_stride: int, eps: float,
              add_x_t: bool = False) -> torch.Tensor:
@@ -60,7 +61,6 @@ def fcu_down(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias: to
     row 0 is x_t[:, 0], rows 1.. are GELU(LayerNorm_eps(avgpool(x2) projected + bias)) in token order
     (row-major over the pooled grid). With ``add_x_t`` it returns that + x_t. Same dtype as the
     reference FCUDown (x_t's promoted with the tokens'), under autocast too."""
-    check_fcu_down_inputs(x2, x_t, weight, bias, ln_weight, ln_bias, dw_stride)
     pooled = F.avg_pool2d(x2, dw_stride) if dw_stride > 1 else x2
     tokens = F.linear(pooled.flatten(2).transpose(1, 2), weight.flatten(1), bias)  # (B, N, D)
     tokens = F.gelu(F.layer_norm(tokens, tokens.shape[-1:], ln_weight, ln_bias, eps))

@@ -66,7 +66,7 @@ def _check_channel_vectors(name: str, C: int, *vectors: torch.Tensor) -> None:
 
 
 def check_expand_args(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                      H: int, W: int) -> None:
+                      H: int, W: int, apply_relu: bool = False) -> None:
     """Raise ValueError/TypeError unless x_t is (B, 1 + H*W, D) tokens, weight a (C, D) or
     (C, D, 1, 1) 1x1 conv weight of x_t's dtype, and scale, shift (C,)."""
     if not isinstance(x_t, torch.Tensor) or x_t.ndim != 3:
@@ -111,7 +111,7 @@ def check_bn_relu_add_upsampled_args(x: torch.Tensor, scale: torch.Tensor, shift
     _check_channel_vectors("bn_relu_add_upsampled", C, scale, shift)
 
 
-@fused_op(triton_impl="fcu_up:fcu_up_expand_triton")
+@fused_op(triton_impl="fcu_up:fcu_up_expand_triton", check=check_expand_args)
 def fcu_up_expand(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, H: int,
                   W: int, apply_relu: bool) -> torch.Tensor:
     """The FCU expand's 1x1 conv with a per-channel affine and optional ReLU, on the token grid.
@@ -120,7 +120,6 @@ def fcu_up_expand(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     dtype, scale and shift (C,) -> (B, C, H, W) in x_t's dtype, channels_last:
     ``out[b, c, i, j] = act(scale[c] * sum_d weight[c, d] * x_t[b, 1 + i*W + j, d] + shift[c])``
     with act = ReLU when ``apply_relu``, else the identity."""
-    check_expand_args(x_t, weight, scale, shift, H, W)
     C = weight.shape[0]
     # fp32 GEMM (as the kernel accumulates; fp64 for fp64 inputs), one rounding at the end;
     # autocast must not recast it.
@@ -134,7 +133,7 @@ def fcu_up_expand(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     return out.unflatten(2, (H, W)).to(x_t.dtype)
 
 
-@fused_op(triton_impl="fcu_up:bn_relu_add_upsampled_triton")
+@fused_op(triton_impl="fcu_up:bn_relu_add_upsampled_triton", check=check_bn_relu_add_upsampled_args)
 def bn_relu_add_upsampled(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, low: torch.Tensor,
                           up: int) -> torch.Tensor:
     """The fusion block's conv2 input: ``relu(scale * x + shift) + nearest_upsample(low, up)``.
@@ -144,7 +143,6 @@ def bn_relu_add_upsampled(x: torch.Tensor, scale: torch.Tensor, shift: torch.Ten
     format. The Triton kernel reads low through the index map (i // up, j // up) and rounds once
     (fp32 math); this implementation rounds the normalised x to x's dtype before the add, as the
     reference's bn1 does."""
-    check_bn_relu_add_upsampled_args(x, scale, shift, low, up)
     # x * scale + shift in one pass: an eval-mode batch_norm with zero mean and unit variance.
     math = _math_dtype(x)
     scale, shift = scale.to(math), shift.to(math)

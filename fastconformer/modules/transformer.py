@@ -1,31 +1,20 @@
-"""Fused pieces of the transformer branch: the residual-add + LayerNorm op and the fused Block.
-
-``add_layer_norm``: the residual add that every pre-norm block ends a half with, fused with the
-LayerNorm that reads the sum next (Triton kernel: ``fastconformer.kernels.add_layer_norm``).
+"""The fused transformer Block (the residual add after attention fused with norm2:
+:func:`fastconformer.modules.add_layer_norm.add_layer_norm`).
 
 ``onednn_linear``: CPU inference only; a linear layer with its exact GELU or its residual add in
-one oneDNN primitive. On the 2-core CPU of benchmarks/results, Conformer-S's batch-8 fc1+GELU
-takes 9.5 ms this way against 14.4 ms for F.linear then F.gelu, fc2 + residual 9.0 against 10.6.
+one oneDNN primitive (what it buys: the ``fast (no oneDNN)`` rows of ``benchmarks/bench_model.py``).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..dispatch import fused_op, use_onednn
+from ..dispatch import use_onednn
+from .add_layer_norm import add_layer_norm
 from .attention import FusedAttention, attention, check_tokens
 
-__all__ = ["add_layer_norm", "onednn_linear", "FusedBlock"]
-
-
-@fused_op(triton_impl="add_layer_norm:add_layer_norm_triton")
-def add_layer_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, y (..., D) -> (x + y, LayerNorm(x + y)) with weight, bias (D,) and ``eps``; same dtype as x."""
-    s = x + y
-    return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+__all__ = ["FusedBlock", "onednn_linear"]
 
 
 def onednn_linear(x: torch.Tensor, linear: nn.Linear, *, gelu: bool = False,
