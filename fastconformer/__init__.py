@@ -7,11 +7,10 @@ that fuse its hot paths behind drop-in modules, each checked against a plain-PyT
 """
 
 from . import data
-from .checkpoint import load_checkpoint
 from .dispatch import backend
 from .reference import Conformer
 from .convert import convert
-from .registry import VARIANTS, create_model, list_models
+from .registry import VARIANTS, create_model, list_models, load_checkpoint
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,7 @@
-"""Loading Conformer checkpoints: the official repository's, DeiT-style training containers,
-DataParallel/DDP prefixes and MMPretrain's layout, always through ``torch.load(weights_only=True)``.
+"""Reading Conformer checkpoints (a leaf: torch only): the official repository's, DeiT-style training
+containers, DataParallel/DDP prefixes and MMPretrain's layout, always through
+``torch.load(weights_only=True)``; and what a model would reject of a state_dict. Loading into a
+model, with the variant names in the error, is :func:`fastconformer.registry.load_checkpoint`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-__all__ = ["CheckpointMismatchError", "load_checkpoint", "read_state_dict", "convert_mmpretrain", "guess_variant"]
+__all__ = ["CheckpointMismatchError", "convert_mmpretrain", "mismatch_report", "read_state_dict"]
 
 # Harmless classes that training scripts put next to the weights (the official script saves its
 # argparse Namespace under 'args'); everything else that is not a tensor or a container is refused.
@@ -193,47 +195,6 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> OrderedDict[str, tor
     return state_dict
 
 
-def _shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
-    return {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-
-
-def _variant_shapes() -> dict[str, dict[str, tuple]]:
-    from .reference import Conformer
-    from .registry import VARIANTS
-
-    with torch.device("meta"):
-        return {name: _shapes(Conformer(**v.kwargs).state_dict()) for name, v in VARIANTS.items()}
-
-
-def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> tuple[str | None, str]:
-    """(variant name or None, a sentence on why) for a state_dict in the official layout.
-
-    Classifier heads (checkpoints fine-tuned to other class counts still match) and BatchNorm's
-    ``num_batches_tracked`` counters (old checkpoints lack them) are ignored."""
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"guess_variant takes a state_dict (a mapping of names to tensors) in the official layout, "
-                        f"got {type(state_dict).__name__}; read a checkpoint file with read_state_dict(path) first")
-    shapes = _shapes(state_dict)
-
-    def body(layout: dict[str, tuple]) -> dict[str, tuple]:
-        return {k: s for k, s in layout.items()
-                if not k.startswith(("trans_cls_head.", "conv_cls_head.")) and not k.endswith(".num_batches_tracked")}
-
-    for name, expected in _variant_shapes().items():
-        if body(shapes) == body(expected):
-            return name, f"every key and shape matches {name}"
-    patch = shapes.get("trans_patch_conv.weight")
-    cls = shapes.get("cls_token")
-    clues = []
-    if patch is not None:
-        clues.append(f"trans_patch_conv.weight is {patch}, i.e. patch size {patch[-1] * 4}")
-    if cls is not None:
-        clues.append(f"embed_dim {cls[-1]}")
-    if "conv_cls_head.weight" in shapes:
-        clues.append(f"channel_ratio {shapes['conv_cls_head.weight'][-1] // 256}")
-    return None, "no registered variant matches exactly" + (f" ({', '.join(clues)})" if clues else "")
-
-
 def _meta_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers are meta tensors: the same modules,
     names, shapes and load hooks, no memory for the weights."""
@@ -270,44 +231,21 @@ def _listed(keys: list[str], limit: int = 20) -> str:
     return f"({len(keys)}): {', '.join(keys[:limit])}{' ...' if len(keys) > limit else ''}"
 
 
-def _mismatch_report(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool) -> str | None:
-    """None if ``model.load_state_dict(state_dict, strict)`` succeeds, else what torch rejects and
-    which variants the checkpoint and the model look like."""
-    missing, unexpected, errors = _dry_run(model, state_dict)
-    if not strict:
-        missing = unexpected = []
-    if not (missing or unexpected or errors):
-        return None
-    lines = ["checkpoint does not fit the model:"]
-    if missing:
-        lines.append(f"  missing keys {_listed(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys {_listed(unexpected)}")
-    lines += [f"  {error}" for error in errors[:20]]
-    if len(errors) > 20:
-        lines.append(f"  ... and {len(errors) - 20} more errors")
-    ckpt_variant, why = guess_variant(state_dict)
-    model_variant, _ = guess_variant(model.state_dict())
-    lines.append(f"  the checkpoint looks like {ckpt_variant or 'no registered variant'} ({why}); "
-                 f"the model is {model_variant or 'a custom configuration'}")
-    return "\n".join(lines)
-
-
-def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping, strict: bool = True):
-    """Load a checkpoint into a reference or fast Conformer (they share state_dict keys).
-
-    path_or_state_dict: a file path or a loaded dict in any layout :func:`read_state_dict` accepts.
-    strict: as in ``load_state_dict``, whose rules decide what fits. Raises CheckpointMismatchError,
-    leaving the model untouched, listing missing and unexpected keys (strict=True) and size
-    mismatches, and naming the variant the checkpoint looks like. Returns the ``load_state_dict``
-    result (missing / unexpected keys when strict=False).
-    """
+def mismatch_report(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> list[str]:
+    """What ``model.load_state_dict(state_dict, strict)`` would reject, one line each (missing and
+    unexpected keys under strict=True, size mismatches always), found on a meta copy of the model
+    so that the model itself is left untouched; empty when the state_dict fits."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be True or False, got {strict!r}")
-    state_dict = read_state_dict(path_or_state_dict)
-    report = _mismatch_report(model, state_dict, strict)
-    if report is not None:
-        raise CheckpointMismatchError(report)
-    return model.load_state_dict(state_dict, strict=strict)
+    missing, unexpected, errors = _dry_run(model, state_dict)
+    lines = []
+    if strict and missing:
+        lines.append(f"missing keys {_listed(missing)}")
+    if strict and unexpected:
+        lines.append(f"unexpected keys {_listed(unexpected)}")
+    lines += errors[:20]
+    if len(errors) > 20:
+        lines.append(f"... and {len(errors) - 20} more errors")
+    return lines

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import fastconformer
-from fastconformer.checkpoint import CheckpointMismatchError, convert_mmpretrain, guess_variant, read_state_dict
+from fastconformer.checkpoint import CheckpointMismatchError, convert_mmpretrain, read_state_dict
+from fastconformer.registry import guess_variant
 
 NAME = "conformer_tiny_patch16"
 
