@@ -90,24 +90,15 @@ def is_converted(model: nn.Module) -> bool:
     return isinstance(model, FastConformerMixin)
 
 
-def _fast_transformer_block(block: nn.Module) -> FusedBlock:
-    return block if isinstance(block, FusedBlock) else FusedBlock.from_reference(block)
-
-
-def _fast_conv_block(block: nn.Module) -> FusedConvBlock:
-    return block if isinstance(block, FusedConvBlock) else FusedConvBlock.from_reference(block)
-
-
 def convert_conv_trans_block(block: nn.Module) -> FusedConvTransBlock:
-    """One ConvTransBlock (ours or the official repository's) as :func:`convert` runs it: its
-    bottlenecks, squeeze and transformer block replaced by the fused modules (in place, same
-    parameters), the block itself a :class:`FusedConvTransBlock` (which fuses the expand)."""
-    block.cnn_block = _fast_conv_block(block.cnn_block)
-    block.fusion_block = _fast_conv_block(block.fusion_block)
-    if not isinstance(block.squeeze_block, FusedFCUDown):
-        block.squeeze_block = FusedFCUDown.from_reference(block.squeeze_block)
-    block.trans_block = _fast_transformer_block(block.trans_block)
-    return block if isinstance(block, FusedConvTransBlock) else FusedConvTransBlock.from_reference(block)
+    """One ConvTransBlock (ours or the official repository's) as :func:`convert` runs it: a
+    :class:`FusedConvTransBlock` (which fuses the expand and the fusion block) whose cnn_block,
+    squeeze and transformer block are the fused modules too (the same parameters)."""
+    fused = FusedConvTransBlock.from_reference(block)
+    fused.cnn_block = FusedConvBlock.from_reference(fused.cnn_block)
+    fused.squeeze_block = FusedFCUDown.from_reference(fused.squeeze_block)
+    fused.trans_block = FusedBlock.from_reference(fused.trans_block)
+    return fused
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -142,8 +133,8 @@ def convert(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
     if missing:
         raise TypeError(f"convert() expects a Conformer (reference or official); {type(model).__name__} lacks "
                         f"{', '.join(missing)}")
-    model.conv_1 = _fast_conv_block(model.conv_1)
-    model.trans_1 = _fast_transformer_block(model.trans_1)
+    model.conv_1 = FusedConvBlock.from_reference(model.conv_1)
+    model.trans_1 = FusedBlock.from_reference(model.trans_1)
     for i in range(2, model.fin_stage):
         name = f"conv_trans_{i}"
         setattr(model, name, convert_conv_trans_block(getattr(model, name)))

@@ -11,12 +11,13 @@ import torch.nn.functional as F
 
 from fastconformer import backend
 from fastconformer.modules import conv_trans_block as conv_trans_block_module
+from fastconformer.modules.conv_block import FusedConvBlock
 from fastconformer.modules.conv_trans_block import FusedConvTransBlock
 from fastconformer.modules.fcu_up import (FusedFCUUp, batch_norm_scale_shift, bn_relu_add_upsampled,
                                           fcu_up_expand)
 from fastconformer.reference import ConvTransBlock, FCUUp
-from fastconformer.testing import (HALF_FACTOR, HALF_SLACK, MODULE_TOL, assert_matches, randomize_module, rel_error,
-                                  to_float64)
+from fastconformer.testing import (HALF_FACTOR, HALF_SLACK, MODULE_TOL, assert_matches, bn_buffers, randomize_module,
+                                   rel_error, to_float64)
 
 HALF = torch.float16
 
@@ -27,10 +28,6 @@ def _tokens(B, h, w, D, gen, device, noncontiguous=False):
     if noncontiguous:
         return torch.randn(1 + h * w, B, D + 8, generator=gen).to(device)[..., :D].transpose(0, 1)
     return torch.randn(B, 1 + h * w, D, generator=gen).to(device)
-
-
-def _bn_buffers(module):
-    return {k: v for k, v in module.state_dict().items() if "running_" in k or "num_batches" in k}
 
 
 def _assert_matches_baseline(out, ref, baseline, name="output"):
@@ -44,8 +41,8 @@ def _assert_buffers_match(fused, ref64, baseline=None):
     """BatchNorm buffers of ``fused`` against the float64 reference's after the same run. With a
     ``baseline`` (the reference run in reduced precision, or under autocast with float32 buffers)
     the bound is twice the baseline's error, as for outputs."""
-    fused_bufs, ref_bufs = _bn_buffers(fused), _bn_buffers(ref64)
-    base_bufs = None if baseline is None else _bn_buffers(baseline)
+    fused_bufs, ref_bufs = bn_buffers(fused), bn_buffers(ref64)
+    base_bufs = None if baseline is None else bn_buffers(baseline)
     assert list(fused_bufs) == list(ref_bufs)
     for k, v in fused_bufs.items():
         if k.endswith("num_batches_tracked"):
@@ -448,9 +445,9 @@ def test_batch_norm_scale_shift_matches_batchnorm2d(gen, config):
         biased = y + conv_bias.view(1, -1, 1, 1)
         scale, shift = batch_norm_scale_shift(ours, biased, conv_bias=conv_bias)
         assert_matches(y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), bn(biased))
-        assert _bn_buffers(ours).keys() == _bn_buffers(bn).keys()
-        for k, v in _bn_buffers(ours).items():
-            torch.testing.assert_close(v, _bn_buffers(bn)[k], rtol=1e-6, atol=1e-7)
+        assert bn_buffers(ours).keys() == bn_buffers(bn).keys()
+        for k, v in bn_buffers(ours).items():
+            torch.testing.assert_close(v, bn_buffers(bn)[k], rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         batch_norm_scale_shift(ours.train(), torch.randn(1, 12, 1, 1))
 
@@ -474,7 +471,8 @@ def test_state_dict_construction_and_sharing(gen):
     ref_params, fused_params = dict(ref.named_parameters()), dict(fused.named_parameters())
     assert list(ref_params) == list(fused_params)
     assert all(fused_params[k] is p for k, p in ref_params.items())
-    assert fused.fusion_block is ref.fusion_block and fused.trans_block is ref.trans_block
+    assert isinstance(fused.fusion_block, FusedConvBlock) and fused.fusion_block.conv1 is ref.fusion_block.conv1
+    assert fused.trans_block is ref.trans_block
     assert fused.expand_block.bn.running_mean is ref.expand_block.bn.running_mean
     fused.load_state_dict(randomize_module(copy.deepcopy(ref), gen).state_dict(), strict=True)
     assert FusedConvTransBlock.from_reference(fused).expand_block is fused.expand_block  # converting twice
@@ -519,8 +517,8 @@ def test_sync_batchnorm(backend_name, device, gen, monkeypatch):
             expected, out = ref(x, x_t), fused(x, x_t)
         assert_matches(out[0], expected[0], name=f"synced={synced} training={training}")
         assert len(bn1_calls) == (1 if synced else 0)  # the fused path does not call bn1 itself
-        for k, v in _bn_buffers(ref).items():
-            torch.testing.assert_close(_bn_buffers(fused)[k], v, rtol=1e-5, atol=1e-6)
+        for k, v in bn_buffers(ref).items():
+            torch.testing.assert_close(bn_buffers(fused)[k], v, rtol=1e-5, atol=1e-6)
 
 
 def test_float64_on_the_torch_backend(gen):
@@ -534,7 +532,7 @@ def test_float64_on_the_torch_backend(gen):
             out, expected = fused(x, x_t), ref(x, x_t)
         assert out[0].dtype == torch.float64
         assert_matches(out[0], expected[0], fp32_tol=1e-12)
-        assert_matches(list(_bn_buffers(fused).values()), list(_bn_buffers(ref).values()), fp32_tol=1e-12)
+        assert_matches(list(bn_buffers(fused).values()), list(bn_buffers(ref).values()), fp32_tol=1e-12)
 
 
 def test_triton_twins_reject_float64(triton_backend, device):
@@ -570,7 +568,7 @@ def test_bad_inputs(gen):
         bn_relu_add_upsampled(x, s, s, low.half(), 4)
     with pytest.raises(ValueError, match=r"shift must be a \(64,\) tensor"):
         fcu_up_expand(torch.randn(1, 197, 384), fused.conv_project.weight, s, torch.ones(63), 14, 14, True)
-    with pytest.raises(TypeError, match="act_layer must be nn.ReLU"):
+    with pytest.raises(TypeError, match="act must be nn.ReLU"):
         FusedFCUUp(384, 64, 4, act_layer=nn.GELU)
     gelu_up = FCUUp(384, 64, 4, act_layer=nn.GELU)
     with pytest.raises(TypeError, match="act must be nn.ReLU"):

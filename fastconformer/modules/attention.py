@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..dispatch import fused_op
 from ..reference import Attention
+from .base import FusedModule, NotFusableError
 
 __all__ = ["FusedAttention", "attention", "check_qkv", "check_tokens"]
 
@@ -58,12 +59,13 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     return out.transpose(1, 2).reshape(B, N, -1)
 
 
-class FusedAttention(Attention):
-    """Drop-in for :class:`fastconformer.reference.Attention` on x (B, N, dim), fp32/fp16/bf16.
+class FusedAttention(FusedModule):
+    """Drop-in for :class:`fastconformer.reference.Attention` on x (B, N, dim), fp32/fp16/bf16
+    (built as every fused module is: :class:`~fastconformer.modules.base.FusedModule`).
 
-    A subclass of the reference Attention: same constructor arguments, parameters (``qkv.*``,
-    ``proj.*``), submodules (``attn_drop``, ``proj_drop``) and attributes (``num_heads``,
-    ``scale``; a falsy ``qk_scale`` means head_dim ** -0.5), so state_dicts are interchangeable.
+    Same constructor arguments, parameters (``qkv.*``, ``proj.*``), submodules (``attn_drop``,
+    ``proj_drop``) and attributes (``num_heads``, ``scale``; a falsy ``qk_scale`` means
+    head_dim ** -0.5), so state_dicts are interchangeable.
     ``qkv(x)`` → :func:`attention` → ``proj`` → ``proj_drop``.
 
     Attention dropout: the fused kernel has none, so in training mode with ``attn_drop.p > 0`` the
@@ -71,42 +73,26 @@ class FusedAttention(Attention):
     ``attn_drop``, @ v), which draws the same dropout mask as the reference for the same RNG state.
     """
 
-    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0):
-        if dim % num_heads:
-            raise ValueError(f"FusedAttention: dim ({dim}) must be divisible by num_heads ({num_heads})")
-        super().__init__(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
-                         proj_drop=proj_drop)
+    reference = Attention
 
-    @classmethod
-    def from_reference(cls, module: nn.Module) -> "FusedAttention":
-        """A FusedAttention sharing ``module``'s parameters and dropout submodules (no copies).
-
-        ``module`` is any attention with the reference's attributes (ours or the official
-        repository's): ``qkv`` and ``proj`` nn.Linear, ``attn_drop``/``proj_drop`` Dropout,
-        ``num_heads``, ``scale``."""
-        missing = [a for a in ("qkv", "proj", "attn_drop", "proj_drop", "num_heads", "scale")
-                   if not hasattr(module, a)]
-        if missing:
-            raise TypeError(f"FusedAttention.from_reference: {type(module).__name__} lacks {missing}; expected the "
-                            "reference Attention's attributes")
-        qkv, proj = module.qkv, module.proj
+    def _adopt(self, module: nn.Module) -> None:
+        self._require(module, ("qkv", "proj", "attn_drop", "proj_drop", "num_heads", "scale"))
+        qkv, proj, heads = module.qkv, module.proj, module.num_heads
         if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)):
-            raise TypeError("FusedAttention.from_reference: module.qkv and module.proj must be nn.Linear")
+            raise NotFusableError("FusedAttention: qkv and proj must be nn.Linear")
         dim = qkv.in_features
         if qkv.out_features != 3 * dim or (proj.in_features, proj.out_features) != (dim, dim):
-            raise ValueError(f"FusedAttention.from_reference: expected qkv {dim}->{3 * dim} and proj {dim}->{dim}, got "
-                             f"qkv {qkv.in_features}->{qkv.out_features}, proj {proj.in_features}->{proj.out_features}")
-        with torch.device("meta"):  # no weight draw: the submodules are replaced by the module's own
-            fused = cls(dim, module.num_heads, qkv_bias=qkv.bias is not None, qk_scale=module.scale)
-        fused.qkv, fused.proj = qkv, proj
-        fused.attn_drop, fused.proj_drop = module.attn_drop, module.proj_drop
-        fused.scale = module.scale
-        return fused.train(module.training)
+            raise NotFusableError(f"FusedAttention: expected qkv {dim}->{3 * dim} and proj {dim}->{dim}, got qkv "
+                                  f"{qkv.in_features}->{qkv.out_features}, proj {proj.in_features}->{proj.out_features}")
+        if dim % heads:
+            raise NotFusableError(f"FusedAttention: dim ({dim}) must be divisible by num_heads ({heads})")
+        self.num_heads, self.scale = heads, module.scale
+        self.qkv, self.attn_drop, self.proj, self.proj_drop = qkv, module.attn_drop, proj, module.proj_drop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, N, dim) -> (B, N, dim), same dtype."""
         check_tokens(x, self.qkv.in_features, "FusedAttention")
         if self.training and self.attn_drop.p > 0:
-            return super().forward(x)  # the reference math, the reference's dropout draws
+            return Attention.forward(self, x)  # the reference math, the reference's dropout draws
         x = attention(self.qkv(x), self.num_heads, self.scale)
         return self.proj_drop(self.proj(x))

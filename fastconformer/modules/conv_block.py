@@ -14,6 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..reference import ConvBlock
+from .base import FusedModule
+
 __all__ = ["FusedConvBlock", "fold_conv_bn", "conv_bn"]
 
 
@@ -39,8 +42,9 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tenso
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-class FusedConvBlock(nn.Module):
-    """Drop-in for the reference ``ConvBlock`` (same submodules, so the same state_dict).
+class FusedConvBlock(FusedModule):
+    """Drop-in for the reference ``ConvBlock`` (same constructor arguments and submodules, so the
+    same state_dict; built as every fused module is: :class:`~fastconformer.modules.base.FusedModule`).
 
     ``forward(x, x_t=None, return_x_2=True)``: x (B, inplanes, H, W) -> x (B, outplanes, H', W')
     and, with return_x_2, conv2's activation (B, outplanes/4, H', W'); ``x_t`` (B, outplanes/4, H, W)
@@ -48,25 +52,19 @@ class FusedConvBlock(nn.Module):
     input's memory format, as the reference's convolutions do).
     """
 
-    def __init__(self, reference: nn.Module):
-        super().__init__()
-        for name in ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3", "act3"):
-            setattr(self, name, getattr(reference, name))
-        self.res_conv = bool(getattr(reference, "res_conv", False))
-        if self.res_conv:
-            self.residual_conv = reference.residual_conv
-            self.residual_bn = reference.residual_bn
-        self.drop_block = getattr(reference, "drop_block", None)
-        self.drop_path = getattr(reference, "drop_path", None)
+    reference = ConvBlock
 
-    @classmethod
-    def from_reference(cls, block: nn.Module) -> "FusedConvBlock":
-        """Wrap a reference (ours or the official repository's) ConvBlock, sharing its submodules."""
-        missing = [n for n in ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3") if not hasattr(block, n)]
-        if missing:
-            raise TypeError(f"block must be a Conformer ConvBlock (conv1/bn1 ... conv3/bn3); "
-                            f"{type(block).__name__} lacks {missing}")
-        return cls(block)
+    def _adopt(self, block: nn.Module) -> None:
+        names = ("conv1", "bn1", "act1", "conv2", "bn2", "act2", "conv3", "bn3", "act3")
+        self._require(block, names)
+        for name in names:
+            setattr(self, name, getattr(block, name))
+        self.res_conv = bool(getattr(block, "res_conv", False))
+        if self.res_conv:
+            self.residual_conv = block.residual_conv
+            self.residual_bn = block.residual_bn
+        self.drop_block = getattr(block, "drop_block", None)
+        self.drop_path = getattr(block, "drop_path", None)
 
     def _conv_bn(self, x, conv, bn):
         if self.drop_block is not None:  # DropBlock sits between BN and ReLU: keep the reference order
@@ -74,9 +72,14 @@ class FusedConvBlock(nn.Module):
         return conv_bn(x, conv, bn)
 
     def forward(self, x, x_t=None, return_x_2=True):
-        residual = x
-        x = self.act1(self._conv_bn(x, self.conv1, self.bn1))
-        x2 = self.act2(self._conv_bn(x if x_t is None else x + x_t, self.conv2, self.bn2))
+        h = self.act1(self._conv_bn(x, self.conv1, self.bn1))
+        return self.forward_from_conv2(h if x_t is None else h + x_t, x, return_x_2)
+
+    def forward_from_conv2(self, h: torch.Tensor, residual: torch.Tensor, return_x_2: bool = True):
+        """The block from conv2 on: conv2's input h (B, outplanes/4, H, W) and the block's input
+        ``residual`` (B, inplanes, H, W) -> as :meth:`forward` (the fusion block of a
+        :class:`~fastconformer.modules.conv_trans_block.FusedConvTransBlock` computes h its own way)."""
+        x2 = self.act2(self._conv_bn(h, self.conv2, self.bn2))
         x = self._conv_bn(x2, self.conv3, self.bn3)
         if self.drop_path is not None:
             x = self.drop_path(x)

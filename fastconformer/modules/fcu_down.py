@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..dispatch import fused_op
-from ..reference import _layer_norm_1e6
+from ..reference import FCUDown
+from .base import FusedModule, NotFusableError
 
 __all__ = ["FusedFCUDown", "check_fcu_down_inputs", "fcu_down"]
 
@@ -68,56 +69,44 @@ def fcu_down(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias: to
     return out + x_t if add_x_t else out
 
 
-def _check_fusable(conv: nn.Module, ln: nn.Module, act: nn.Module, dw_stride: object) -> None:
-    """ValueError unless the squeeze is a biased 1x1 nn.Conv2d, an affine nn.LayerNorm over its
-    outputs and the exact (erf) GELU, with a positive integer dw_stride."""
-    if not (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None):
-        raise ValueError(f"conv_project must be a biased 1x1 nn.Conv2d (stride 1, no padding, groups 1), got {conv}")
-    if not (isinstance(ln, nn.LayerNorm) and ln.normalized_shape == (conv.out_channels,)
-            and ln.weight is not None and ln.bias is not None):
-        raise ValueError(f"ln must be an affine nn.LayerNorm({conv.out_channels}), got {ln}")
-    if not (isinstance(act, nn.GELU) and act.approximate == "none"):
-        raise ValueError(f"the fused squeeze applies the exact (erf) GELU; act must be nn.GELU(), got {act}")
-    _check_dw_stride(dw_stride)
-
-
-class FusedFCUDown(nn.Module):
+class FusedFCUDown(FusedModule):
     """Drop-in for :class:`fastconformer.reference.FCUDown` with the same constructor arguments and
-    state_dict keys (``conv_project.weight/bias``, ``ln.weight/bias``).
+    state_dict keys (``conv_project.weight/bias``, ``ln.weight/bias``; built as every fused module
+    is: :class:`~fastconformer.modules.base.FusedModule`).
 
     ``forward(x2, x_t, add_x_t=False)``: x2 (B, inplanes, H, W) (NCHW or channels_last), x_t
     (B, 1 + N, outplanes) -> (B, 1 + N, outplanes), N = (H / dw_stride)(W / dw_stride): what the
     reference returns, or with ``add_x_t`` that + x_t (the transformer block's input, in one pass).
-    fp32, fp16, bf16; autocast gives the reference's output dtype.
+    fp32, fp16, bf16; autocast gives the reference's output dtype. The squeeze must be a biased
+    1x1 nn.Conv2d, an affine nn.LayerNorm over its outputs and the exact (erf) GELU, pooled over
+    dw_stride windows.
     """
 
-    def __init__(self, inplanes, outplanes, dw_stride, act_layer=nn.GELU, norm_layer=_layer_norm_1e6):
-        super().__init__()
-        self.dw_stride = dw_stride
-        self.conv_project = nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=1, padding=0)
-        self.ln = norm_layer(outplanes)
-        _check_fusable(self.conv_project, self.ln, act_layer(), dw_stride)
+    reference = FCUDown
 
-    @classmethod
-    def from_reference(cls, module: nn.Module) -> FusedFCUDown:
-        """A FusedFCUDown sharing ``module``'s conv_project and ln (the same Parameter objects), for
-        our reference FCUDown or the official repository's (matched by attributes, not class)."""
-        missing = [a for a in ("conv_project", "ln", "dw_stride", "act") if not hasattr(module, a)]
-        if missing:
-            raise TypeError(f"from_reference expects an FCUDown-like module with conv_project, ln, act and "
-                            f"dw_stride; {type(module).__name__} lacks {', '.join(missing)}")
-        _check_fusable(module.conv_project, module.ln, module.act, module.dw_stride)
+    def _adopt(self, module: nn.Module) -> None:
+        self._require(module, ("conv_project", "ln", "act", "dw_stride"))
+        conv, ln, act, dw_stride = module.conv_project, module.ln, module.act, module.dw_stride
+        if not (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+                and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
+                and conv.bias is not None):
+            raise NotFusableError(f"conv_project must be a biased 1x1 nn.Conv2d (stride 1, no padding, groups 1), "
+                                  f"got {conv}")
+        if not (isinstance(ln, nn.LayerNorm) and ln.normalized_shape == (conv.out_channels,)
+                and ln.weight is not None and ln.bias is not None):
+            raise NotFusableError(f"ln must be an affine nn.LayerNorm({conv.out_channels}), got {ln}")
+        if not (isinstance(act, nn.GELU) and act.approximate == "none"):
+            raise NotFusableError(f"the fused squeeze applies the exact (erf) GELU; act must be nn.GELU(), got {act}")
+        try:
+            _check_dw_stride(dw_stride)
+        except ValueError as err:
+            raise NotFusableError(str(err)) from None
         pool = getattr(module, "sample_pooling", None)
-        window = (module.dw_stride, module.dw_stride)
-        if pool is not None and not all(v in (module.dw_stride, window) for v in (pool.kernel_size, pool.stride)):
-            raise ValueError(f"sample_pooling must average dw_stride={module.dw_stride} windows, got {pool}")
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.dw_stride = module.dw_stride
-        fused.conv_project = module.conv_project
-        fused.ln = module.ln
-        return fused.train(module.training)
+        if pool is not None and not all(v in (dw_stride, (dw_stride, dw_stride)) for v in (pool.kernel_size, pool.stride)):
+            raise NotFusableError(f"sample_pooling must average dw_stride={dw_stride} windows, got {pool}")
+        self.dw_stride = dw_stride
+        self.conv_project = conv
+        self.ln = ln
 
     def forward(self, x2: torch.Tensor, x_t: torch.Tensor, add_x_t: bool = False) -> torch.Tensor:
         """x2 (B, inplanes, H, W), x_t (B, 1 + N, outplanes) -> (B, 1 + N, outplanes)."""

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..dispatch import fused_op
-from ..reference import _batch_norm_1e6
+from ..reference import FCUUp
+from .base import FusedModule, NotFusableError
 
 __all__ = ["FusedFCUUp", "batch_norm_scale_shift", "bn_relu_add_upsampled", "check_bn_relu_add_upsampled_args",
            "check_expand_args", "fcu_up_expand", "syncs_across_processes", "uses_batch_stats"]
@@ -272,50 +273,32 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-class FusedFCUUp(nn.Module):
-    """Drop-in for ``FCUUp`` (same constructor, parameter and buffer names, state_dict):
+class FusedFCUUp(FusedModule):
+    """Drop-in for ``FCUUp`` (same constructor, parameter and buffer names, state_dict; built as
+    every fused module is: :class:`~fastconformer.modules.base.FusedModule`):
     ``forward(x_t, H, W)``: x_t (B, 1 + H*W, inplanes) -> (B, outplanes, H*up_stride, W*up_stride),
     and :meth:`forward_low_res` for the (B, outplanes, H, W) map before the upsampling.
 
-    ``conv_project`` stays an ``nn.Conv2d`` and ``bn`` an ``nn.BatchNorm2d`` (so
-    ``nn.SyncBatchNorm.convert_sync_batchnorm`` converts it); the ReLU is fused, so ``act_layer``
-    must be ``nn.ReLU``."""
+    ``conv_project`` stays an ``nn.Conv2d`` (1x1, stride 1, no padding, one group) and ``bn`` a
+    BatchNorm (so ``nn.SyncBatchNorm.convert_sync_batchnorm`` converts it); the ReLU is fused, so
+    the act must be ``nn.ReLU``."""
 
-    def __init__(self, inplanes, outplanes, up_stride, act_layer=nn.ReLU, norm_layer=_batch_norm_1e6):
-        super().__init__()
-        if act_layer is not nn.ReLU:
-            raise TypeError(f"FusedFCUUp fuses a ReLU: act_layer must be nn.ReLU, got {act_layer!r}")
-        self.up_stride = up_stride
-        self.conv_project = nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=1, padding=0)
-        self.bn = norm_layer(outplanes)
-        self._check_fusable(self)
+    reference = FCUUp
 
-    @staticmethod
-    def _check_fusable(module: nn.Module) -> None:
-        conv, bn = module.conv_project, module.bn
+    def _adopt(self, module: nn.Module) -> None:
+        self._require(module, ("conv_project", "bn", "act", "up_stride"))
+        conv, bn, act = module.conv_project, module.bn, module.act
+        if not isinstance(act, nn.ReLU):
+            raise NotFusableError(f"FusedFCUUp fuses a ReLU: act must be nn.ReLU, got {act!r}")
         if not isinstance(conv, nn.Conv2d) or conv.kernel_size != (1, 1) or conv.stride != (1, 1) \
                 or conv.padding != (0, 0) or conv.dilation != (1, 1) or conv.groups != 1:
-            raise TypeError(f"FusedFCUUp: conv_project must be a 1x1 nn.Conv2d (stride 1, no padding, one group), "
-                            f"got {conv!r}")
+            raise NotFusableError(f"FusedFCUUp: conv_project must be a 1x1 nn.Conv2d (stride 1, no padding, one "
+                                  f"group), got {conv!r}")
         if not isinstance(bn, _BatchNorm):
-            raise TypeError(f"FusedFCUUp: bn must be a BatchNorm layer, got {bn!r}")
-
-    @classmethod
-    def from_reference(cls, module: nn.Module) -> "FusedFCUUp":
-        """A FusedFCUUp sharing ``module``'s conv_project and bn (the same Parameter and buffer
-        objects, no copies). ``module`` is an FCUUp of fastconformer.reference or of the official
-        repository (anything with conv_project, bn, act and up_stride)."""
-        act = getattr(module, "act", None)
-        if not isinstance(act, nn.ReLU):
-            raise TypeError(f"FusedFCUUp.from_reference: the module's act must be nn.ReLU, got {act!r}")
-        cls._check_fusable(module)
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.up_stride = module.up_stride
-        fused.conv_project = module.conv_project
-        fused.bn = module.bn
-        fused.train(module.training)
-        return fused
+            raise NotFusableError(f"FusedFCUUp: bn must be a BatchNorm layer, got {bn!r}")
+        self.up_stride = module.up_stride
+        self.conv_project = conv
+        self.bn = bn
 
     def forward_low_res(self, x_t: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """x_t (B, 1 + H*W, inplanes) -> relu(bn(conv_project(tokens))) (B, outplanes, H, W),

@@ -12,7 +12,9 @@ import torch.nn as nn
 
 from ..dispatch import use_onednn
 from .add_layer_norm import add_layer_norm
+from ..reference import Block
 from .attention import FusedAttention, attention, check_tokens
+from .base import FusedModule
 
 __all__ = ["FusedBlock", "onednn_linear"]
 
@@ -29,8 +31,9 @@ def onednn_linear(x: torch.Tensor, linear: nn.Linear, *, gelu: bool = False,
     return pointwise(x, linear.weight, linear.bias, "gelu" if gelu else "none", [], "none" if gelu else "")
 
 
-class FusedBlock(nn.Module):
-    """Drop-in for the reference transformer ``Block`` (same submodules, so the same state_dict).
+class FusedBlock(FusedModule):
+    """Drop-in for the reference transformer ``Block`` (same constructor arguments and submodules,
+    so the same state_dict; built as every fused module is: :class:`~fastconformer.modules.base.FusedModule`).
 
     ``forward(x)``: x (B, N, dim) -> (B, N, dim). The residual add after attention is fused with
     norm2 (:func:`add_layer_norm`). (In a ConvTransBlock the sum before norm1, x_st + x_t, comes
@@ -40,22 +43,13 @@ class FusedBlock(nn.Module):
     fine-tuning some parameters of a model in eval mode keeps their gradients).
     """
 
-    def __init__(self, reference: nn.Module):
-        super().__init__()
-        for name in ("norm1", "attn", "drop_path", "norm2", "mlp"):
-            setattr(self, name, getattr(reference, name))
+    reference = Block
 
-    @classmethod
-    def from_reference(cls, block: nn.Module) -> "FusedBlock":
-        """Wrap a reference (ours or the official repository's) Block, sharing its submodules (the
-        parameters themselves), its attention as a :class:`FusedAttention`; ``block`` is unchanged."""
-        missing = [n for n in ("norm1", "attn", "drop_path", "norm2", "mlp") if not hasattr(block, n)]
-        if missing:
-            raise TypeError(f"block must be a pre-norm transformer Block; {type(block).__name__} lacks {missing}")
-        fused = cls(block)
-        if not isinstance(fused.attn, FusedAttention):
-            fused.attn = FusedAttention.from_reference(block.attn)
-        return fused
+    def _adopt(self, block: nn.Module) -> None:
+        self._require(block, ("norm1", "attn", "drop_path", "norm2", "mlp"))
+        self.norm1 = block.norm1
+        self.attn = FusedAttention.from_reference(block.attn)
+        self.drop_path, self.norm2, self.mlp = block.drop_path, block.norm2, block.mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and use_onednn(x, *self.parameters()):
