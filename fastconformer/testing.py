@@ -1,4 +1,4 @@
-"""The equality policy (DEVELOPERS.md) and the random draws it is checked on.
+"""The equality policy (README.md, "How correctness is checked") and the random draws it is checked on.
 
 Used by the test suite and by ``fastconformer check``, so a user's GPU is judged exactly as CI is.
 
@@ -140,6 +140,11 @@ def reference_and_fast(name: str, seed: int = 0, randomize: bool = True, **overr
     if randomize:
         randomize_module(model, torch.Generator().manual_seed(seed))
     return model, convert(copy.deepcopy(model))
+
+
+def bn_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The BatchNorm state of ``module``'s state_dict: running statistics and batch counters."""
+    return {k: v for k, v in module.state_dict().items() if "running_" in k or "num_batches" in k}
 
 
 def saved_activation_bytes(model: nn.Module, *inputs, autocast_dtype: torch.dtype | None = None) -> int:

@@ -45,8 +45,10 @@ from . import CompileSpec, dot_precision, tl_dtype
 
 MAX_HEAD_DIM = 128
 _BLOCK_DHS = (16, 32, 64, 128)
-LOG2E = math.log2(math.e)
-LN2 = tl.constexpr(math.log(2.0))  # 1 / LOG2E, for the kernels (a jit function reads only constexpr globals)
+LOG2E = math.log2(math.e)  # the launchers pass scale·log2(e), so the kernels work in exp2 / log2 units
+# The same two constants for the kernels (a jit function reads only constexpr globals).
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(math.log(2.0))
 
 
 def _heads_shape(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int]:
@@ -129,7 +131,7 @@ def attention_fwd_kernel(
     acc = acc / l_i[:, None]
     out_ptrs = out_ptr + b * stride_out_b + offs_m[:, None] * stride_out_n + h * head_dim + offs_d[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    lse = (m_i + tl.math.log2(l_i)) * LN2  # back to natural log: ln(sum exp(scale·q·k))
+    lse = (m_i + tl.math.log2(l_i)) * _LN2  # back to natural log: ln(sum exp(scale·q·k))
     tl.store(lse_ptr + bh * N + offs_m, lse, mask=mask_m)
 
 
@@ -202,6 +204,8 @@ def attention_bwd_preprocess_kernel(
     tl.store(delta_ptr + bh * N + offs_m, delta, mask=mask_m)
 
 
+# The two backward kernels are one computation in transposed orientation (dK/dV hold a key block and
+# stream queries; dQ holds a query block and streams keys), so their bodies mirror each other.
 @triton.jit
 def attention_bwd_dkdv_kernel(
     qkv_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr,
@@ -234,7 +238,7 @@ def attention_bwd_dkdv_kernel(
         qt = tl.load(q_base + rows[None, :] * stride_qkv_n + offs_d[:, None],
                      mask=mask_d[:, None] & mask_m[None, :], other=0.0)  # (BLOCK_DH, BLOCK_M): qᵀ
         # Query rows past N get lse = +inf, so their probabilities are exactly 0.
-        lse = tl.load(lse_ptr + bh * N + rows, mask=mask_m, other=float("inf")) * 1.4426950408889634
+        lse = tl.load(lse_ptr + bh * N + rows, mask=mask_m, other=float("inf")) * _LOG2E
         st = tl.dot(k, qt, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M) logits, log2 units
         pt = tl.where(mask_n[:, None], tl.math.exp2(st - lse[None, :]), 0.0)  # Pᵀ
         do = tl.load(do_base + rows[:, None] * stride_dout_n + offs_d[None, :],
@@ -272,7 +276,7 @@ def attention_bwd_dq_kernel(
     q = tl.load(q_base + offs_m[:, None] * stride_qkv_n + offs_d[None, :], mask=mask_md, other=0.0)
     do = tl.load(dout_ptr + b * stride_dout_b + h * head_dim + offs_m[:, None] * stride_dout_n + offs_d[None, :],
                  mask=mask_md, other=0.0)
-    lse = tl.load(lse_ptr + bh * N + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    lse = tl.load(lse_ptr + bh * N + offs_m, mask=mask_m, other=0.0) * _LOG2E
     delta = tl.load(delta_ptr + bh * N + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_DH), dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):

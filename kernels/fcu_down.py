@@ -379,7 +379,7 @@ def _backward(ctx, grad_out):
 fcu_down_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _autocast_dtypes(x2: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+def _gemm_and_token_dtypes(x2: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
     """(GEMM dtype, LayerNorm output dtype) the reference module would use for x2 here: x2's dtype
     outside autocast; inside, the projection runs in the autocast dtype and layer_norm in fp32 on
     CUDA (autocast's fp32 op list) but in its input dtype on the CPU (not in any CPU list)."""
@@ -398,7 +398,7 @@ def fcu_down_triton(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, b
     if D > MAX_D:
         raise ValueError(f"fcu_down's Triton kernel handles embed dims of at most {MAX_D}, got weight of shape "
                          f"{tuple(weight.shape)}")
-    gemm_dtype, ln_dtype = _autocast_dtypes(x2)
+    gemm_dtype, ln_dtype = _gemm_and_token_dtypes(x2)
     # The reference's torch.cat promotes the cls row (x_t's dtype) and the tokens (LayerNorm's dtype).
     token_dtype = torch.promote_types(x_t.dtype, ln_dtype)
     tl_dtype(gemm_dtype), tl_dtype(token_dtype)  # TypeError for dtypes the kernel is not built for

@@ -16,7 +16,7 @@ from fastconformer.modules.conv_trans_block import FusedConvTransBlock
 from fastconformer.modules.fcu_down import FusedFCUDown
 from fastconformer.modules.fcu_up import FusedFCUUp
 from fastconformer.modules.transformer import FusedBlock
-from fastconformer.testing import MODEL_TOL, assert_matches, reference_and_fast, to_float64
+from fastconformer.testing import MODEL_TOL, assert_matches, bn_buffers, reference_and_fast, to_float64
 
 VARIANTS = fastconformer.list_models()
 
@@ -24,10 +24,6 @@ VARIANTS = fastconformer.list_models()
 def _pair(name, seed=0, **overrides):
     """(reference with random weights and BN stats, its converted deep copy)."""
     return reference_and_fast(name, seed, **overrides)
-
-
-def _bn_buffers(model):
-    return {k: v for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
 
 
 def test_convert_replaces_every_hot_module():
@@ -78,7 +74,7 @@ def test_whole_model_fp32(name, mode, hw, batch):
         out = fast(x)
     assert_matches(out, expected, fp32_tol=MODEL_TOL, name=f"{name} {mode} logits")
     if mode == "train":  # the batch statistics went into the running stats exactly as in the reference
-        ref_buffers, fast_buffers = _bn_buffers(expected_model), _bn_buffers(fast)
+        ref_buffers, fast_buffers = bn_buffers(expected_model), bn_buffers(fast)
         for k, v in ref_buffers.items():
             if k.endswith("num_batches_tracked"):
                 assert torch.equal(v, fast_buffers[k]), k
@@ -164,7 +160,7 @@ def test_training_step_matches_reference():
         m = m.double().train()
         out = m(x)
         sum(nn.functional.cross_entropy(o, target) for o in out).backward()
-        return {n: p.grad for n, p in m.named_parameters()}, _bn_buffers(m)
+        return {n: p.grad for n, p in m.named_parameters()}, bn_buffers(m)
 
     with fastconformer.backend("torch"):
         expected, expected_stats = step(copy.deepcopy(model))

@@ -16,7 +16,7 @@ from fastconformer.testing import assert_matches, randomize_module, to_float64
 def _squeeze_shapes(variant: str, height: int, width: int) -> list[tuple[int, int, int, int, int]]:
     """(C_in, dw_stride, D, H, W) of the squeeze in each of the variant's three stages at a
     height x width input: x2 has 16/32/64 x channel_ratio channels at 1/4, 1/8, 1/16 of the input
-    and dw_stride patch/4, patch/8, patch/16 (ARCHITECTURE.md)."""
+    and dw_stride patch/4, patch/8, patch/16 (as fastconformer.reference.Conformer builds them)."""
     kw = VARIANTS[variant].kwargs
     c1, patch = 16 * kw["channel_ratio"], kw["patch_size"]
     return [(c1 * 2**s, patch // 4 // 2**s, kw["embed_dim"], height // 4 // 2**s, width // 4 // 2**s)

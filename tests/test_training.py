@@ -7,7 +7,7 @@ Every check runs the whole Conformer-Ti (``conformer_tiny_patch16``), on the tor
 it says otherwise, at small batches and inputs (64x64 to 96x96; any multiple of the patch size is
 valid); the fused modules' Triton kernels are also checked module by module in their own test
 files. Most tests use ``depth=6`` (Conformer-Ti's widths with two ConvTransBlocks per stage: every
-kind of block, half the time) or ``depth=3``; the autocast accuracy and memory checks run the full
+kind of block at half the depth) or ``depth=3``; the autocast accuracy and memory checks run the full
 depth."""
 
 from __future__ import annotations
