@@ -1,16 +1,21 @@
-"""``python -m fastconformer.gpu_report``: the CPU flow end to end (``--device cpu --quick`` into a
-temporary folder, checking report.json and summary.md), and the pieces the GPU run relies on that
-can be checked without one: the plan's priorities and budget, pytest output parsing, goal
-evaluation (met / not met / not measured) and the Markdown tables."""
+"""``python -m benchmarks.gpu_report`` (run from the checkout's root): the CPU flow end to end
+(``--device cpu --quick`` into a temporary folder, checking report.json and summary.md), and the
+pieces the GPU run relies on that can be checked without one: the plan's priorities and budget,
+the default paths, pytest output parsing, goal evaluation (met / not met / not measured) and the
+Markdown tables."""
 
 import json
 import math
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from fastconformer import gpu_report
+from benchmarks import gpu_report
+from fastconformer.environment import device_slug
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _numbers(obj):
@@ -29,9 +34,9 @@ def _numbers(obj):
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_report")
-    proc = subprocess.run([sys.executable, "-m", "fastconformer.gpu_report", "--device", "cpu", "--quick",
-                           "--out", str(out), "--budget", "20"], capture_output=True, text=True, timeout=120,
-                          check=False)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_report", "--device", "cpu", "--quick",
+                           "--out", str(out), "--budget", "20"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
@@ -167,6 +172,17 @@ def test_markdown_tables():
     assert "FLASH_ATTENTION 120.0 µs" in md
 
 
+def test_default_paths_are_the_checkouts(capsys):
+    """The report runs the checkout's tests and writes under its benchmarks/results/, wherever the
+    package is installed."""
+    assert gpu_report.REPO == ROOT and (gpu_report.REPO / "tests" / "conftest.py").is_file()
+    with pytest.raises(SystemExit) as exit_:
+        gpu_report.main(["--help"])
+    assert exit_.value.code == 0
+    help_text = capsys.readouterr().out
+    assert help_text.startswith("usage: python -m benchmarks.gpu_report") and "benchmarks/results/" in help_text
+
+
 def test_device_slug_is_file_name_safe():
-    slug = gpu_report.device_slug("cpu")
+    slug = device_slug("cpu")
     assert slug and all(c.isalnum() or c == "-" for c in slug) and slug == slug.lower()

@@ -1,6 +1,10 @@
 """One-command validation and benchmark run on this machine's GPU (or CPU), with published results.
 
-    python -m fastconformer.gpu_report [--device cuda|cpu] [--out DIR] [--quick] [--budget SECONDS]
+    python -m benchmarks.gpu_report [--device cuda|cpu] [--out DIR] [--quick] [--budget SECONDS]
+
+A tool of the source checkout, run from its root: it runs the checkout's ``tests/`` and writes
+into its ``benchmarks/results/``; it is not part of the installed package (a wheel install has
+neither folder), and it uses the package only through its public modules.
 
 In order, within one time budget (default 540 s on CUDA, so that the whole run fits in 10 minutes
 on an H100; rows that no longer fit are recorded as skipped, never silently dropped):
@@ -53,18 +57,13 @@ import torch
 import torch.nn.functional as F
 
 import fastconformer
-from fastconformer import dispatch
+from fastconformer.environment import cpu_model, device_name, device_slug, synchronize
 from fastconformer.kernels import tf32_matmul_enabled
-from fastconformer.modules.attention import attention
-from fastconformer.modules.fcu_down import fcu_down
-from fastconformer.modules.fcu_up import bn_relu_add_upsampled, fcu_up_expand
+from fastconformer.modules import attention, bn_relu_add_upsampled, fcu_down, fcu_up_expand
 
-from .environment import cpu_model, device_name, device_slug, synchronize
+__all__ = ["Plan", "build_plan", "evaluate_goals", "main", "markdown_summary", "parse_pytest_counts", "run_report"]
 
-__all__ = ["Plan", "build_plan", "device_slug", "evaluate_goals", "main", "markdown_summary", "parse_pytest_counts",
-           "run_report"]
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parent.parent  # the checkout: benchmarks/..
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMPLS = ("reference", "fast", "compile(reference)", "compile(reference, max-autotune)", "compile(fast)")
 EAGER_IMPLS = ("reference", "fast")
@@ -432,7 +431,7 @@ def kernel_benchmarks(plan: Plan, copy_gbs: float) -> list[dict]:
         return torch.randn(*shape, generator=gen).to(dev, dt)
 
     rows = []
-    with torch.no_grad(), dispatch.backend("auto"):
+    with torch.no_grad(), fastconformer.backend("auto"):
         for C, dw, side in S_STAGES:
             grid = side // dw
             N = grid * grid
@@ -583,7 +582,7 @@ def _run_compiled(row: dict, plan: Plan, timeout: float) -> dict:
     """A compiled row in a fresh process (a compile that overruns is killed, a crash stays contained)."""
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    target = importlib.import_module("fastconformer.gpu_report")._compiled_row_worker
+    target = importlib.import_module("benchmarks.gpu_report")._compiled_row_worker
     proc = ctx.Process(target=target, args=(row, plan, out))
     proc.start()
     deadline, result = time.perf_counter() + timeout, None
@@ -803,7 +802,7 @@ def run_report(plan: Plan, out_dir: pathlib.Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastconformer.gpu_report", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_report", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
                         help="cuda (default when a GPU is present) or cpu (small sizes)")
