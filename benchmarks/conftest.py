@@ -3,7 +3,10 @@
 Run: ``pytest benchmarks --benchmark-enable [--benchmark-json=benchmarks/results/<device>.json]``.
 Each benchmark belongs to a group (one op at one shape) and has an ``impl`` (``reference``,
 ``fused``, ...); the summary at the end prints every impl's speed relative to the group's
-``reference``, measured side by side in the same run.
+``reference``, measured side by side in the same run. pytest-benchmark times these (its timer and
+statistics make the saved JSON); :func:`run_benchmark` only adds the device wait of
+:mod:`fastconformer.timing`, whose ``time_interleaved`` times ``fastconformer bench`` and the GPU
+report (``python -m benchmarks.gpu_report``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import pytest
 import torch
 
 from fastconformer import environment
+from fastconformer.timing import synchronize
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -36,7 +40,7 @@ def run_benchmark(benchmark, fn, *, group: str, impl: str, rounds: int | None = 
 
     def timed():
         out = fn()
-        environment.synchronize(DEVICE)
+        synchronize(DEVICE)
         return out
 
     if rounds is None:

@@ -12,17 +12,22 @@ on an H100; rows that no longer fit are recorded as skipped, never silently drop
 1. the environment (GPU, driver, CUDA, torch, triton, Python, CPU);
 2. the pytest suite in a subprocess on this device, ``gpu`` tests included (pass/fail counts);
 3. the card's roofline, measured now: device copy bandwidth and matmul TFLOP/s (bf16, fp16,
-   fp32 with TF32, fp32 IEEE), CUDA-event timed;
+   fp32 with TF32, fp32 IEEE);
 4. per-kernel achieved bandwidth and TFLOP/s of the squeeze (``fcu_down``), the expand
    (``fcu_up_expand``, ``bn_relu_add_upsampled``) and ``attention`` at Conformer-S shapes vs the
-   roofline and vs PyTorch (attention: vs every SDPA backend), bytes moved = inputs read once +
-   outputs written once, L2 flushed before each timed call;
+   roofline and vs PyTorch (attention: vs every SDPA backend, each op timed in alternation with
+   its baselines), bytes moved = inputs read once + outputs written once, L2 flushed before each
+   timed call;
 5. whole-model images/s for Conformer-Ti/S/B, batch 1/64/128/256, fp32 and AMP fp16/bf16, inference
    and a training step (forward + backward + AdamW): reference eager, fast (:func:`fastconformer.convert`),
-   ``torch.compile(reference)`` (default and ``max-autotune``) and ``torch.compile(fast)``, with the
-   first call's time (the compile time for compiled models), in priority order (the goal rows first);
+   ``torch.compile(reference)`` (default and ``max-autotune``) and ``torch.compile(fast)``, from the
+   median call, with the first call's time (the compile time for compiled models), in priority
+   order (the goal rows first);
    compiled rows run in a child process with a timeout, failures (exceptions, OOM) are recorded per row;
 6. ``compute-sanitizer --tool memcheck`` over the Triton kernel tests, when the binary exists.
+
+Every time comes from :func:`fastconformer.timing.time_interleaved`, the timer of ``fastconformer
+bench`` too: CUDA events around each call on the GPU, after each candidate's warm-up.
 
 It writes ``report.json`` (every number) and ``summary.md`` (tables, with the H100 goals met / not
 met) into ``--out`` (default ``benchmarks/results/<device-slug>/``) and prints the summary; progress
@@ -46,7 +51,6 @@ import platform
 import queue
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -57,9 +61,10 @@ import torch
 import torch.nn.functional as F
 
 import fastconformer
-from fastconformer.environment import cpu_model, device_name, device_slug, synchronize
+from fastconformer.environment import cpu_model, device_name, device_slug
 from fastconformer.kernels import tf32_matmul_enabled
 from fastconformer.modules import attention, bn_relu_add_upsampled, fcu_down, fcu_up_expand
+from fastconformer.timing import time_interleaved
 
 __all__ = ["Plan", "build_plan", "evaluate_goals", "main", "markdown_summary", "parse_pytest_counts", "run_report"]
 
@@ -72,6 +77,9 @@ GOAL_MODEL, GOAL_DTYPE, GOAL_BATCHES = "Conformer-S", "bf16", (64, 128)
 # CNN side), and the transformer's attention (tokens, dim, heads).
 S_STAGES = ((64, 4, 56), (128, 2, 28), (256, 1, 14))
 S_EMBED, S_HEADS, S_TOKENS = 384, 6, 197
+# Interleaved rounds (after each candidate's warm-up) per kernel or copy timing, and per matmul.
+KERNEL_ROUNDS = {"cuda": 20, "cpu": 5}
+MATMUL_ROUNDS = {"cuda": 10, "cpu": 3}
 
 _START = time.perf_counter()
 
@@ -95,8 +103,8 @@ class Plan:
     models: dict[str, tuple[str, dict]]
     rows: list[dict]  # model benchmark rows in priority order: model, dtype, batch, mode, impl
     kernel_batch: int
-    min_time_s: float  # per timed model row
-    min_iters: int  # per timed model row
+    min_time_s: float  # per timed model row, after its warm-up
+    min_iters: int  # rounds at least per timed model row, after its warm-up
     pytest_args: list[str] | None  # None: pytest skipped
     pytest_budget_s: float
     compile_timeout_s: float
@@ -301,61 +309,12 @@ def run_sanitizer(plan: Plan, budget: Budget) -> dict:
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def time_per_call(fn: Callable[[], Any], device: str, *, iters: int | None = None,
-                  flush: torch.Tensor | None = None) -> float:
-    """Median seconds of one call of ``fn`` after two warm-up calls: CUDA events around each call
-    on the GPU (``flush`` zeroed before each, outside the timing, to empty the L2 cache and keep
-    the GPU busy while the call is launched), perf_counter on the CPU. ``iters`` defaults to 20
-    on CUDA and 5 on the CPU."""
-    iters = iters or (20 if device == "cuda" else 5)
-    for _ in range(2):
-        fn()
-    synchronize(device)
-    times = []
-    if device == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for start, end in events:
-            if flush is not None:
-                flush.zero_()
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        times = [start.elapsed_time(end) / 1e3 for start, end in events]
-    else:
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def time_throughput(fn: Callable[[], Any], device: str, min_time_s: float, min_iters: int = 3) -> dict:
-    """First call (compile / warm-up), one more to size the run, then back-to-back calls: seconds
-    per call over at least ``min_iters`` calls and ``min_time_s`` seconds."""
-    t = time.perf_counter()
-    fn()
-    synchronize(device)
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    fn()
-    synchronize(device)
-    one = max(time.perf_counter() - t, 1e-6)
-    iters = max(min_iters, min(200, math.ceil(min_time_s / one)))
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        total = start.elapsed_time(end) / 1e3
-    else:
-        t = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        total = time.perf_counter() - t
-    return {"first_call_s": first, "seconds_per_call": total / iters, "iters": iters}
+def _median_seconds(candidates: dict[str, Callable[[], Any]], device: str, rounds: int,
+                    flush: Callable[[], Any] | None = None) -> dict[str, float]:
+    """Median seconds per call of each candidate, timed against each other in interleaved rounds
+    after each settled its warm-up (:func:`fastconformer.timing.time_interleaved`)."""
+    timings, _ = time_interleaved(candidates, rounds, 0.0, device=device, flush=flush)
+    return {label: t.median for label, t in timings.items()}
 
 
 # -------------------------------------------------------------------------------------------- roofline
@@ -366,7 +325,7 @@ def roofline(device: str) -> dict:
     dev = torch.device(device)
     nbytes = 2**30 if device == "cuda" else 2**26
     pair = torch.empty(2, nbytes // 4, dtype=torch.float32, device=dev).normal_()  # source, destination
-    seconds = time_per_call(lambda: pair[1].copy_(pair[0]), device)
+    seconds = _median_seconds({"copy": lambda: pair[1].copy_(pair[0])}, device, KERNEL_ROUNDS[device])["copy"]
     result: dict[str, Any] = {"copy": {"bytes": 2 * nbytes, "seconds": seconds, "GB_per_s": 2 * nbytes / seconds / 1e9}}
     pair = None  # free it before the matmuls
     n = 8192 if device == "cuda" else 512
@@ -380,7 +339,7 @@ def roofline(device: str) -> dict:
             torch.backends.cuda.matmul.allow_tf32 = tf32
             a = torch.randn(n, n, device=dev).to(dtype)
             b = torch.randn(n, n, device=dev).to(dtype)
-            s = time_per_call(lambda a=a, b=b: torch.mm(a, b), device, iters=10 if device == "cuda" else 3)
+            s = _median_seconds({"mm": lambda a=a, b=b: torch.mm(a, b)}, device, MATMUL_ROUNDS[device])["mm"]
             matmul[name] = {"n": n, "seconds": s, "TFLOP_per_s": 2 * n**3 / s / 1e12}
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
@@ -397,19 +356,20 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _kernel_row(op: str, shape: str, fn: Callable, baseline: Callable | None, bytes_moved: int, flops: int,
-                device: str, flush: torch.Tensor | None, copy_gbs: float, **extra) -> dict:
+def _kernel_row(op: str, shape: str, fused: Callable, baselines: dict[str, Callable], bytes_moved: int, flops: int,
+                device: str, flush: Callable[[], Any] | None, copy_gbs: float, **extra) -> dict:
+    """One op's row: ``fused`` timed against its ``baselines`` ({name: callable}) in one interleaved
+    run, ``flush`` before every call; the fused op's median seconds, GB/s, TFLOP/s and fraction of
+    the copy bandwidth, each baseline's median in ``baseline_seconds`` (and ``speedup_vs_torch``
+    against the one named ``torch``). A failure is recorded as the row's status."""
     row: dict[str, Any] = dict(op=op, shape=shape, bytes_moved=bytes_moved, flops=flops, **extra)
     try:
-        for warm in (fn, baseline) * 2:  # both warm (kernel JIT, lazy library set-up) before either is timed
-            if warm is not None:
-                warm()
-        s = time_per_call(fn, device, flush=flush)
+        medians = _median_seconds({"fused": fused, **baselines}, device, KERNEL_ROUNDS[device], flush)
+        s = medians.pop("fused")
         row.update(seconds=s, GB_per_s=bytes_moved / s / 1e9, TFLOP_per_s=flops / s / 1e12,
-                   fraction_of_copy_bw=bytes_moved / s / 1e9 / copy_gbs)
-        if baseline is not None:
-            b = time_per_call(baseline, device, flush=flush)
-            row.update(torch_seconds=b, speedup_vs_torch=b / s)
+                   fraction_of_copy_bw=bytes_moved / s / 1e9 / copy_gbs, baseline_seconds=medians)
+        if "torch" in medians:
+            row["speedup_vs_torch"] = medians["torch"] / s
         row["status"] = "ok"
     except Exception as exc:  # recorded per row, the run goes on
         row["status"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
@@ -425,7 +385,8 @@ def kernel_benchmarks(plan: Plan, copy_gbs: float) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     B, D = plan.kernel_batch, S_EMBED
     gen = torch.Generator().manual_seed(0)
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=dev) if device == "cuda" else None
+    # zeroed before every timed call on CUDA: a cold L2 cache (256 MiB, larger than any GPU's L2)
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=dev).zero_ if device == "cuda" else None
 
     def rand(*shape, dt=dtype):
         return torch.randn(*shape, generator=gen).to(dev, dt)
@@ -442,7 +403,7 @@ def kernel_benchmarks(plan: Plan, copy_gbs: float) -> list[dict]:
             out_bytes = B * (1 + N) * D * x_t.element_size()
             rows.append(_kernel_row("squeeze fcu_down(+x_t)", f"B={B} C={C} {side}x{side} s={dw} D={D}",
                                     lambda a=args: fcu_down(*a, add_x_t=True),
-                                    lambda a=args: fcu_down.torch_impl(*a, add_x_t=True),
+                                    {"torch": lambda a=args: fcu_down.torch_impl(*a, add_x_t=True)},
                                     _nbytes(x2, x_t, w, bias, lw, lb) + out_bytes, 2 * B * N * C * D, device, flush,
                                     copy_gbs, dtype=str(dtype)))
             log(f"kernel {rows[-1]['op']} {rows[-1]['shape']}: {rows[-1].get('GB_per_s', 0):.0f} GB/s")
@@ -452,7 +413,8 @@ def kernel_benchmarks(plan: Plan, copy_gbs: float) -> list[dict]:
             w, scale, shift = rand(C, D), rand(C, dt=torch.float32), rand(C, dt=torch.float32)
             args = (x_t, w, scale, shift, grid, grid, True)
             rows.append(_kernel_row("expand fcu_up_expand", f"B={B} D={D} C={C} {grid}x{grid}",
-                                    lambda a=args: fcu_up_expand(*a), lambda a=args: fcu_up_expand.torch_impl(*a),
+                                    lambda a=args: fcu_up_expand(*a),
+                                    {"torch": lambda a=args: fcu_up_expand.torch_impl(*a)},
                                     _nbytes(x_t, w, scale, shift) + B * C * grid * grid * x_t.element_size(),
                                     2 * B * grid * grid * C * D, device, flush, copy_gbs, dtype=str(dtype)))
             log(f"kernel {rows[-1]['op']} {rows[-1]['shape']}: {rows[-1].get('GB_per_s', 0):.0f} GB/s")
@@ -461,7 +423,7 @@ def kernel_benchmarks(plan: Plan, copy_gbs: float) -> list[dict]:
             args = (x, scale, shift, low, up)
             rows.append(_kernel_row("expand bn_relu_add_upsampled", f"B={B} C={C} {side}x{side} up={up}",
                                     lambda a=args: bn_relu_add_upsampled(*a),
-                                    lambda a=args: bn_relu_add_upsampled.torch_impl(*a),
+                                    {"torch": lambda a=args: bn_relu_add_upsampled.torch_impl(*a)},
                                     _nbytes(x, scale, shift, low) + _nbytes(x), 0, device, flush, copy_gbs,
                                     dtype=str(dtype)))
             log(f"kernel {rows[-1]['op']} {rows[-1]['shape']}: {rows[-1].get('GB_per_s', 0):.0f} GB/s")
@@ -470,9 +432,9 @@ def kernel_benchmarks(plan: Plan, copy_gbs: float) -> list[dict]:
         scale = Dh ** -0.5
         q, k, v = qkv.unflatten(-1, (3, S_HEADS, Dh)).permute(2, 0, 3, 1, 4).unbind(0)
         flops = 4 * B * S_HEADS * S_TOKENS * S_TOKENS * Dh
-        sdpa = {}
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        sdpa, unavailable = {}, {}
         for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
             backend = getattr(SDPBackend, name, None)
             if backend is None:
@@ -483,19 +445,23 @@ def kernel_benchmarks(plan: Plan, copy_gbs: float) -> list[dict]:
                     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
             try:
-                sdpa[name] = time_per_call(run_sdpa, device, flush=flush)
+                run_sdpa()  # a backend that cannot take these inputs raises on its first call
+                sdpa[name] = run_sdpa
             except Exception as exc:
-                sdpa[name] = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-        best = min((s for s in sdpa.values() if isinstance(s, float)), default=None)
+                unavailable[name] = (f"unavailable: {type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0][:160] if str(exc) else ''}")
         row = _kernel_row("attention", f"B={B} N={S_TOKENS} D={D} heads={S_HEADS}",
-                          lambda: attention(qkv, S_HEADS, scale), None,
+                          lambda: attention(qkv, S_HEADS, scale), sdpa,
                           _nbytes(qkv) + B * S_TOKENS * D * qkv.element_size(), flops, device, flush, copy_gbs,
-                          dtype=str(dtype), sdpa_seconds=sdpa)
-        if best is not None and row["status"] == "ok":
-            row.update(sdpa_best_seconds=best, speedup_vs_sdpa_best=best / row["seconds"],
-                       sdpa_best_backend=min((k for k, s in sdpa.items() if isinstance(s, float)), key=sdpa.get))
+                          dtype=str(dtype))
+        timed = row.pop("baseline_seconds", {})
+        row["sdpa_seconds"] = {**timed, **unavailable}
+        if timed:
+            best = min(timed, key=timed.get)
+            row.update(sdpa_best_seconds=timed[best], speedup_vs_sdpa_best=timed[best] / row["seconds"],
+                       sdpa_best_backend=best)
         rows.append(row)
-        log(f"kernel attention: {row.get('TFLOP_per_s', 0):.1f} TFLOP/s, SDPA: {sdpa}")
+        log(f"kernel attention: {row.get('TFLOP_per_s', 0):.1f} TFLOP/s, SDPA: {row['sdpa_seconds']}")
     return rows
 
 
@@ -548,12 +514,16 @@ def _step_fn(model: torch.nn.Module, row: dict, device: str, image_size: int) ->
 
 
 def bench_model_row(row: dict, model: torch.nn.Module, plan: Plan) -> dict:
-    """images/s of one (model, dtype, batch, mode, impl) row; ``model`` is already compiled if the
-    impl says so (its first call then includes the compile time)."""
+    """images/s of one (model, dtype, batch, mode, impl) row, from the median call once the warm-up
+    settled, and the first call's seconds; ``model`` is already compiled if the impl says so (its
+    first call then includes the compile time)."""
     device = plan.device
-    fn = _step_fn(model, row, device, plan.image_size)
-    timing = time_throughput(fn, device, plan.min_time_s, plan.min_iters)
-    result = {**timing, "images_per_s": row["batch"] / timing["seconds_per_call"], "status": "ok"}
+    timings, _ = time_interleaved({"model": _step_fn(model, row, device, plan.image_size)}, plan.min_iters,
+                                  plan.min_time_s, device=device)
+    timing = timings["model"]
+    result = {"first_call_s": timing.warmup[0], "seconds_per_call": timing.median, "spread": timing.spread,
+              "warmup_calls": len(timing.warmup), "iters": len(timing.rounds),
+              "images_per_s": row["batch"] / timing.median, "status": "ok"}
     if device == "cuda":
         result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return result

@@ -10,15 +10,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import functools
 import json
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
@@ -27,17 +24,14 @@ from . import __version__
 from .checkpoint import CheckpointMismatchError
 from .convert import convert
 from .dispatch import interpreter_enabled, onednn_available, triton_available
-from .environment import device_name, synchronize
+from .environment import device_name
 from .registry import VARIANTS, create_model, resolve_name
+from .timing import Timing, time_interleaved
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# Warm-up ends when the last SETTLE_WINDOW calls agree within SETTLE_TOLERANCE of their median, or
-# after MAX_WARMUP calls. A timing whose interquartile range exceeds SPREAD_LIMIT of its median, or
-# fewer than MIN_ROUNDS rounds, is flagged: the speed-up from such medians is not to be trusted.
-SETTLE_WINDOW = 3
-SETTLE_TOLERANCE = 0.05
-MAX_WARMUP = 10
+# A timing whose interquartile range exceeds SPREAD_LIMIT of its median, or fewer than MIN_ROUNDS
+# rounds, is flagged: the speed-up from such medians is not to be trusted.
 SPREAD_LIMIT = 0.05
 MIN_ROUNDS = 5
 
@@ -81,78 +75,6 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{name:<26}{v.num_params:>14,}{v.kwargs['patch_size']:>7}{v.kwargs['embed_dim']:>7}"
               f"{v.kwargs['num_heads']:>7}{v.top1:>7.1f}%")
     return 0
-
-
-@dataclasses.dataclass(frozen=True)
-class Timing:
-    """One candidate's times in seconds: its warm-up calls, then one call per interleaved round."""
-
-    warmup: tuple[float, ...]
-    rounds: tuple[float, ...]
-
-    @property
-    def settled(self) -> bool:
-        """Whether the warm-up ended with its last SETTLE_WINDOW calls within SETTLE_TOLERANCE."""
-        return _settled(self.warmup)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.rounds)
-
-    @property
-    def spread(self) -> float:
-        """Interquartile range of the rounds over their median (0 for a single round)."""
-        if len(self.rounds) < 2:
-            return 0.0
-        q1, _, q3 = statistics.quantiles(self.rounds, n=4, method="inclusive")
-        return (q3 - q1) / self.median
-
-
-def _settled(times) -> bool:
-    last = times[-SETTLE_WINDOW:]
-    return len(last) == SETTLE_WINDOW and max(last) - min(last) <= SETTLE_TOLERANCE * statistics.median(last)
-
-
-def time_interleaved(candidates: dict[str, Callable[[], object]], min_rounds: int, min_seconds: float, *,
-                     sync: Callable[[], None] = lambda: None, progress: Callable[[str], None] = lambda msg: None
-                     ) -> tuple[dict[str, Timing], dict[str, object]]:
-    """Time zero-argument callables against each other: ({label: Timing}, {label: last result}).
-
-    Each candidate first warms up alone until its times settle (:data:`SETTLE_WINDOW` calls within
-    :data:`SETTLE_TOLERANCE` of their median, at most :data:`MAX_WARMUP` calls). Then rounds call
-    every candidate once, in the given order, until ``min_rounds`` rounds are done and each
-    candidate has run for ``min_seconds`` in all: interleaving exposes all of them alike to the
-    machine's drifts (other load, clock changes), so ratios of their medians hold where sequential
-    blocks would not. ``sync`` runs after each call, before the clock is read (a device wait).
-    ``progress`` receives one line per warm-up call and per round.
-    """
-    if min_rounds < 1 or not 0 <= min_seconds < math.inf:
-        raise ValueError(f"need min_rounds >= 1 and a finite min_seconds >= 0, got {min_rounds}, {min_seconds}")
-    results = {}
-
-    def call(label: str) -> float:
-        start = time.perf_counter()
-        results[label] = candidates[label]()
-        sync()
-        return time.perf_counter() - start
-
-    warmups = {}
-    for label in candidates:
-        times = []
-        while not _settled(times) and len(times) < MAX_WARMUP:
-            times.append(call(label))
-            progress(f"  {label}: warm-up {len(times)}: {times[-1] * 1e3:.1f} ms")
-        if not _settled(times):
-            progress(f"  {label}: times did not settle within {MAX_WARMUP} warm-up calls; timing anyway")
-        warmups[label] = tuple(times)
-    rounds = {label: [] for label in candidates}
-    done = 0
-    while done < min_rounds or min(sum(times) for times in rounds.values()) < min_seconds:
-        for label in candidates:
-            rounds[label].append(call(label))
-        done += 1
-        progress(f"  round {done}: " + ", ".join(f"{label} {t[-1] * 1e3:.1f} ms" for label, t in rounds.items()))
-    return {label: Timing(warmups[label], tuple(rounds[label])) for label in candidates}, results
 
 
 def _logits_error(out, ref) -> float:
@@ -216,8 +138,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
            else contextlib.nullcontext())
     with torch.inference_mode(), ctx:
         timings, outputs = time_interleaved({label: functools.partial(model, x) for label, model in models.items()},
-                                            args.iters, args.min_seconds, sync=functools.partial(synchronize, device),
-                                            progress=_progress)
+                                            args.iters, args.min_seconds, device=device, progress=_progress)
     base = timings["reference"].median
     rows = [dict(impl=label, seconds_per_batch=t.median, spread=t.spread, images_per_s=args.batch_size / t.median,
                  speedup=base / t.median, rel_error_vs_reference=_logits_error(outputs[label], outputs["reference"]),

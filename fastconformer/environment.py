@@ -1,5 +1,4 @@
-"""Names of the machine a result was measured on, and waiting for its device before reading a clock
-(CLI, GPU report and benchmark files share them)."""
+"""Names of the machine a result was measured on (CLI, GPU report and benchmark files share them)."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import re
 
 import torch
 
-__all__ = ["cpu_model", "device_name", "device_slug", "synchronize"]
+__all__ = ["cpu_model", "device_name", "device_slug"]
 
 
 @functools.cache
@@ -34,9 +33,3 @@ def device_name(device: str | torch.device) -> str:
 def device_slug(device: str | torch.device) -> str:
     """A file-name-safe :func:`device_name`, e.g. ``nvidia-h100-80gb-hbm3``."""
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-
-
-def synchronize(device: str | torch.device) -> None:
-    """Wait for the work queued on ``device`` (a no-op on the CPU, where calls are synchronous)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)

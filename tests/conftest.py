@@ -5,6 +5,7 @@ module (and so before fastconformer.kernels) is imported.
 """
 
 import os
+import types
 
 import torch
 
@@ -14,7 +15,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton >= 3.9 warns un
 
 import pytest  # noqa: E402
 
-from fastconformer import dispatch  # noqa: E402
+from fastconformer import dispatch, timing  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -81,3 +82,31 @@ def triton_backend():
 def gen():
     """A seeded CPU generator: fresh random draws, reproducible failures."""
     return torch.Generator().manual_seed(1234)
+
+
+class FakeClock:
+    """Stands in for fastconformer.timing's CPU clock: each timed call takes the next scripted
+    duration (the clock advances while the timer waits for the device after the call)."""
+
+    def __init__(self, durations):
+        self.now = 0.0
+        self.durations = iter(durations)
+
+    def perf_counter(self):
+        return self.now
+
+    def synchronize(self, device):
+        self.now += next(self.durations)
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """``fake_clock(durations)``: a :class:`FakeClock` that fastconformer.timing reads from now on."""
+
+    def install(durations) -> FakeClock:
+        clock = FakeClock(durations)
+        monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+        monkeypatch.setattr(timing, "synchronize", clock.synchronize)
+        return clock
+
+    return install

@@ -2,7 +2,6 @@
 ``error:`` line on stderr and a non-zero exit status, never a traceback."""
 
 import json
-import types
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch.nn as nn
 from PIL import Image
 
 import fastconformer
-from fastconformer import cli, dispatch
+from fastconformer import dispatch
 from fastconformer.cli import main
 from fastconformer.testing import saved_activation_bytes, to_float64
 from fastconformer.validation import CHECKS
@@ -64,52 +63,12 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
     assert len(fast["seconds"]) == 1 and fast["spread"] == 0.0 and len(fast["warmup_seconds"]) >= 3
 
 
-class FakeClock:
-    """Stands in for time.perf_counter: each call of a candidate takes the next scripted duration."""
-
-    def __init__(self, durations):
-        self.now = 0.0
-        self.durations = iter(durations)
-
-    def perf_counter(self):
-        return self.now
-
-    def tick(self, *args):
-        self.now += next(self.durations)
-
-
-def test_time_interleaved_settles_then_alternates(monkeypatch):
-    calls = []
-    # a: slow first calls, settled after its 5th (within 5%); b: settled at once. Rounds: a 1 s, b 2 s.
-    # (Durations exact in binary, so that the fake clock's differences are too.)
-    clock = FakeClock([9.0, 4.0, 1.0, 1.03125, 1.015625] + [2.0] * 3 + [1.0, 2.0] * 5)
-    monkeypatch.setattr(cli, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
-    candidates = {label: (lambda label=label: calls.append(label) or label) for label in "ab"}
-    timings, outputs = cli.time_interleaved(candidates, min_rounds=2, min_seconds=5.0, sync=clock.tick)
-    assert calls == ["a"] * 5 + ["b"] * 3 + ["a", "b"] * 5  # 5 rounds: a needs 5 x 1 s
-    assert outputs == {"a": "a", "b": "b"}
-    assert timings["a"].warmup == (9.0, 4.0, 1.0, 1.03125, 1.015625) and timings["a"].settled
-    assert timings["a"].rounds == (1.0,) * 5 and timings["b"].median == 2.0 and timings["b"].spread == 0.0
-
-
-def test_time_interleaved_caps_the_warm_up(monkeypatch):
-    clock = FakeClock([1.0, 2.0] * (cli.MAX_WARMUP // 2) + [1.0])
-    monkeypatch.setattr(cli, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
-    messages = []
-    timings, _ = cli.time_interleaved({"a": lambda: None}, min_rounds=1, min_seconds=0.0, sync=clock.tick,
-                                      progress=messages.append)
-    assert len(timings["a"].warmup) == cli.MAX_WARMUP and not timings["a"].settled
-    assert f"  a: times did not settle within {cli.MAX_WARMUP} warm-up calls; timing anyway" in messages
-
-
-def test_bench_reports_medians_and_warns_on_a_wide_spread(tmp_path, capsys, monkeypatch):
+def test_bench_reports_medians_and_warns_on_a_wide_spread(tmp_path, capsys, fake_clock):
     """The speed-up is the ratio of the medians; an interquartile range above SPREAD_LIMIT of the
     median is flagged (reference rounds 1.0 .. 1.5 s here, quartiles 1.0 and 1.375: 30%)."""
     reference_rounds = [1.0, 1.25, 1.5, 1.0, 1.375]
     fast_rounds = [0.5, 0.5, 0.5, 0.515625, 0.5]
-    clock = FakeClock([1.0] * 3 + [0.5] * 3 + [t for pair in zip(reference_rounds, fast_rounds) for t in pair])
-    monkeypatch.setattr(cli, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
-    monkeypatch.setattr(cli, "synchronize", clock.tick)
+    fake_clock([1.0] * 3 + [0.5] * 3 + [t for pair in zip(reference_rounds, fast_rounds) for t in pair])
     path = tmp_path / "bench.json"
     status, out, _ = run(["bench", "--model", "conformer_tiny_patch16", "--batch-size", "1", "--image-size", "64",
                           "--iters", "5", "--min-seconds", "0", "--device", "cpu", "--json", str(path)], capsys)
