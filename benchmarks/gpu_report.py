@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 import fastconformer
-from fastconformer.environment import cpu_model, device_name, device_slug
+from fastconformer.environment import DTYPES, cpu_model, device_name, device_slug
 from fastconformer.kernels import tf32_matmul_enabled
 from fastconformer.modules import attention, bn_relu_add_upsampled, fcu_down, fcu_up_expand
 from fastconformer.timing import time_interleaved
@@ -69,7 +69,6 @@ from fastconformer.timing import time_interleaved
 __all__ = ["Plan", "build_plan", "evaluate_goals", "main", "markdown_summary", "parse_pytest_counts", "run_report"]
 
 REPO = pathlib.Path(__file__).resolve().parent.parent  # the checkout: benchmarks/..
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMPLS = ("reference", "fast", "compile(reference)", "compile(reference, max-autotune)", "compile(fast)")
 EAGER_IMPLS = ("reference", "fast")
 GOAL_MODEL, GOAL_DTYPE, GOAL_BATCHES = "Conformer-S", "bf16", (64, 128)

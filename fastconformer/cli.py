@@ -24,11 +24,9 @@ from . import __version__
 from .checkpoint import CheckpointMismatchError
 from .convert import convert
 from .dispatch import interpreter_enabled, onednn_available, triton_available
-from .environment import device_name
+from .environment import DTYPES, device_name
 from .registry import VARIANTS, create_model, resolve_name
 from .timing import Timing, time_interleaved
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # A timing whose interquartile range exceeds SPREAD_LIMIT of its median, or fewer than MIN_ROUNDS
 # rounds, is flagged: the speed-up from such medians is not to be trusted.

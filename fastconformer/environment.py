@@ -1,4 +1,5 @@
-"""Names of the machine a result was measured on (CLI, GPU report and benchmark files share them)."""
+"""Names of what a result was measured on: the machine, and the precision asked for (CLI, GPU
+report and benchmark files share them)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import re
 
 import torch
 
-__all__ = ["cpu_model", "device_name", "device_slug"]
+__all__ = ["DTYPES", "cpu_model", "device_name", "device_slug"]
+
+# The precisions that ``fastconformer bench --dtype`` and the GPU report's rows name (fp16 and bf16
+# run under torch.autocast).
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @functools.cache
