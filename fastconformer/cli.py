@@ -181,7 +181,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     width = max(len(c.name) for c in checks) + 2
     print(f"{'check':<{width}}{'backend':<9}{'dtype':<10}{'rel. error':>12}{'bound':>11}  verdict")
     failures = 0
-    for result in run_checks(device, tuple(dtypes), tuple(backends), seed=args.seed, only=args.only):
+    for result in run_checks(checks, device, tuple(dtypes), tuple(backends), seed=args.seed):
         dtype = str(result.dtype).replace("torch.", "")
         if result.comparison is not None:
             c = result.comparison

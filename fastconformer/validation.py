@@ -114,18 +114,12 @@ def select_checks(only: str | None = None) -> list[Check]:
     return checks
 
 
-def run_checks(device: torch.device, dtypes: tuple[torch.dtype, ...], backends: tuple[str, ...],
-               seed: int = 0, only: str | None = None) -> Iterator[CheckResult]:
-    """An iterator of :class:`CheckResult`, check by check, then dtype by dtype, then backend by
-    backend (the checks :func:`select_checks` picks for ``only``: its ValueError is raised here, at
-    once). The reference side of a check (module, inputs, float64 output, plain output in each
-    dtype) is computed once and shared by the backends. A check that raises is a failed result
-    carrying the error's text."""
-    return _results(select_checks(only), device, dtypes, backends, seed)
-
-
-def _results(checks: list[Check], device: torch.device, dtypes: tuple[torch.dtype, ...], backends: tuple[str, ...],
-             seed: int) -> Iterator[CheckResult]:
+def run_checks(checks: list[Check], device: torch.device, dtypes: tuple[torch.dtype, ...],
+               backends: tuple[str, ...], seed: int = 0) -> Iterator[CheckResult]:
+    """An iterator of :class:`CheckResult` for ``checks`` (e.g. :func:`select_checks`'s), check by
+    check, then dtype by dtype, then backend by backend. The reference side of a check (module,
+    inputs, float64 output, plain output in each dtype) is computed once and shared by the
+    backends. A check that raises is a failed result carrying the error's text."""
     for check in checks:
         reference = None
         for dtype in dtypes:
