@@ -1,7 +1,8 @@
-"""Reading Conformer checkpoints (a leaf: torch only): the official repository's, DeiT-style training
-containers, DataParallel/DDP prefixes and MMPretrain's layout, always through
-``torch.load(weights_only=True)``; and what a model would reject of a state_dict. Loading into a
-model, with the variant names in the error, is :func:`fastconformer.registry.load_checkpoint`.
+"""Reading Conformer checkpoints (a leaf: torch, and safetensors for its files): the official
+repository's, DeiT-style training containers, DataParallel/DDP prefixes and MMPretrain's layout,
+from torch.save files, always through ``torch.load(weights_only=True)``, or from safetensors files;
+and what a model would reject of a state_dict. Loading into a model, with the variant names in the
+error, is :func:`fastconformer.registry.load_checkpoint`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-__all__ = ["CheckpointMismatchError", "convert_mmpretrain", "mismatch_report", "read_state_dict"]
+__all__ = ["CheckpointMismatchError", "convert_mmpretrain", "is_safetensors", "mismatch_report", "read_state_dict"]
 
 # Harmless classes that training scripts put next to the weights (the official script saves its
 # argparse Namespace under 'args'); everything else that is not a tensor or a container is refused.
@@ -31,6 +32,8 @@ _SAFE_GLOBALS = [argparse.Namespace]
 _ZIP_HEADER = b"PK\x03\x04"
 _LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:-1]
 _EXPECTED_FILE = "expected a file written by torch.save"
+SAFETENSORS_SUFFIX = ".safetensors"
+_EXPECTED_SAFETENSORS = "expected a file written by safetensors (e.g. fastconformer.save_checkpoint)"
 
 # Keys under which training scripts store the state_dict, searched in this order (nested too).
 _CONTAINERS = ("model", "state_dict", "module")
@@ -59,12 +62,37 @@ def _not_a_checkpoint(head: bytes) -> str | None:
     return f"not a torch.save zip archive or pickle: starts with {head[:16]!r}"
 
 
-def _torch_load(path: str | os.PathLike) -> object:
+def _existing_file(path: str | os.PathLike, expected: str) -> str:
+    """path as a str; IsADirectoryError or FileNotFoundError (saying ``expected``) unless it is a file."""
     name = os.fspath(path)
     if os.path.isdir(name):
-        raise IsADirectoryError(f"{name!r} is a directory, not a checkpoint file ({_EXPECTED_FILE})")
+        raise IsADirectoryError(f"{name!r} is a directory, not a checkpoint file ({expected})")
     if not os.path.exists(name):
-        raise FileNotFoundError(f"no checkpoint file {name!r} ({_EXPECTED_FILE})")
+        raise FileNotFoundError(f"no checkpoint file {name!r} ({expected})")
+    return name
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a safetensors file (by its suffix, ``.safetensors``)."""
+    return os.fspath(path).endswith(SAFETENSORS_SUFFIX)
+
+
+def _safetensors_load(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, on the CPU (the format holds tensors and a string
+    header only: there is nothing in it to execute)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    name = _existing_file(path, _EXPECTED_SAFETENSORS)
+    try:
+        return load_file(name, device="cpu")
+    except SafetensorError as err:
+        raise ValueError(f"{name!r} is not a readable safetensors file ({err}); {_EXPECTED_SAFETENSORS} "
+                         f"- is it truncated or damaged?") from err
+
+
+def _torch_load(path: str | os.PathLike) -> object:
+    name = _existing_file(path, _EXPECTED_FILE)
     with open(name, "rb") as f:
         problem = _not_a_checkpoint(f.read(32))
     if problem is not None:
@@ -162,6 +190,8 @@ def _find_state_dict(obj: Mapping, where: str, outer: tuple, looked: list[str]) 
 def read_state_dict(source: str | os.PathLike | Mapping) -> OrderedDict[str, torch.Tensor]:
     """A state_dict in the official key layout from a path or an already loaded object.
 
+    A path ending in ``.safetensors`` is read with safetensors, any other with
+    ``torch.load(weights_only=True)``; the same key conversions apply to both.
     Accepts a raw state_dict or a dict holding one under ``'model'``, ``'state_dict'`` or
     ``'module'`` (nested too; the first that holds tensors is used), keys prefixed ``module.``
     (DataParallel / DDP, also twice) and MMPretrain's layout. The source's ``_metadata`` (the module
@@ -170,7 +200,8 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> OrderedDict[str, tor
     ``num_batches_tracked``, for one, may be missing only where no version 2 is recorded.
     """
     if isinstance(source, (str, os.PathLike)):
-        obj, origin = _torch_load(source), repr(os.fspath(source))
+        obj = _safetensors_load(source) if is_safetensors(source) else _torch_load(source)
+        origin = repr(os.fspath(source))
         if not isinstance(obj, Mapping):
             raise ValueError(f"{origin} holds a {type(obj).__name__}; expected a state_dict (a mapping of names to "
                              f"tensors) or a dict holding one")

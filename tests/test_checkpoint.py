@@ -87,6 +87,41 @@ def test_round_trip(tmp_path, source_state, layout, via_file):
         assert torch.equal(v, source_state[k]), k
 
 
+@pytest.mark.parametrize("layout", ["raw", "module_prefix", "mmpretrain"])
+def test_safetensors_round_trip_with_the_same_key_conversions(tmp_path, source_state, layout):
+    from safetensors.torch import save_file
+
+    blob = dict({"raw": source_state, "module_prefix": _to_data_parallel(source_state),
+                 "mmpretrain": _to_mmpretrain(source_state)}[layout])
+    path = tmp_path / "ckpt.safetensors"
+    save_file(blob, path)
+    target = _blank_model()
+    fastconformer.load_checkpoint(target, path, strict=True)
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, source_state[k]), k
+    del blob[next(k for k in blob if k.endswith("conv_cls_head.bias"))]
+    save_file(blob, path)
+    with pytest.raises(CheckpointMismatchError, match=r"missing keys \(1\): conv_cls_head.bias"):
+        fastconformer.load_checkpoint(_blank_model(), path, strict=True)
+
+
+def test_unreadable_safetensors_says_so(tmp_path, source_state):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "ckpt.safetensors"
+    save_file(dict(source_state), path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"'.*ckpt.safetensors' is not a readable safetensors file \(.*\); expected a "
+                                         r"file written by safetensors .* truncated or damaged\?$"):
+        read_state_dict(path)
+    path.write_text("hello")
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        read_state_dict(path)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint file '.*missing.safetensors' \(expected a file written "
+                                                r"by safetensors"):
+        read_state_dict(tmp_path / "missing.safetensors")
+
+
 def _without_counters(state, versions):
     """state without BatchNorm's num_batches_tracked; module versions: 'absent' (no _metadata),
     'old' (every module version 1, as before torch 0.4.1) or 'current' (as state_dict() writes them)."""
