@@ -23,35 +23,43 @@ from .modules.conv_block import FusedConvBlock, conv_bn
 from .modules.conv_trans_block import FusedConvTransBlock
 from .modules.fcu_down import FusedFCUDown
 from .modules.transformer import FusedBlock
-from .reference import Conformer, check_image_batch
+from .reference import Conformer, ConformerFeatures, check_image_batch
 
-__all__ = ["convert", "convert_conv_trans_block", "is_converted", "FastConformer", "FastConformerMixin"]
+__all__ = ["convert", "convert_conv_trans_block", "is_converted", "FastConformer", "FastConformerFeatures",
+           "FastConformerMixin"]
 
 _CONFORMER_ATTRS = ("cls_token", "conv1", "bn1", "act1", "maxpool", "conv_1", "trans_patch_conv", "trans_1",
                     "fin_stage", "pooling", "conv_cls_head", "trans_norm", "trans_cls_head")
 
 
 class FastConformerMixin:
-    """forward / forward_features of a converted Conformer (mixed into the model's own class, so
-    ``isinstance(model, Conformer)`` still holds and the official class works too)."""
+    """What a converted Conformer runs differently (mixed into the model's own class, so
+    ``isinstance(model, Conformer)`` still holds and the official class works too): its blocks, run
+    through the fused modules by :meth:`_blocks`, which the reference's ``forward``,
+    ``forward_features`` and ``forward_intermediates`` consume."""
 
     channels_last = True  # set by convert()
 
-    def forward_features(self, x):
-        """x (B, in_chans, H, W) -> (CNN feature map (B, C, H/32, W/32), tokens (B, 1+N, D)). The
-        map has x's memory format (channels_last for a channels_last x, else contiguous), as the
-        reference's, whatever layout the CNN branch ran in."""
+    def _blocks(self, x):
+        """The reference's ``_blocks`` (yield each block's CNN map and tokens) with the stem's
+        conv1 + bn1 folded and the CNN branch in the layout :meth:`_cnn_channels_last` picks; maps
+        come in that layout (:meth:`_output_map` gives them the input's)."""
         check_image_batch(x, self.conv1.in_channels, self.trans_patch_conv.kernel_size[0] * 4)
-        out_format = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
         x = x.contiguous(memory_format=torch.channels_last if self._cnn_channels_last(x) else torch.contiguous_format)
         cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)
         x_base = self.maxpool(self.act1(conv_bn(x, self.conv1, self.bn1)))
         x = self.conv_1(x_base, return_x_2=False)
         x_t = self.trans_patch_conv(x_base).flatten(2).transpose(1, 2)
         x_t = self.trans_1(torch.cat([cls_tokens, x_t], dim=1))
+        yield x, x_t
         for i in range(2, self.fin_stage):
             x, x_t = getattr(self, f"conv_trans_{i}")(x, x_t)
-        return x.contiguous(memory_format=out_format), x_t
+            yield x, x_t
+
+    def _output_map(self, x_map: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x_map in the input x's memory format (channels_last for a channels_last x, else
+        contiguous), as the reference returns its maps, whatever layout the CNN branch ran in."""
+        return x_map.contiguous(memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
 
     def _cnn_channels_last(self, x: torch.Tensor) -> bool:
         """Whether the CNN branch runs channels_last for input ``x``: as :func:`convert` chose,
@@ -59,29 +67,31 @@ class FastConformerMixin:
         precise than its NCHW one (the reference's own fp32 gradients would be the better ones)."""
         return self.channels_last and not (self.training and x.device.type == "cpu")
 
-    def forward_head(self, x, x_t):
-        """Feature map and tokens -> [conv_logits, trans_logits], as the reference."""
-        conv_cls = self.conv_cls_head(self.pooling(x).flatten(1))
-        tran_cls = self.trans_cls_head(self.trans_norm(x_t)[:, 0])
-        return [conv_cls, tran_cls]
-
-    def forward(self, x):
-        return self.forward_head(*self.forward_features(x))
-
 
 class FastConformer(FastConformerMixin, Conformer):
     """The class a converted :class:`fastconformer.reference.Conformer` takes (importable, so whole
     models pickle); build one with ``create_model(name, fast=True)`` or :func:`convert`."""
 
 
-_FAST_CLASSES: dict[type, type] = {Conformer: FastConformer}
+class FastConformerFeatures(FastConformerMixin, ConformerFeatures):
+    """The class a converted :class:`fastconformer.reference.ConformerFeatures` takes; build one
+    with ``create_model(name, features_only=True, fast=True)``."""
+
+
+_FAST_CLASSES: dict[type, type] = {Conformer: FastConformer, ConformerFeatures: FastConformerFeatures}
+
+# The official repository's Conformer writes its forward inline; converted, it runs these of the
+# reference instead, which go through the mixin's _blocks.
+_REFERENCE_FORWARDS = ("forward", "forward_features", "forward_head")
 
 
 def _fast_class(cls: type) -> type:
     if issubclass(cls, FastConformerMixin):
         return cls
     if cls not in _FAST_CLASSES:
-        _FAST_CLASSES[cls] = type(f"Fast{cls.__name__}", (FastConformerMixin, cls), {"__module__": __name__})
+        forwards = {} if issubclass(cls, Conformer) else {n: getattr(Conformer, n) for n in _REFERENCE_FORWARDS}
+        namespace = {"__module__": __name__, **forwards}
+        _FAST_CLASSES[cls] = type(f"Fast{cls.__name__}", (FastConformerMixin, cls), namespace)
     return _FAST_CLASSES[cls]
 
 
@@ -141,4 +151,6 @@ def convert(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
     _contiguous_conv_weights(model)
     model.__class__ = _fast_class(type(model))
     model.channels_last = channels_last
+    if getattr(model, "norm_eval", False) or getattr(model, "frozen_stem", False):
+        model.train(model.training)  # the fused blocks set their BatchNorms' modes: reapply the model's options
     return model

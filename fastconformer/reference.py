@@ -10,9 +10,14 @@ Shapes use B = batch, C = CNN channels, D = embed_dim, N = number of patch token
 
 from __future__ import annotations
 
+from typing import Iterator, Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .features import FeatureInfo, take_indices
 
 __all__ = [
     "check_image_batch",
@@ -27,6 +32,8 @@ __all__ = [
     "Med_ConvBlock",
     "ConvTransBlock",
     "Conformer",
+    "ConformerFeatures",
+    "default_out_indices",
 ]
 
 
@@ -360,11 +367,22 @@ class Conformer(nn.Module):
 
     ``forward(x)``: x (B, in_chans, H, W), H and W multiples of ``patch_size`` ->
     ``[conv_logits, trans_logits]``, each (B, num_classes). Official evaluation scores their sum.
+
+    The model has ``depth`` blocks, counted from 0 as timm counts them: block 0 is ``conv_1`` with
+    ``trans_1``, block i >= 1 is ``conv_trans_{i + 1}``. :meth:`forward_intermediates` returns what
+    any of them computes, :meth:`prune_intermediate_layers` drops what follows the last one needed.
+
+    Options of the official detection backbone (off by default; neither changes the state_dict):
+    ``norm_eval`` keeps every BatchNorm in eval mode while the model trains (running statistics
+    used, never updated); ``frozen_stem`` keeps the stem's ``conv1`` and ``bn1`` out of training
+    (no gradients, bn1 in eval mode), which is what the official ``frozen_stages >= 0`` freezes.
+    Both are applied by :meth:`train`.
     """
 
     def __init__(self, patch_size=16, in_chans=3, num_classes=1000, base_channel=64, channel_ratio=4,
                  num_med_block=0, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=False,
-                 qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0):
+                 qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, norm_eval=False,
+                 frozen_stem=False):
         super().__init__()
         if depth % 3 != 0:
             raise ValueError(f"depth must be a multiple of 3, got {depth}")
@@ -375,6 +393,9 @@ class Conformer(nn.Module):
         self.num_features = self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.in_chans = in_chans
+        self.depth = depth
+        self.norm_eval = norm_eval
+        self.frozen_stem = frozen_stem
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.trans_dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
@@ -437,6 +458,7 @@ class Conformer(nn.Module):
 
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
+        self.train()  # applies frozen_stem from the start
 
     @staticmethod
     def _init_weights(m):
@@ -453,13 +475,42 @@ class Conformer(nn.Module):
             nn.init.constant_(m.weight, 1.0)
             nn.init.constant_(m.bias, 0.0)
 
+    def train(self, mode: bool = True) -> "Conformer":
+        """``nn.Module.train``, then the detection backbone's options (as the official backbone's
+        ``train``): with ``frozen_stem``, bn1 in eval mode and conv1/bn1 without gradients; in
+        training with ``norm_eval``, every BatchNorm in eval mode."""
+        super().train(mode)
+        if self.frozen_stem:
+            self.bn1.eval()
+            self.conv1.requires_grad_(False)
+            self.bn1.requires_grad_(False)
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
     @torch.jit.ignore
     def no_weight_decay(self):
+        """Parameter names the official training excludes from weight decay."""
         return {"cls_token"}
 
-    def forward_features(self, x):
-        """x (B, in_chans, H, W) -> (CNN feature map (B, 256*channel_ratio, H/32, W/32),
-        tokens (B, 1 + (H/patch)(W/patch), embed_dim), before trans_norm)."""
+    @property
+    def feature_info(self) -> list[dict]:
+        """One dict per block, as timm's models list their stages: the CNN map's channels
+        (``num_chs``), its ``reduction`` (input H / map H) and the ``module`` that produces it."""
+        reduction = self.conv1.stride[0] * self.maxpool.stride
+        infos = [dict(num_chs=self.conv_1.conv3.out_channels, reduction=reduction, module="conv_1")]
+        for i in range(2, self.fin_stage):
+            block = getattr(self, f"conv_trans_{i}")
+            reduction *= block.cnn_block.conv2.stride[0] * block.fusion_block.conv2.stride[0]
+            infos.append(dict(num_chs=block.fusion_block.conv3.out_channels, reduction=reduction,
+                              module=f"conv_trans_{i}"))
+        return infos
+
+    def _blocks(self, x: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Run the model on x (B, in_chans, H, W), yielding after each block its CNN map
+        (B, C, H / r, W / r) and its tokens (B, 1 + N, D), cls token first."""
         check_image_batch(x, self.in_chans, self.patch_size)
         B = x.shape[0]
         cls_tokens = self.cls_token.expand(B, -1, -1)
@@ -471,20 +522,140 @@ class Conformer(nn.Module):
         x_t = self.trans_patch_conv(x_base).flatten(2).transpose(1, 2)
         x_t = torch.cat([cls_tokens, x_t], dim=1)
         x_t = self.trans_1(x_t)
+        yield x, x_t
 
         for i in range(2, self.fin_stage):
             x, x_t = getattr(self, f"conv_trans_{i}")(x, x_t)
-        return x, x_t
+            yield x, x_t
 
-    def forward_head(self, x, x_t):
-        """Feature map and tokens from :meth:`forward_features` -> [conv_logits, trans_logits]."""
+    def _output_map(self, x_map: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A CNN map as the model returns it for the input x: here, as computed."""
+        return x_map
+
+    def forward_features(self, x):
+        """x (B, in_chans, H, W) -> (CNN feature map (B, 256*channel_ratio, H/32, W/32),
+        tokens (B, 1 + (H/patch)(W/patch), embed_dim), before trans_norm)."""
+        for x_map, x_t in self._blocks(x):
+            pass
+        return self._output_map(x_map, x), x_t
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """What the blocks in ``indices`` compute, with timm's signature and semantics.
+
+        x (B, in_chans, H, W) -> one tensor per block in ``indices``, in block order:
+        ``output_fmt="NCHW"``: the CNN map after the block, (B, C, H / r, W / r) with C and r as in
+        :attr:`feature_info`, in x's memory format; ``"NLC"``: the transformer tokens after the
+        block, (B, 1 + N, D) with the cls token first, through ``trans_norm`` when ``norm`` (the CNN
+        branch has no final norm: ``norm`` leaves NCHW maps as they are).
+
+        indices: None (every block), n (the last n) or block indices (negative from the end).
+        stop_early: run no block after the last one in ``indices`` (else all run, as in timm).
+        Returns the list if ``intermediates_only``, else ``((map, tokens), list)`` with the pair
+        after the last block run, as :meth:`forward_features` returns it (``forward_head`` takes it).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' (CNN maps) or 'NLC' (transformer tokens), got {output_fmt!r}")
+        taken, last = take_indices(self.fin_stage - 1, indices)
+        if not stop_early:
+            last = self.fin_stage - 2
+        intermediates = []
+        for i, (x_map, x_t) in enumerate(self._blocks(x)):
+            if i in taken:
+                if output_fmt == "NCHW":
+                    intermediates.append(self._output_map(x_map, x))
+                else:
+                    intermediates.append(self.trans_norm(x_t) if norm else x_t)
+            if i == last:
+                break
+        if intermediates_only:
+            return intermediates
+        return (self._output_map(x_map, x), x_t), intermediates
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] | None = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (timm's semantics for ``indices``), with
+        ``prune_head`` both heads (``reset_classifier(0)``) and with ``prune_norm`` trans_norm
+        (each becomes ``nn.Identity``). Returns the sorted block indices."""
+        taken, last = take_indices(self.fin_stage - 1, indices)
+        for i in range(last + 2, self.fin_stage):
+            delattr(self, f"conv_trans_{i}")
+        self.fin_stage = last + 2
+        if prune_norm:
+            self.trans_norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return taken
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """New heads for ``num_classes`` classes: conv_cls_head (C -> num_classes) and
+        trans_cls_head (D -> num_classes), initialised as the constructor initialises them
+        (truncated normal, std 0.02, zero bias) on cls_token's device and dtype; 0 makes both
+        ``nn.Identity`` (forward_head then returns its pre-logits features)."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        self.num_classes = num_classes
+        if num_classes == 0:
+            self.conv_cls_head, self.trans_cls_head = nn.Identity(), nn.Identity()
+            return
+        factory = dict(device=self.cls_token.device, dtype=self.cls_token.dtype)
+        self.conv_cls_head = nn.Linear(self.feature_info[-1]["num_chs"], num_classes, **factory)
+        self.trans_cls_head = nn.Linear(self.embed_dim, num_classes, **factory)
+        self.conv_cls_head.apply(self._init_weights)
+        self.trans_cls_head.apply(self._init_weights)
+
+
+    def forward_head(self, x, x_t=None, *, pre_logits: bool = False):
+        """Feature map and tokens from :meth:`forward_features` (the pair, or the two) ->
+        [conv_logits (B, num_classes), trans_logits (B, num_classes)]; with ``pre_logits`` the
+        heads' inputs instead: [pooled map (B, C), cls token through trans_norm (B, D)]."""
+        if x_t is None:
+            if not isinstance(x, (tuple, list)) or len(x) != 2:
+                raise TypeError("forward_head takes the (feature map, tokens) pair that forward_features returns, "
+                                f"or the two; got {type(x).__name__}")
+            x, x_t = x
         x_p = self.pooling(x).flatten(1)
-        conv_cls = self.conv_cls_head(x_p)
-
         x_t = self.trans_norm(x_t)
+        if pre_logits:
+            return [x_p, x_t[:, 0]]
+        conv_cls = self.conv_cls_head(x_p)
         tran_cls = self.trans_cls_head(x_t[:, 0])
         return [conv_cls, tran_cls]
 
     def forward(self, x):
         x, x_t = self.forward_features(x)
         return self.forward_head(x, x_t)
+
+
+def default_out_indices(depth: int = 12) -> tuple[int, ...]:
+    """The official detection backbone's taps as block indices: the last block of the second and
+    third stages, the last two blocks (``conv_trans_4, 8, 11, 12``, i.e. 3, 7, 10, 11 for depth 12:
+    strides 4, 8, 16, 32)."""
+    return tuple(dict.fromkeys((depth // 3 - 1, 2 * depth // 3 - 1, depth - 2, depth - 1)))
+
+
+class ConformerFeatures(Conformer):
+    """The Conformer as a multi-scale CNN backbone: the official repository's detection backbone
+    (``mmdetection/mmdet/models/backbones/Conformer.py``) with selectable taps.
+
+    ``forward(x)``: x (B, in_chans, H, W) -> list of CNN maps, one per block in ``out_indices``
+    (block indices, or n for the last n; default :func:`default_out_indices`: for Conformer-S 256,
+    512, 1024, 1024 channels at strides 4, 8, 16, 32), in x's memory format; :attr:`feature_info`
+    describes them. Built as the classifier is (so a seed draws the same weights), then pruned: no
+    heads, no trans_norm, no block after the last tap (``prune_intermediate_layers``). Every other
+    argument is Conformer's.
+    """
+
+    def __init__(self, out_indices: int | Sequence[int] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if out_indices is None:
+            out_indices = default_out_indices(self.depth)
+        self.out_indices = tuple(self.prune_intermediate_layers(out_indices, prune_norm=True, prune_head=True))
+
+    @property
+    def feature_info(self) -> FeatureInfo:
+        """The maps :meth:`forward` returns: ``channels()``, ``reduction()``, ``module_name()``."""
+        return FeatureInfo(super().feature_info, self.out_indices)
+
+    def forward(self, x):
+        return self.forward_intermediates(x, self.out_indices, stop_early=True, intermediates_only=True)

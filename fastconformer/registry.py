@@ -1,20 +1,26 @@
 """The registry of Conformer variants and the builder above the checkpoint reader (timm style):
-``create_model(name)``, ``list_models()``, ``load_checkpoint(model, path)`` and ``guess_variant``."""
+``create_model(name)``, ``list_models()``, ``load_checkpoint(model, path)``, ``load_pretrained``
+(what ``create_model(pretrained=...)`` loads) and ``guess_variant``."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
-from typing import Any, Mapping
+from collections import OrderedDict
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointMismatchError, mismatch_report, read_state_dict
-from .reference import Conformer
+from .reference import Conformer, ConformerFeatures
 
-__all__ = ["VARIANTS", "Variant", "create_model", "guess_variant", "list_models", "load_checkpoint", "resolve_name"]
+__all__ = ["VARIANTS", "Variant", "create_model", "guess_variant", "list_models", "load_checkpoint", "load_pretrained",
+           "resolve_name"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,26 +128,92 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     return model.load_state_dict(state_dict, strict=strict)
 
 
+_HEADS = ("conv_cls_head", "trans_cls_head")
+
+
+def _modules_not_held(model: nn.Module) -> set[str]:
+    """Top-level modules of the classifier that ``model`` is built without: heads or trans_norm
+    held as nn.Identity (features_only, prune_intermediate_layers, num_classes=0) and the blocks
+    after its last one."""
+    names = {n for n in ("trans_norm", *_HEADS) if isinstance(getattr(model, n), nn.Identity)}
+    names.update(f"conv_trans_{i}" for i in range(model.fin_stage, model.depth + 1))
+    return names
+
+
+def _fit_to_model(model: nn.Module, state_dict: OrderedDict, origin: str, fit_heads: bool) -> OrderedDict:
+    """state_dict without the keys of modules the model is built without, and (``fit_heads``)
+    with the model's own head weights where the checkpoint's heads have another shape, so that
+    a strict load takes every other key. Each change is logged in one line."""
+    not_held = _modules_not_held(model)
+    dropped = [k for k in state_dict if k.split(".", 1)[0] in not_held]
+    if dropped:
+        modules = ", ".join(dict.fromkeys(k.split(".", 1)[0] for k in dropped))
+        log.warning(f"{origin}: {len(dropped)} keys not loaded, of modules this model is built without "
+                    f"(features_only, pruned or num_classes=0): {modules}")
+        fitted = OrderedDict((k, v) for k, v in state_dict.items() if k not in set(dropped))
+        if hasattr(state_dict, "_metadata"):
+            fitted._metadata = state_dict._metadata
+        state_dict = fitted
+    own = model.state_dict()
+    heads = [h for h in _HEADS if fit_heads and f"{h}.weight" in state_dict and f"{h}.weight" in own
+             and state_dict[f"{h}.weight"].shape != own[f"{h}.weight"].shape]
+    if heads:
+        classes = state_dict[f"{heads[0]}.weight"].shape[0]
+        for key in (f"{h}.{p}" for h in heads for p in ("weight", "bias")):
+            if key in own:
+                state_dict[key] = own[key]
+        log.warning(f"{origin}: {' and '.join(heads)} not loaded: the checkpoint's are for {classes} classes, "
+                    f"the model's for {model.num_classes}; they keep their fresh initialisation")
+    return state_dict
+
+
+def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping, *, fit_heads: bool = False) -> None:
+    """Load ``source`` into a model built by :func:`fastconformer.create_model`, strictly, as
+    ``create_model(pretrained=source)`` does.
+
+    source: a checkpoint path (``.safetensors`` or a torch.save file, any layout
+    :func:`fastconformer.load_checkpoint` reads) or a loaded state_dict.
+    Keys of modules the model is built without (a features_only or pruned model's heads and
+    blocks) are left out, saying so in one log line; with ``fit_heads`` (``create_model`` was
+    given ``num_classes``) heads of another shape are left out too, as the official ``--finetune``
+    does, in one line. Everything else must fit (CheckpointMismatchError otherwise).
+    """
+    origin = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the state_dict"
+    state_dict = _fit_to_model(model, read_state_dict(source), origin, fit_heads)
+    load_checkpoint(model, state_dict, strict=True)
+
+
 def create_model(name: str, *, pretrained: str | os.PathLike | Mapping | None = None, fast: bool = False,
+                 features_only: bool = False, out_indices: int | Sequence[int] | None = None,
                  **overrides: Any) -> nn.Module:
     """Build a Conformer variant.
 
     name: one of :func:`list_models` (official spellings accepted). pretrained: None (random
-    weights) or a checkpoint path or loaded state_dict (any layout :func:`fastconformer.load_checkpoint`
-    reads), loaded with strict=True; nothing is downloaded. fast: True returns the fused model
-    (reference + :func:`fastconformer.convert`). overrides: any other Conformer constructor argument
-    (num_classes, drop_path_rate, qk_scale, num_med_block, ...).
+    weights), a checkpoint path (``.safetensors`` or a torch.save file) or loaded state_dict (any
+    layout :func:`fastconformer.load_checkpoint` reads); nothing is downloaded. Loaded strictly
+    by :func:`load_pretrained`, which leaves out what a features_only model has no
+    place for and, when ``num_classes`` is given, heads of another shape (one log line each).
+    fast: True returns the fused model (reference + :func:`fastconformer.convert`).
+    features_only: True returns a :class:`~fastconformer.reference.ConformerFeatures`, whose forward
+    gives the CNN maps of the blocks in ``out_indices`` (default: the official detection
+    backbone's taps). overrides: any other Conformer constructor argument (num_classes,
+    drop_path_rate, norm_eval, frozen_stem, ...).
     """
     variant = VARIANTS[resolve_name(name)]
-    if not isinstance(fast, bool):
-        raise TypeError(f"fast must be True or False, got {fast!r}")
+    for flag, value in (("fast", fast), ("features_only", features_only)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices selects the maps of a features_only=True model; for a classifier use "
+                         "model.forward_intermediates(x, indices=...)")
     if isinstance(pretrained, bool) or not isinstance(pretrained, (str, os.PathLike, Mapping, type(None))):
         got = repr(pretrained) if isinstance(pretrained, bool) else type(pretrained).__name__
         raise TypeError(f"pretrained must be a checkpoint path, a state_dict or None (random weights), got {got}: "
                         f"fastconformer downloads no weights, pass the official or an MMPretrain checkpoint file")
-    model = Conformer(**{**variant.kwargs, **overrides})
+    kwargs = {**variant.kwargs, **overrides}
+    model = ConformerFeatures(out_indices=out_indices, **kwargs) if features_only else Conformer(**kwargs)
     if pretrained is not None:
-        load_checkpoint(model, pretrained, strict=True)
+        load_pretrained(model, pretrained, fit_heads="num_classes" in overrides)
     if fast:
         from .convert import convert
 

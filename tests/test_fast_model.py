@@ -182,7 +182,8 @@ def _as_foreign(model):
         cls = type(m)
         if cls.__module__ == ref.__name__:
             if cls not in foreign:
-                methods = {k: v for k, v in vars(cls).items() if callable(v) and k != "__init__"}
+                # not train(): the official classifier has none (its detection backbone's is the model of ours)
+                methods = {k: v for k, v in vars(cls).items() if callable(v) and k not in ("__init__", "train")}
                 foreign[cls] = type(cls.__name__, (_Foreign,), {**methods, "__module__": "conformer"})
             m.__class__ = foreign[cls]
     return model
