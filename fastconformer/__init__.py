@@ -11,8 +11,9 @@ from .dispatch import backend
 from .reference import Conformer
 from .convert import convert
 from .registry import VARIANTS, create_model, list_models, load_checkpoint
+from .hub import save_checkpoint, save_pretrained
 
 __version__ = "0.1.0"
 
 __all__ = ["Conformer", "VARIANTS", "__version__", "backend", "convert", "create_model", "data", "list_models",
-           "load_checkpoint"]
+           "load_checkpoint", "save_checkpoint", "save_pretrained"]

@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                        help="fp16/bf16 run under torch.autocast, as the official evaluation did")
     bench.add_argument("--compile", action="store_true", help="also time torch.compile(reference)")
-    bench.add_argument("--pretrained", default=None, help="checkpoint path (default: random weights)")
+    bench.add_argument("--pretrained", default=None,
+                       help="checkpoint path or hf-hub:ORG/REPO (default: random weights)")
     bench.add_argument("--iters", type=positive, default=10,
                        help="interleaved rounds at least, each timing every model once (default 10)")
     bench.add_argument("--min-seconds", type=_seconds, default=3.0,
@@ -306,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="top-5 ImageNet classes for images")
     predict.add_argument("images", nargs="+", help="image files")
-    predict.add_argument("--pretrained", required=True, help="checkpoint path")
+    predict.add_argument("--pretrained", required=True, help="checkpoint path or hf-hub:ORG/REPO")
     predict.add_argument("--model", default="conformer_small_patch16")
     predict.add_argument("--device", choices=devices, default="auto")
     predict.add_argument("--top-k", type=positive, default=5,
@@ -319,11 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status (argparse's usage errors exit with status 2).
-    The errors a user's arguments or files can cause end as one ``error:`` line on stderr."""
+    The errors a user's arguments or files can cause (a missing optional extra such as huggingface_hub
+    for hf-hub: weights included) end as one ``error:`` line on stderr."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError, CheckpointMismatchError) as err:
+    except (ValueError, TypeError, OSError, CheckpointMismatchError, ImportError) as err:
         print(f"error: {_describe(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

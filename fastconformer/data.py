@@ -1,17 +1,20 @@
-"""The official evaluation preprocessing and the ImageNet-1k class names (Pillow and torch only)."""
+"""The official evaluation preprocessing (or the one a pretrained_cfg describes) and the ImageNet-1k
+class names (Pillow and torch only)."""
 
 from __future__ import annotations
 
 import functools
 import importlib.resources
+import math
 import os
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MAX_ASPECT_RATIO", "eval_transform", "load_image", "load_images",
-           "imagenet_classes"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MAX_ASPECT_RATIO", "create_transform", "eval_transform", "load_image",
+           "load_images", "imagenet_classes"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,10 +42,16 @@ def _intensities(image: Image.Image) -> Image.Image:
     return Image.fromarray(values)
 
 
-def eval_transform(image: Image.Image, resize: int = 256, crop: int = 224) -> torch.Tensor:
+_INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def eval_transform(image: Image.Image, resize: int = 256, crop: int = 224, *,
+                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                   interpolation: str = "bicubic") -> torch.Tensor:
     """The official evaluation preprocessing of one image -> float32 (3, crop, crop): resize the
-    short side to ``resize`` (bicubic), centre-crop ``crop``, scale to [0, 1], normalise with the
-    ImageNet mean and std.
+    short side to ``resize`` (``interpolation``: bicubic, bilinear or nearest), centre-crop
+    ``crop``, scale to [0, 1], normalise with ``mean`` and ``std`` (per channel; ImageNet's by
+    default).
 
     The resized image is at most ``resize`` x ``resize * MAX_ASPECT_RATIO`` pixels: the aspect
     ratio is bounded, and the source size by Pillow's decompression-bomb limit when it is read.
@@ -61,6 +70,8 @@ def eval_transform(image: Image.Image, resize: int = 256, crop: int = 224) -> to
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, got {interpolation!r}")
     if not 0 < crop <= resize:
         raise ValueError(f"crop must be positive and at most resize, got crop={crop}, resize={resize}")
     w, h = image.size
@@ -80,7 +91,7 @@ def eval_transform(image: Image.Image, resize: int = 256, crop: int = 224) -> to
     # rounding): resampling only the crop's source box gives other pixels, since Pillow picks the
     # order of its two 8-bit rounding passes from the sizes involved.
     new_w, new_h = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
-    image = image.resize((new_w, new_h), Image.BICUBIC)
+    image = image.resize((new_w, new_h), _INTERPOLATIONS[interpolation])
     left, top = int(round((new_w - crop) / 2.0)), int(round((new_h - crop) / 2.0))
     image = image.crop((left, top, left + crop, top + crop))
     if image.mode == "F":
@@ -88,9 +99,28 @@ def eval_transform(image: Image.Image, resize: int = 256, crop: int = 224) -> to
         pixels = gray.expand(3, crop, crop)
     else:
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (pixels - mean) / std
+    return (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def create_transform(pretrained_cfg: Mapping[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+    """The evaluation transform a ``pretrained_cfg`` describes (``model.pretrained_cfg``, timm's
+    keys), as a function of one PIL image -> float32 (3, H, W): :func:`eval_transform` with the
+    short side resized to floor(H / crop_pct), a centre crop of ``input_size`` (C, H, W) (square,
+    3 channels), its interpolation, mean and std. The published variants' cfg gives the official
+    preprocessing (256, bicubic, crop 224, ImageNet mean/std)."""
+    missing = [k for k in ("input_size", "crop_pct", "interpolation", "mean", "std") if k not in pretrained_cfg]
+    if missing:
+        raise ValueError(f"pretrained_cfg lacks {', '.join(missing)}")
+    channels, height, width = pretrained_cfg["input_size"]
+    if channels != 3 or height != width:
+        raise ValueError(f"create_transform makes square 3-channel crops; input_size is "
+                         f"{tuple(pretrained_cfg['input_size'])}")
+    crop_pct = pretrained_cfg["crop_pct"]
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+    return functools.partial(eval_transform, resize=math.floor(height / crop_pct), crop=height,
+                             mean=tuple(pretrained_cfg["mean"]), std=tuple(pretrained_cfg["std"]),
+                             interpolation=pretrained_cfg["interpolation"])
 
 
 def load_image(path: str | os.PathLike, resize: int = 256, crop: int = 224) -> torch.Tensor:

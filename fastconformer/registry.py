@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointMismatchError, mismatch_report, read_state_dict
+from .hub import default_pretrained_cfg, resolve_pretrained
 from .reference import Conformer, ConformerFeatures
 
 __all__ = ["VARIANTS", "Variant", "create_model", "guess_variant", "list_models", "load_checkpoint", "load_pretrained",
@@ -172,15 +173,21 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping, *, fi
     ``create_model(pretrained=source)`` does.
 
     source: a checkpoint path (``.safetensors`` or a torch.save file, any layout
-    :func:`fastconformer.load_checkpoint` reads) or a loaded state_dict.
-    Keys of modules the model is built without (a features_only or pruned model's heads and
-    blocks) are left out, saying so in one log line; with ``fit_heads`` (``create_model`` was
-    given ``num_classes``) heads of another shape are left out too, as the official ``--finetune``
-    does, in one line. Everything else must fit (CheckpointMismatchError otherwise).
+    :func:`fastconformer.load_checkpoint` reads), a loaded state_dict, or ``"hf-hub:ORG/REPO"``
+    (:func:`fastconformer.hub.resolve_pretrained`). Keys of modules the model is built without (a
+    features_only or pruned model's heads and blocks) are left out, saying so in one log line; with
+    ``fit_heads`` (``create_model`` was given ``num_classes``) heads of another shape are left out
+    too, as the official ``--finetune`` does, in one line. Everything else must fit
+    (CheckpointMismatchError otherwise). The pretrained_cfg that travels with the weights, if any,
+    becomes ``model.pretrained_cfg`` (with the model's own architecture and num_classes).
     """
     origin = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the state_dict"
+    source, cfg = resolve_pretrained(source)
     state_dict = _fit_to_model(model, read_state_dict(source), origin, fit_heads)
     load_checkpoint(model, state_dict, strict=True)
+    if cfg is not None:
+        own = getattr(model, "pretrained_cfg", None) or default_pretrained_cfg(None, model.num_classes)
+        model.pretrained_cfg = {**own, **cfg, "architecture": own["architecture"], "num_classes": model.num_classes}
 
 
 def create_model(name: str, *, pretrained: str | os.PathLike | Mapping | None = None, fast: bool = False,
@@ -190,14 +197,15 @@ def create_model(name: str, *, pretrained: str | os.PathLike | Mapping | None = 
 
     name: one of :func:`list_models` (official spellings accepted). pretrained: None (random
     weights), a checkpoint path (``.safetensors`` or a torch.save file) or loaded state_dict (any
-    layout :func:`fastconformer.load_checkpoint` reads); nothing is downloaded. Loaded strictly
+    layout :func:`fastconformer.load_checkpoint` reads), or ``"hf-hub:ORG/REPO"``; loaded strictly
     by :func:`load_pretrained`, which leaves out what a features_only model has no
     place for and, when ``num_classes`` is given, heads of another shape (one log line each).
     fast: True returns the fused model (reference + :func:`fastconformer.convert`).
     features_only: True returns a :class:`~fastconformer.reference.ConformerFeatures`, whose forward
     gives the CNN maps of the blocks in ``out_indices`` (default: the official detection
     backbone's taps). overrides: any other Conformer constructor argument (num_classes,
-    drop_path_rate, norm_eval, frozen_stem, ...).
+    drop_path_rate, norm_eval, frozen_stem, ...). ``model.pretrained_cfg`` says how inputs are
+    prepared (:func:`fastconformer.data.create_transform`).
     """
     variant = VARIANTS[resolve_name(name)]
     for flag, value in (("fast", fast), ("features_only", features_only)):
@@ -208,10 +216,12 @@ def create_model(name: str, *, pretrained: str | os.PathLike | Mapping | None = 
                          "model.forward_intermediates(x, indices=...)")
     if isinstance(pretrained, bool) or not isinstance(pretrained, (str, os.PathLike, Mapping, type(None))):
         got = repr(pretrained) if isinstance(pretrained, bool) else type(pretrained).__name__
-        raise TypeError(f"pretrained must be a checkpoint path, a state_dict or None (random weights), got {got}: "
-                        f"fastconformer downloads no weights, pass the official or an MMPretrain checkpoint file")
+        raise TypeError(f"pretrained must be a checkpoint path, a state_dict, 'hf-hub:ORG/REPO' or None (random "
+                        f"weights), got {got}: fastconformer has no default weights, name the official or an "
+                        f"MMPretrain checkpoint file, or a Hub repository")
     kwargs = {**variant.kwargs, **overrides}
     model = ConformerFeatures(out_indices=out_indices, **kwargs) if features_only else Conformer(**kwargs)
+    model.pretrained_cfg = default_pretrained_cfg(variant.name, model.num_classes)
     if pretrained is not None:
         load_pretrained(model, pretrained, fit_heads="num_classes" in overrides)
     if fast:

@@ -322,9 +322,10 @@ def test_load_checkpoint_argument_types(source_state):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(fast="no"), "fast must be True or False, got 'no'"),
     (dict(fast=None), "fast must be True or False, got None"),
-    (dict(pretrained=True), "pretrained must be a checkpoint path, a state_dict or None .* got True: "
-                            "fastconformer downloads no weights"),
-    (dict(pretrained=["a.pth"]), "pretrained must be a checkpoint path, a state_dict or None .* got list"),
+    (dict(pretrained=True), "pretrained must be a checkpoint path, a state_dict, 'hf-hub:ORG/REPO' or None .* got "
+                            "True: fastconformer has no default weights"),
+    (dict(pretrained=["a.pth"]), "pretrained must be a checkpoint path, a state_dict, 'hf-hub:ORG/REPO' or None .* got "
+                                 "list"),
 ])
 def test_create_model_argument_types(kwargs, match):
     with pytest.raises(TypeError, match=match):

@@ -1,4 +1,5 @@
-"""The evaluation preprocessing on ordinary, high-bit-depth, odd-mode and hostile images."""
+"""The evaluation preprocessing on ordinary, high-bit-depth, odd-mode and hostile images, and the one a
+pretrained_cfg describes."""
 
 import time
 
@@ -7,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fastconformer.data import IMAGENET_MEAN, IMAGENET_STD, MAX_ASPECT_RATIO, eval_transform, load_image, load_images
+import fastconformer
+from fastconformer.data import (IMAGENET_MEAN, IMAGENET_STD, MAX_ASPECT_RATIO, create_transform, eval_transform,
+                                load_image, load_images)
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -147,3 +150,33 @@ def test_load_images_stacks(tmp_path):
     batch = load_images(paths)
     assert batch.shape == (2, 3, 224, 224) and batch.dtype == torch.float32
     assert torch.equal(batch[1], load_image(paths[1]))
+
+
+def test_create_transform_from_a_pretrained_cfg():
+    image = Image.fromarray(skimage_data.chelsea())
+    with torch.device("meta"):
+        cfg = fastconformer.create_model("conformer_small_patch16").pretrained_cfg
+    assert (cfg["input_size"], cfg["interpolation"], cfg["crop_pct"], cfg["mean"], cfg["std"]) == (
+        (3, 224, 224), "bicubic", 0.875, IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.equal(create_transform(cfg)(image), eval_transform(image))  # the official evaluation
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    other = {**cfg, "input_size": (3, 192, 192), "crop_pct": 0.75, "interpolation": "bilinear", "mean": mean,
+             "std": std}
+    out = create_transform(other)(image)
+    assert out.shape == (3, 192, 192)
+    assert torch.equal(out, eval_transform(image, 256, 192, mean=mean, std=std, interpolation="bilinear"))
+    assert not torch.equal(out, eval_transform(image, 256, 192, mean=mean, std=std))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(input_size=(3, 224, 192)), r"square 3-channel crops; input_size is \(3, 224, 192\)"),
+    (dict(crop_pct=0), r"crop_pct must be in \(0, 1\], got 0"),
+    (dict(interpolation="lanczos2"), "interpolation must be one of bicubic, bilinear, nearest, got 'lanczos2'"),
+    (dict(mean=None), "pretrained_cfg lacks mean"),
+])
+def test_create_transform_refuses_what_it_cannot_make(change, message):
+    cfg = {"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.875, "mean": IMAGENET_MEAN,
+           "std": IMAGENET_STD, **change}
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    with pytest.raises(ValueError, match=message):
+        create_transform(cfg)(Image.new("RGB", (300, 300)))

@@ -1,0 +1,156 @@
+"""Weights people can share: save_checkpoint (.safetensors / .pth), save_pretrained, the
+pretrained_cfg travelling with the weights, and pretrained="hf-hub:ORG/REPO" read offline from a
+Hugging Face cache folder each test lays out itself (no network here)."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastconformer
+from fastconformer import cli
+from fastconformer.hub import read_pretrained_cfg
+from fastconformer.testing import randomize_module
+
+NAME = "conformer_tiny_patch16"
+CONFIG = dict(depth=3, patch_size=32, channel_ratio=0.25, embed_dim=96, num_heads=2)  # cheap to write and read
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+HUB_MISSING = "hf-hub: weights need the optional extra huggingface_hub (pip install 'fastconformer[hub]')"
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A small Conformer with random weights and BN statistics, and its own pretrained_cfg."""
+    torch.manual_seed(0)
+    model = fastconformer.create_model(NAME, **CONFIG)
+    randomize_module(model, torch.Generator().manual_seed(0))
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 256, 256), "crop_pct": 1.0}
+    return model
+
+
+def _assert_same_weights(loaded, model):
+    state = model.state_dict()
+    assert list(loaded.state_dict()) == list(state)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".pt"])
+def test_save_checkpoint_round_trip(tmp_path, model, suffix):
+    path = fastconformer.save_checkpoint(model, tmp_path / f"reference{suffix}")
+    fast_path = fastconformer.save_checkpoint(fastconformer.convert(copy.deepcopy(model)), tmp_path / f"fast{suffix}")
+    if suffix == ".safetensors":  # the reference and the fast model write the same tensors and metadata
+        from safetensors.torch import load_file
+
+        written, fast_written = load_file(path), load_file(fast_path)
+        assert written.keys() == fast_written.keys() and all(torch.equal(written[k], fast_written[k]) for k in written)
+        assert read_pretrained_cfg(path) == read_pretrained_cfg(fast_path) == model.pretrained_cfg
+    else:  # what the official checkpoints hold: the bare state_dict
+        assert list(torch.load(path, weights_only=True)) == list(model.state_dict())
+    loaded = fastconformer.create_model(NAME, pretrained=path, **CONFIG)
+    _assert_same_weights(loaded, model)
+    assert loaded.pretrained_cfg == (model.pretrained_cfg if suffix == ".safetensors" else
+                                     fastconformer.create_model(NAME, **CONFIG).pretrained_cfg)
+    fastconformer.load_checkpoint(fastconformer.create_model(NAME, **CONFIG), fast_path, strict=True)
+
+
+def test_save_checkpoint_refuses_unknown_suffix(tmp_path, model):
+    with pytest.raises(ValueError, match=r"cannot tell the format of '.*model.bin' from its suffix; use .safetensors, "
+                                         r".pth or .pt"):
+        fastconformer.save_checkpoint(model, tmp_path / "model.bin")
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        fastconformer.save_checkpoint(model.state_dict(), tmp_path / "model.pth")
+
+
+def test_save_pretrained_writes_a_hub_repository(tmp_path, model):
+    folder = fastconformer.save_pretrained(model, tmp_path / "repo")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == NAME and config["num_classes"] == 1000
+    assert config["pretrained_cfg"] == json.loads(json.dumps(model.pretrained_cfg))
+
+
+def _lay_out_cache(cache, repo_id: str, model, config: bool = True):
+    """A Hugging Face cache holding ``repo_id`` at REVISION, as huggingface_hub lays it out:
+    models--ORG--REPO/refs/main naming the commit, the files under snapshots/<commit>/."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = fastconformer.save_pretrained(model, repo / "snapshots" / REVISION)
+    if not config:
+        (snapshot / "config.json").unlink()
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(REVISION)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """huggingface_hub offline, its cache in tmp_path/cache: through the environment for new processes and
+    through its constants, which it reads once at import, for this one."""
+    pytest.importorskip("huggingface_hub", reason=HUB_MISSING)
+    from huggingface_hub import constants
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_hf_hub_round_trip_in_a_fresh_process(tmp_path, model, offline_hub):
+    """As a user runs it: HF_HUB_OFFLINE=1 and HF_HUB_CACHE set before anything is imported."""
+    _lay_out_cache(offline_hub, "org/conformer-micro", model)
+    expected = fastconformer.save_checkpoint(model, tmp_path / "expected.safetensors")
+    script = textwrap.dedent(f"""
+        import torch, fastconformer
+        from safetensors.torch import load_file
+        expected = load_file({str(expected)!r})
+        for spec in ("hf-hub:org/conformer-micro", "hf-hub:org/conformer-micro@{REVISION}"):
+            model = fastconformer.create_model({NAME!r}, pretrained=spec, **{CONFIG!r})
+            state = model.state_dict()
+            assert sorted(state) == sorted(expected)
+            assert all(torch.equal(state[k], expected[k]) for k in expected)
+            assert model.pretrained_cfg["input_size"] == (3, 256, 256) and model.pretrained_cfg["crop_pct"] == 1.0
+        features = fastconformer.create_model({NAME!r}, pretrained=spec, features_only=True, fast=True, **{CONFIG!r})
+        assert all(torch.equal(v, expected[k]) for k, v in features.state_dict().items())
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ.copy(),
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_hf_hub_without_config_json_takes_the_cfg_from_the_weights(model, offline_hub):
+    _lay_out_cache(offline_hub, "org/weights-only", model, config=False)
+    loaded = fastconformer.create_model(NAME, pretrained="hf-hub:org/weights-only", **CONFIG)
+    _assert_same_weights(loaded, model)
+    assert loaded.pretrained_cfg == model.pretrained_cfg
+
+
+def test_hf_hub_errors_are_one_line(model, offline_hub):
+    _lay_out_cache(offline_hub, "org/conformer-micro", model)
+    with pytest.raises(OSError, match=r"^hf-hub:org/absent: cannot get model.safetensors from the Hugging Face Hub or "
+                                      r"its cache \(LocalEntryNotFoundError: ") as err:
+        fastconformer.create_model(NAME, pretrained="hf-hub:org/absent", **CONFIG)
+    assert "\n" not in str(err.value)
+    with pytest.raises(OSError, match="hf-hub:org/conformer-micro@main2: cannot get model.safetensors"):
+        fastconformer.create_model(NAME, pretrained="hf-hub:org/conformer-micro@main2", **CONFIG)
+    for spec in ("hf-hub:conformer", "hf-hub:org/", "hf-hub:a/b/c"):
+        with pytest.raises(ValueError, match="expected 'hf-hub:ORG/REPO' or 'hf-hub:ORG/REPO@REVISION'"):
+            fastconformer.create_model(NAME, pretrained=spec, **CONFIG)
+
+
+def test_hf_hub_without_huggingface_hub_says_which_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # an import of it now fails
+    with pytest.raises(ImportError, match=r"^pretrained='hf-hub:org/repo' needs huggingface_hub: "
+                                          r"pip install 'fastconformer\[hub\]'$"):
+        fastconformer.create_model(NAME, pretrained="hf-hub:org/repo", **CONFIG)
+    assert cli.main(["predict", "photo.png", "--model", NAME, "--pretrained", "hf-hub:org/repo"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "error: pretrained='hf-hub:org/repo' needs huggingface_hub: pip install 'fastconformer[hub]'"
+    assert not any("Traceback" in line for line in err)
