@@ -105,7 +105,6 @@ def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> tuple[str | None, s
     return None, "no registered variant matches exactly" + (f" ({', '.join(clues)})" if clues else "")
 
 
-
 def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping, strict: bool = True):
     """Load a checkpoint into a reference or fast Conformer (they share state_dict keys).
 
