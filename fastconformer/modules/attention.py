@@ -83,7 +83,8 @@ class FusedAttention(FusedModule):
         dim = qkv.in_features
         if qkv.out_features != 3 * dim or (proj.in_features, proj.out_features) != (dim, dim):
             raise NotFusableError(f"FusedAttention: expected qkv {dim}->{3 * dim} and proj {dim}->{dim}, got qkv "
-                                  f"{qkv.in_features}->{qkv.out_features}, proj {proj.in_features}->{proj.out_features}")
+                                  f"{qkv.in_features}->{qkv.out_features}, "
+                                  f"proj {proj.in_features}->{proj.out_features}")
         if dim % heads:
             raise NotFusableError(f"FusedAttention: dim ({dim}) must be divisible by num_heads ({heads})")
         self.num_heads, self.scale = heads, module.scale

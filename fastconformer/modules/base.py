@@ -54,4 +54,5 @@ class FusedModule(nn.Module):
         missing = [n for n in names if not hasattr(module, n)]
         if missing:
             raise NotFusableError(f"{type(self).__name__}.from_reference expects a {self.reference.__name__} "
-                                  f"(attributes {', '.join(names)}); {type(module).__name__} lacks {', '.join(missing)}")
+                                  f"(attributes {', '.join(names)}); {type(module).__name__} lacks "
+                                  f"{', '.join(missing)}")

@@ -46,8 +46,8 @@ class FusedConvTransBlock(FusedModule):
                                   "which run fused; a fusion block with drop_block is not supported")
         if not isinstance(getattr(fusion, "act1", None), nn.ReLU) or not isinstance(getattr(fusion, "bn1", None),
                                                                                      _BatchNorm):
-            raise NotFusableError(f"FusedConvTransBlock: the fusion block's bn1 and act1 must be a BatchNorm and a ReLU "
-                                  f"(they run fused), got {getattr(fusion, 'bn1', None)!r} and "
+            raise NotFusableError(f"FusedConvTransBlock: the fusion block's bn1 and act1 must be a BatchNorm and a "
+                                  f"ReLU (they run fused), got {getattr(fusion, 'bn1', None)!r} and "
                                   f"{getattr(fusion, 'act1', None)!r}")
         # Registration order as in ConvTransBlock, so state_dict keys come in the same order.
         self.cnn_block = block.cnn_block

@@ -102,7 +102,8 @@ class FusedFCUDown(FusedModule):
         except ValueError as err:
             raise NotFusableError(str(err)) from None
         pool = getattr(module, "sample_pooling", None)
-        if pool is not None and not all(v in (dw_stride, (dw_stride, dw_stride)) for v in (pool.kernel_size, pool.stride)):
+        window = (dw_stride, (dw_stride, dw_stride))
+        if pool is not None and not all(v in window for v in (pool.kernel_size, pool.stride)):
             raise NotFusableError(f"sample_pooling must average dw_stride={dw_stride} windows, got {pool}")
         self.dw_stride = dw_stride
         self.conv_project = conv
