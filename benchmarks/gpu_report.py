@@ -100,6 +100,7 @@ class Plan:
     budget_s: float
     image_size: int
     models: dict[str, tuple[str, dict]]
+    model_images: dict[str, tuple[int, int]]  # (H, W) of the models that do not run at image_size
     rows: list[dict]  # model benchmark rows in priority order: model, dtype, batch, mode, impl
     kernel_batch: int
     min_time_s: float  # per timed model row, after its warm-up
@@ -119,28 +120,35 @@ def build_plan(device: str, quick: bool, budget_s: float | None = None) -> Plan:
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
     if device == "cpu":
-        label = "Conformer-Ti (3 blocks, dim 96)"
-        models = {label: ("conformer_tiny_patch16", dict(depth=3, embed_dim=96, num_heads=2))}
+        label, backbone = "Conformer-Ti (3 blocks, dim 96)", "Conformer-Ti backbone (3 blocks, dim 96, 64x96)"
+        tiny = dict(depth=3, embed_dim=96, num_heads=2)
+        models = {label: ("conformer_tiny_patch16", tiny),
+                  backbone: ("conformer_tiny_patch16", dict(tiny, features_only=True))}
+        images = {backbone: (64, 96)}
         if quick:
             combos = [("fp32", "inference"), ("bf16", "inference"), ("fp32", "train")]
             rows = [_row(label, dtype, 2, mode, impl) for dtype, mode in combos for impl in EAGER_IMPLS]
+            rows[2:2] = [_row(backbone, "fp32", 2, "inference", impl) for impl in EAGER_IMPLS]  # while budget lasts
         else:
             rows = [_row(label, dtype, batch, mode, impl) for batch in (2, 1) for mode in ("inference", "train")
                     for dtype in DTYPES for impl in EAGER_IMPLS]
             rows += [_row(label, "fp32", 2, "inference", impl) for impl in ("compile(reference)", "compile(fast)")]
-        return Plan(device, quick, budget_s or (40.0 if quick else 300.0), 64, models, rows, kernel_batch=2,
+        return Plan(device, quick, budget_s or (40.0 if quick else 300.0), 64, models, images, rows, kernel_batch=2,
                     min_time_s=0.05, min_iters=2, pytest_args=None if quick else ["-k", "compile and add_layer_norm"],
                     pytest_budget_s=120.0, compile_timeout_s=120.0, sanitizer=False)
+    backbone = "Conformer-S/32 backbone (800x1344)"  # the official detection configs' backbone and input
     models = {"Conformer-Ti": ("conformer_tiny_patch16", {}), "Conformer-S": ("conformer_small_patch16", {}),
-              "Conformer-B": ("conformer_base_patch16", {})}
+              "Conformer-B": ("conformer_base_patch16", {}),
+              backbone: ("conformer_small_patch32", dict(features_only=True))}
     S = "Conformer-S"
-    # the goal rows first: eager, then compiled (max-autotune only here)
+    # the goal rows first: eager, then compiled (max-autotune only here); then the detection backbone
     rows = [_row(S, "bf16", batch, mode, impl) for batch in GOAL_BATCHES for mode in ("inference", "train")
             for impl in EAGER_IMPLS]
     rows += [_row(S, "bf16", 64, "inference", impl)
              for impl in ("compile(reference)", "compile(fast)", "compile(reference, max-autotune)")]
     rows += [_row(S, "bf16", 64, "train", "compile(reference)"), _row(S, "bf16", 128, "inference",
                                                                        "compile(reference)")]
+    rows += [_row(backbone, "bf16", 2, "inference", impl) for impl in EAGER_IMPLS]
     # breadth, eager: every model and mode; every dtype at batch 64, bf16 at batch 256 and 1
     for batch, dtypes in ((64, list(DTYPES)), (256, ["bf16"]), (1, ["bf16"])):
         rows += [_row(model, dtype, batch, mode, impl) for model in models for dtype in dtypes
@@ -153,8 +161,8 @@ def build_plan(device: str, quick: bool, budget_s: float | None = None) -> Plan:
              for impl in ("compile(reference)", "compile(fast)")]
     rows += [_row(S, "bf16", 256, "inference", impl) for impl in ("compile(reference)", "compile(fast)")]
     unique = list({tuple(r.values()): r for r in rows}.values())  # first occurrence wins (dicts keep order)
-    return Plan(device, quick, budget_s or (180.0 if quick else 540.0), 224, models, unique, kernel_batch=256,
-                min_time_s=0.3, min_iters=3, pytest_args=None if quick else [], pytest_budget_s=180.0,
+    return Plan(device, quick, budget_s or (180.0 if quick else 540.0), 224, models, {backbone: (800, 1344)}, unique,
+                kernel_batch=256, min_time_s=0.3, min_iters=3, pytest_args=None if quick else [], pytest_budget_s=180.0,
                 compile_timeout_s=150.0, sanitizer=not quick)
 
 
@@ -481,10 +489,10 @@ def _build(plan_models: dict, label: str, fast: bool, device: str) -> torch.nn.M
     return model.to(device)
 
 
-def _step_fn(model: torch.nn.Module, row: dict, device: str, image_size: int) -> Callable[[], Any]:
-    """One inference call or one training step of ``model`` on a fixed random batch."""
+def _step_fn(model: torch.nn.Module, row: dict, device: str, image: tuple[int, int]) -> Callable[[], Any]:
+    """One inference call or one training step of ``model`` on a fixed random batch of (H, W) ``image``s."""
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(row["batch"], 3, image_size, image_size, generator=gen).to(device)
+    x = torch.randn(row["batch"], 3, *image, generator=gen).to(device)
     dtype = DTYPES[row["dtype"]]
     amp = (torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
     if row["mode"] == "inference":
@@ -517,10 +525,12 @@ def bench_model_row(row: dict, model: torch.nn.Module, plan: Plan) -> dict:
     settled, and the first call's seconds; ``model`` is already compiled if the impl says so (its
     first call then includes the compile time)."""
     device = plan.device
-    timings, _ = time_interleaved({"model": _step_fn(model, row, device, plan.image_size)}, plan.min_iters,
+    image = plan.model_images.get(row["model"], (plan.image_size, plan.image_size))
+    timings, _ = time_interleaved({"model": _step_fn(model, row, device, image)}, plan.min_iters,
                                   plan.min_time_s, device=device)
     timing = timings["model"]
-    result = {"first_call_s": timing.warmup[0], "seconds_per_call": timing.median, "spread": timing.spread,
+    result = {"image": list(image), "first_call_s": timing.warmup[0], "seconds_per_call": timing.median,
+              "spread": timing.spread,
               "warmup_calls": len(timing.warmup), "iters": len(timing.rounds),
               "images_per_s": row["batch"] / timing.median, "status": "ok"}
     if device == "cuda":

@@ -74,6 +74,8 @@ def test_cpu_quick_run_writes_json_and_markdown(cpu_run):
     for r in rows:
         if r["status"] == "ok":
             assert r["images_per_s"] > 0 and r["first_call_s"] > 0 and r["batch"] in (1, 2)
+    backbone = [r for r in rows if r["model"].startswith("Conformer-Ti backbone")]  # features_only, 64x96
+    assert len(backbone) == 2 and all(r["image"] == [64, 96] for r in backbone if r["status"] == "ok")
 
     goals = report["goals"]
     assert len(goals) == 10 and all(g["status"] == "n/a on CPU" for g in goals)
@@ -96,8 +98,11 @@ def test_plan_puts_goal_rows_first_and_bounds_the_matrix():
     assert len(autotuned) == 1  # max-autotune only for Conformer-S batch 64
     keys = [tuple(r.values()) for r in plan.rows]
     assert len(keys) == len(set(keys))
-    assert {r["batch"] for r in plan.rows} == {1, 64, 128, 256}
-    assert {r["model"] for r in plan.rows} == {"Conformer-Ti", "Conformer-S", "Conformer-B"}
+    assert {r["batch"] for r in plan.rows} == {1, 2, 64, 128, 256}
+    backbone = "Conformer-S/32 backbone (800x1344)"
+    assert {r["model"] for r in plan.rows} == {"Conformer-Ti", "Conformer-S", "Conformer-B", backbone}
+    assert [r["impl"] for r in plan.rows[13:15]] == ["reference", "fast"] and plan.rows[13]["model"] == backbone
+    assert plan.model_images == {backbone: (800, 1344)} and plan.models[backbone][1] == {"features_only": True}
     cpu = gpu_report.build_plan("cpu", quick=True)
     assert cpu.pytest_args is None and not cpu.sanitizer and {r["batch"] for r in cpu.rows} <= {1, 2}
     assert all(not r["impl"].startswith("compile") for r in cpu.rows)
