@@ -5,20 +5,24 @@ Used by the test suite and by ``fastconformer check``, so a user's GPU is judged
 Policy: compare against the reference computed in float64 from the same weights and inputs, by
 relative error ``||out - ref|| / ||ref||``. float32: at most 1e-5 per module, 1e-4 for the whole
 model. float16 / bfloat16: at most 2x the plain-PyTorch module's own error in that dtype, + 1e-6.
-NaN or Inf never passes.
+NaN or Inf never passes. float32 is compared with TF32 off (:func:`tf32`): cuDNN convolutions
+default to TF32 on Ampere and later GPUs, which alone puts a whole model ~1e-3 from float64; TF32
+has its own checks, bound by 2x the reference's own error under TF32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 
 __all__ = ["MODULE_TOL", "MODEL_TOL", "Comparison", "rel_error", "compare", "assert_matches", "onednn_calls",
-           "randomize_module", "reference_and_fast", "saved_activation_bytes", "to_float64"]
+           "randomize_module", "reference_and_fast", "saved_activation_bytes", "tf32", "to_float64"]
 
 MODULE_TOL = 1e-5
 MODEL_TOL = 1e-4
@@ -96,6 +100,30 @@ def assert_matches(out, ref, *, baseline=None, fp32_tol: float = MODULE_TOL, nam
     result = compare(out, ref, baseline=baseline, fp32_tol=fp32_tol, name=name)
     assert result.passed, str(result)
     return result
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """torch's TF32 switches for float32 CUDA work set to ``enabled`` inside the block and restored
+    after: cuBLAS matmuls (which the Triton kernels' dots follow,
+    ``fastconformer.kernels.dot_precision``) and cuDNN convolutions (and RNNs, so that torch's legacy
+    ``cudnn.allow_tf32`` stays readable). Uses torch's ``fp32_precision`` settings where torch has
+    them (>= 2.9; once they are set, reading a legacy ``allow_tf32`` flag that no longer describes
+    them raises), else the legacy flags. No effect on CPU arithmetic."""
+    backends = torch.backends
+    if hasattr(backends.cuda.matmul, "fp32_precision"):
+        switches, attr, value = ((backends.cuda.matmul, backends.cudnn.conv, backends.cudnn.rnn), "fp32_precision",
+                                 "tf32" if enabled else "ieee")
+    else:
+        switches, attr, value = (backends.cuda.matmul, backends.cudnn), "allow_tf32", enabled
+    saved = [getattr(switch, attr) for switch in switches]
+    try:
+        for switch in switches:
+            setattr(switch, attr, value)
+        yield
+    finally:
+        for switch, previous in zip(switches, saved):
+            setattr(switch, attr, previous)
 
 
 def to_float64(x):

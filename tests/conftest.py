@@ -16,6 +16,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton >= 3.9 warns un
 import pytest  # noqa: E402
 
 from fastconformer import dispatch, timing  # noqa: E402
+from fastconformer.testing import tf32  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -49,6 +50,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def ieee_fp32():
+    """Every test runs with TF32 off for float32 CUDA matmuls (cuBLAS, and the Triton kernels' dots,
+    which follow it) and convolutions (cuDNN, TF32 by default on Ampere and later): the float32
+    bounds hold for IEEE arithmetic, and an unfused convolution in TF32 alone costs the whole model
+    ~1e-3. tests/test_tf32.py turns TF32 on for its own bound. Changes no CPU arithmetic."""
+    with tf32(False):
+        yield
 
 
 @pytest.fixture
