@@ -1,42 +1,33 @@
 """fastconformer's Triton kernels (installed as ``fastconformer.kernels``).
 
-One file per fused op, Liger-Kernel style: the ``@triton.jit`` kernel, its launcher (the only
-place that picks a launch config), the ``torch.library.triton_op`` registration, and a
-``compile_specs()`` generator that lists every (kernel, signature, constexprs, warps, stages)
-combination the launcher can pick. The test suite's ``compile`` matrix builds each of them for
-sm_80 and sm_90 with :func:`compile_spec`, no GPU needed.
+One file per fused op, Liger-Kernel style: the ``@triton.jit`` kernels, one function per kernel
+that picks its :class:`LaunchConfig` (constexprs, num_warps, num_stages) from the problem, and the
+launchers, ``torch.library.triton_op`` ops that run each kernel through :func:`launch`. Nothing
+else lists what a launcher can launch: the compile matrix (``fastconformer.compile_matrix``,
+``python -m fastconformer.kernels``) runs the launchers on meta tensors for real Conformer
+workloads inside :func:`record_launches` and builds what they launch for sm_80 and sm_90, no GPU
+needed.
 
 Importing this package imports triton.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import dataclasses
-import functools
-import importlib
-import json
 import os
 import pkgutil
-import re
-import subprocess
-import sys
-import tempfile
-from typing import Iterable
+from typing import Iterator, NamedTuple
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
 
-__all__ = ["KERNEL_MODULES", "CompileSpec", "CompileReport", "all_compile_specs", "compile_spec", "compile_matrix",
-           "tl_dtype", "dot_precision", "layout_tile", "tile_layouts"]
-
+__all__ = ["KERNEL_MODULES", "Launch", "LaunchConfig", "autocast_off", "dot_precision", "launch", "record_launches",
+           "tf32_matmul_enabled", "tile_shape", "tl_dtype"]
 
 
 def _kernel_modules() -> tuple[str, ...]:
-    """Every module of this package that defines kernels (each has a compile_specs() generator)."""
+    """Every module of this package that defines kernels (one per fused op)."""
     here = os.path.dirname(__file__)
     return tuple(sorted(m.name for m in pkgutil.iter_modules([here]) if not m.name.startswith("_")))
 
@@ -84,133 +75,63 @@ CHANNEL_BLOCKS = (16, 32, 64, 128)
 PIXEL_BLOCK = 128
 
 
-def layout_tile(tile: int, C: int, channels_last: bool) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_C) of a ``tile``-element 2-D tile for C channels in the given layout."""
+def tile_shape(elements: int, C: int, channels_last: bool) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) of an ``elements``-element 2-D tile for C channels in the given layout."""
     block_c = (max(CHANNEL_BLOCKS[0], min(CHANNEL_BLOCKS[-1], triton.next_power_of_2(C))) if channels_last
                else PIXEL_BLOCK)
-    return tile // block_c, block_c
+    return elements // block_c, block_c
 
 
-def tile_layouts() -> list[tuple[bool, int, str]]:
-    """(channels_last, a channel count that picks each distinct BLOCK_C, layout name) for every
-    tile :func:`layout_tile` can return: what compile_specs must build."""
-    return [(False, PIXEL_BLOCK, "contiguous")] + [(True, c, "channels_last") for c in CHANNEL_BLOCKS]
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context with autocast off for ``device``'s type, for the torch matmuls of a backward op;
+    a plain context on devices autocast does not know (meta, where the compile matrix runs the
+    launchers)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
-@dataclasses.dataclass(frozen=True)
-class CompileSpec:
-    """One launchable variant of a kernel: what ``triton.compile`` needs to build it ahead of time."""
+class LaunchConfig(NamedTuple):
+    """How a launcher runs a kernel besides its arguments and grid: the values of all the kernel's
+    constexpr parameters (block sizes, modes), num_warps and num_stages."""
 
-    name: str
-    kernel: object  # the @triton.jit function (a JITFunction, or an InterpretedFunction under TRITON_INTERPRET)
-    signature: dict
-    constexprs: dict
-    num_warps: int = 4
-    num_stages: int = 2
-    # Arguments the runtime specialises as multiples of 16 at real launches (pointers from torch's
-    # allocator, strides of aligned tensors): listing them builds the variant those launches get.
-    divisible_by_16: tuple[str, ...] = ()
-    # False for extra specialisations of a config that the test suite also builds in another
-    # variant (e.g. the unaligned twin of an aligned launch); `python -m fastconformer.kernels --all`
-    # builds them too.
-    in_suite: bool = True
+    constexprs: dict[str, object]
+    num_warps: int
+    num_stages: int
 
 
 @dataclasses.dataclass(frozen=True)
-class CompileReport:
-    """What ptxas made of one spec for one target."""
+class Launch:
+    """One launch :func:`record_launches` recorded: the ``@triton.jit`` function, its positional
+    arguments as the launcher passed them, and its config."""
 
-    name: str
-    arch: int
-    registers: int
-    spill_bytes: int  # ptxas stack frame + local memory: non-zero means register spills
-    shared_bytes: int
-    uses_wgmma: bool
-    uses_mma: bool
+    kernel: object
+    args: tuple
+    config: LaunchConfig
 
 
-def _jit_function(kernel) -> JITFunction:
-    # Under TRITON_INTERPRET=1, @triton.jit returns an InterpretedFunction that keeps the Python
-    # function in .fn; ahead-of-time compilation needs a JITFunction of it.
-    if isinstance(kernel, JITFunction):
-        return kernel
-    return JITFunction(kernel.fn)
+_recorded: list[Launch] | None = None
 
 
-@functools.cache
-def _cuobjdump() -> str:
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def launch(kernel, grid, args: tuple, config: LaunchConfig) -> None:
+    """``kernel[grid](*args, **config.constexprs, num_warps=..., num_stages=...)``. ``kernel`` is
+    ``wrap_triton(<@triton.jit function>)``, written out at the call site: torch reads an op's
+    kernels from its source (torch.compile's caches key on their code). Inside
+    :func:`record_launches` the launch is recorded instead of run."""
+    if _recorded is not None:
+        _recorded.append(Launch(getattr(kernel, "kernel", kernel), tuple(args), config))  # the wrapped function
+        return
+    kernel[grid](*args, **config.constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
-    """(registers, stack + local bytes, shared bytes) of the one function in ``cubin``."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out))
-    if "REG" not in fields:
-        raise RuntimeError(f"cuobjdump -res-usage printed no REG field:\n{out}")
-    return int(fields["REG"]), int(fields["STACK"]) + int(fields["LOCAL"]), int(fields["SHARED"])
-
-
-def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
-    """Build ``spec`` for ``sm_<arch>`` (80 or 90) with no GPU present and report its resources.
-
-    Needs a process where TRITON_INTERPRET was unset when triton was imported (under the
-    interpreter triton's own library functions such as tl.sum are interpreted, not compiled);
-    :func:`compile_matrix` takes care of that."""
-    fn = _jit_function(spec.kernel)
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.divisible_by_16}
-    source = ASTSource(fn, spec.signature, spec.constexprs, attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-    registers, spills, shared = _resource_usage(compiled.asm["cubin"])
-    ptx = compiled.asm["ptx"]
-    return CompileReport(name=spec.name, arch=arch, registers=registers, spill_bytes=spills,
-                         shared_bytes=max(shared, compiled.metadata.shared), uses_wgmma="wgmma" in ptx,
-                         uses_mma="mma.sync" in ptx or "wgmma" in ptx)
-
-
-def all_compile_specs(include_all: bool = False) -> Iterable[CompileSpec]:
-    """Every spec of every kernel module, in KERNEL_MODULES (alphabetical) order; only those with
-    ``in_suite`` unless ``include_all``."""
-    for name in KERNEL_MODULES:
-        for spec in importlib.import_module(f"{__name__}.{name}").compile_specs():
-            if include_all or spec.in_suite:
-                yield spec
-
-
-def _compile_job(job: tuple[str, int]) -> dict:
-    name, arch = job
-    spec = next(s for s in all_compile_specs(include_all=True) if s.name == name)
-    return dataclasses.asdict(compile_spec(spec, arch))
-
-
-def compile_matrix(arches=(80, 90), jobs: int | None = None,
-                   include_all: bool = False) -> dict[tuple[str, int], CompileReport]:
-    """Compile every spec (``in_suite`` ones unless ``include_all``) for every arch;
-    {(spec name, arch): report}.
-
-    Runs in this process when triton is compiling natively, else (under TRITON_INTERPRET=1, as in
-    the CPU test suite) in a child process without it (``python -m fastconformer.kernels``)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton >= 3.9 warns unless the (default) choice is explicit
-        cmd = [sys.executable, "-m", __name__, "--arches", *map(str, arches)]
-        if jobs:
-            cmd += ["--jobs", str(jobs)]
-        if include_all:
-            cmd.append("--all")
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-        reports = [CompileReport(**r) for r in json.loads(proc.stdout)]
-    else:
-        names = [s.name for s in all_compile_specs(include_all)]
-        if len(set(names)) != len(names):
-            raise RuntimeError("compile spec names must be unique")
-        work = [(n, a) for n in names for a in arches]
-        with concurrent.futures.ProcessPoolExecutor(jobs or os.cpu_count()) as pool:
-            reports = [CompileReport(**r) for r in pool.map(_compile_job, work)]
-    return {(r.name, r.arch): r for r in reports}
+@contextlib.contextmanager
+def record_launches() -> Iterator[list[Launch]]:
+    """Inside the block :func:`launch` records each launch in the list this yields instead of
+    running it: for running the launchers on meta tensors (shapes, strides, dtypes and alignment,
+    no data), as the compile matrix does. Process-wide, not per thread."""
+    global _recorded
+    previous, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = previous

@@ -16,11 +16,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import CompileSpec, tl_dtype
+from . import LaunchConfig, launch
 
 MAX_D = 4096
 _BLOCK_DS = (128, 256, 512, 1024, 2048, 4096)
-_BACKWARD_STAGES = 1  # the backward's row loop is not software-pipelined: its registers go to BLOCK_D-wide rows
 _BACKWARD_PROGRAMS = 256  # at most this many programs of the backward, each summing dweight/dbias over its rows
 
 
@@ -90,16 +89,25 @@ def add_layer_norm_backward_kernel(
     tl.store(partial_b_ptr + pid * D + cols, partial_b, mask=mask)
 
 
-def _launch_config(D: int) -> tuple[int, int]:
-    """(BLOCK_D, num_warps) for rows of D elements."""
-    block_d = max(_BLOCK_DS[0], triton.next_power_of_2(D))
-    return block_d, min(max(block_d // 256, 1), 8)
+def _block_d(D: int) -> int:
+    """The padded row width: next_pow2(D), at least 128."""
+    return max(_BLOCK_DS[0], triton.next_power_of_2(D))
 
 
-def _backward_warps(block_d: int) -> int:
-    """num_warps of the backward: the forward's, but 16 at BLOCK_D 4096, where 8 spill on sm_90
-    (the weight and the two partial sums stay in registers across the row loop)."""
-    return min(max(block_d // 256, 1), 16)
+def add_layer_norm_config(D: int) -> LaunchConfig:
+    """add_layer_norm_kernel's config for rows of D elements: one row per program, 256 elements per
+    warp (1 to 8 warps); one stage (no loop)."""
+    block_d = _block_d(D)
+    return LaunchConfig(dict(BLOCK_D=block_d), num_warps=min(max(block_d // 256, 1), 8), num_stages=1)
+
+
+def add_layer_norm_backward_config(D: int, has_grad_sum: bool) -> LaunchConfig:
+    """add_layer_norm_backward_kernel's config: the forward's, but 16 warps at BLOCK_D 4096, where 8
+    spill on sm_90 (the weight and the two partial sums stay in registers across the row loop); one
+    stage: the row loop is not software-pipelined, its registers go to BLOCK_D-wide rows."""
+    block_d = _block_d(D)
+    return LaunchConfig(dict(HAS_GRAD_SUM=has_grad_sum, BLOCK_D=block_d), num_warps=min(max(block_d // 256, 1), 16),
+                        num_stages=1)
 
 
 @triton_op("fastconformer::add_layer_norm", mutates_args=())
@@ -112,9 +120,8 @@ def add_layer_norm_op(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bi
     out = torch.empty_like(x, dtype=out_dtype)
     mean = torch.empty(M, device=x.device, dtype=torch.float32)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
-    block_d, num_warps = _launch_config(D)
-    wrap_triton(add_layer_norm_kernel)[(M,)](x, y, s, out, weight, bias, mean, rstd, D, eps,
-                                             BLOCK_D=block_d, num_warps=num_warps)
+    launch(wrap_triton(add_layer_norm_kernel), (M,), (x, y, s, out, weight, bias, mean, rstd, D, eps),
+           add_layer_norm_config(D))
     return s, out, mean, rstd
 
 
@@ -137,11 +144,9 @@ def add_layer_norm_backward_op(grad_out: torch.Tensor, grad_sum: torch.Tensor | 
     rows_per_program = triton.cdiv(M, programs)
     partial_w = torch.empty((programs, D), device=s.device, dtype=torch.float32)
     partial_b = torch.empty((programs, D), device=s.device, dtype=torch.float32)
-    block_d, _ = _launch_config(D)
-    wrap_triton(add_layer_norm_backward_kernel)[(programs,)](
+    launch(wrap_triton(add_layer_norm_backward_kernel), (programs,), (
         grad_out, grad_out if grad_sum is None else grad_sum, s, weight, mean, rstd, grad_s, partial_w, partial_b,
-        M, D, rows_per_program, HAS_GRAD_SUM=grad_sum is not None, BLOCK_D=block_d,
-        num_warps=_backward_warps(block_d), num_stages=_BACKWARD_STAGES)
+        M, D, rows_per_program), add_layer_norm_backward_config(D, grad_sum is not None))
     return grad_s, partial_w.sum(0), partial_b.sum(0)
 
 
@@ -174,32 +179,3 @@ def add_layer_norm_triton(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor
     s, out, _, _ = add_layer_norm_op(x, y, weight.contiguous(), bias.contiguous(), float(eps), out_dtype)
     return s.view(*lead, D), out.view(*lead, D)
 
-
-def compile_specs():
-    """Every (kernel, dtype, BLOCK_D) the launchers can pick (the backward with and without the
-    sum's incoming gradient)."""
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        ptr = tl_dtype(dtype)
-        for block_d in _BLOCK_DS:
-            _, num_warps = _launch_config(block_d)
-            for has_grad_sum in (False, True):
-                yield CompileSpec(
-                    name=f"add_layer_norm_backward[{ptr[1:]},BLOCK_D={block_d},HAS_GRAD_SUM={has_grad_sum}]",
-                    kernel=add_layer_norm_backward_kernel,
-                    signature={"grad_out_ptr": ptr, "grad_sum_ptr": ptr, "s_ptr": ptr, "w_ptr": ptr,
-                               "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "grad_s_ptr": ptr, "partial_w_ptr": "*fp32",
-                               "partial_b_ptr": "*fp32", "M": "i32", "D": "i32", "rows_per_program": "i32",
-                               "HAS_GRAD_SUM": "constexpr", "BLOCK_D": "constexpr"},
-                    constexprs={"HAS_GRAD_SUM": has_grad_sum, "BLOCK_D": block_d},
-                    num_warps=_backward_warps(block_d),
-                    num_stages=_BACKWARD_STAGES,
-                )
-            yield CompileSpec(
-                name=f"add_layer_norm[{ptr[1:]},BLOCK_D={block_d}]",
-                kernel=add_layer_norm_kernel,
-                signature={"x_ptr": ptr, "y_ptr": ptr, "sum_ptr": ptr, "out_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr,
-                           "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "D": "i32", "eps": "fp32",
-                           "BLOCK_D": "constexpr"},
-                constexprs={"BLOCK_D": block_d},
-                num_warps=num_warps,
-            )

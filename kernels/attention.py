@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import CompileSpec, dot_precision, tl_dtype
+from . import LaunchConfig, dot_precision, launch, tl_dtype
 
 MAX_HEAD_DIM = 128
 _BLOCK_DHS = (16, 32, 64, 128)
@@ -60,8 +60,7 @@ def _heads_shape(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int]
 # Launch configs (BLOCK_M, BLOCK_N, num_warps, num_stages), fixed until autotuning, by how the dots run
 # (fp16/bf16 and TF32 on tensor cores, IEEE fp32 on FMA units, which needs far more registers) and
 # by BLOCK_DH: (config for BLOCK_DH <= 64, config for BLOCK_DH = 128). Every one compiles without
-# spills for sm_80 and sm_90, with and without the divisibility-by-16 specialisation of pointers,
-# strides and head_dim that the runtime applies when it can.
+# spills for sm_80 and sm_90 (the compile matrix).
 _CONFIGS = {
     "fp16/bf16": ((128, 64, 8, 3), (64, 32, 4, 3)),
     "tf32": ((64, 32, 8, 2), (64, 32, 8, 2)),
@@ -145,11 +144,12 @@ def _config_kind(dtype: torch.dtype, input_precision: str) -> str:
     return input_precision if dtype == torch.float32 else "fp16/bf16"
 
 
-def _launch_config(head_dim: int, dtype: torch.dtype, input_precision: str) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_DH, num_warps, num_stages) for head_dim, the input dtype and dot precision."""
+def attention_fwd_config(head_dim: int, dtype: torch.dtype, input_precision: str) -> LaunchConfig:
+    """attention_fwd_kernel's config for head_dim, the input dtype and the dot precision."""
     block_dh = _block_dh(head_dim)
     block_m, block_n, num_warps, num_stages = _CONFIGS[_config_kind(dtype, input_precision)][block_dh > 64]
-    return block_m, block_n, block_dh, num_warps, num_stages
+    return LaunchConfig(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DH=block_dh, INPUT_PRECISION=input_precision),
+                        num_warps=num_warps, num_stages=num_stages)
 
 
 @triton_op("fastconformer::attention", mutates_args=())
@@ -161,13 +161,10 @@ def attention_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch
     lse = torch.empty((B, H, N), device=qkv.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    precision = dot_precision(qkv.dtype)
-    block_m, block_n, block_dh, num_warps, num_stages = _launch_config(Dh, qkv.dtype, precision)
-    grid = (triton.cdiv(N, block_m) * B * H,)
-    wrap_triton(attention_fwd_kernel)[grid](
-        qkv, out, lse, N, H, Dh, scale * LOG2E, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DH=block_dh,
-        INPUT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+    config = attention_fwd_config(Dh, qkv.dtype, dot_precision(qkv.dtype))
+    grid = (triton.cdiv(N, config.constexprs["BLOCK_M"]) * B * H,)
+    launch(wrap_triton(attention_fwd_kernel), grid, (
+        qkv, out, lse, N, H, Dh, scale * LOG2E, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1)), config)
     return out, lse
 
 
@@ -181,6 +178,12 @@ _BWD_CONFIGS = {
     "ieee": ((32, 16, 4, 2), (32, 32, 8, 2)),
 }
 _PREPROCESS_BLOCK_M, _PREPROCESS_WARPS = 64, 4
+
+
+def attention_bwd_preprocess_config(head_dim: int) -> LaunchConfig:
+    """attention_bwd_preprocess_kernel's config; one stage (no loop)."""
+    return LaunchConfig(dict(BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DH=_block_dh(head_dim)), num_warps=_PREPROCESS_WARPS,
+                        num_stages=1)
 
 
 @triton.jit
@@ -297,12 +300,24 @@ def attention_bwd_dq_kernel(
     tl.store(dq_ptrs, dq.to(dqkv_ptr.dtype.element_ty), mask=mask_md)
 
 
-def _bwd_launch_config(head_dim: int, dtype: torch.dtype, input_precision: str) -> tuple[int, int, int, int, int]:
-    """(BLOCK_HELD, BLOCK_STREAMED, BLOCK_DH, num_warps, num_stages) of the dK/dV and dQ kernels."""
+def _bwd_config(head_dim: int, dtype: torch.dtype, input_precision: str, held: str, streamed: str) -> LaunchConfig:
+    """The _BWD_CONFIGS entry as a config whose ``held`` block constexpr (BLOCK_M or BLOCK_N) is
+    BLOCK_HELD and ``streamed`` one BLOCK_STREAMED."""
     block_dh = _block_dh(head_dim)
-    table = _BWD_CONFIGS[_config_kind(dtype, input_precision)]
-    block_held, block_streamed, num_warps, num_stages = table[block_dh > 64]
-    return block_held, block_streamed, block_dh, num_warps, num_stages
+    block_held, block_streamed, num_warps, num_stages = _BWD_CONFIGS[_config_kind(dtype, input_precision)][
+        block_dh > 64]
+    return LaunchConfig({held: block_held, streamed: block_streamed, "BLOCK_DH": block_dh,
+                         "INPUT_PRECISION": input_precision}, num_warps=num_warps, num_stages=num_stages)
+
+
+def attention_bwd_dkdv_config(head_dim: int, dtype: torch.dtype, input_precision: str) -> LaunchConfig:
+    """attention_bwd_dkdv_kernel's config: BLOCK_N keys held, queries streamed in blocks of BLOCK_M."""
+    return _bwd_config(head_dim, dtype, input_precision, held="BLOCK_N", streamed="BLOCK_M")
+
+
+def attention_bwd_dq_config(head_dim: int, dtype: torch.dtype, input_precision: str) -> LaunchConfig:
+    """attention_bwd_dq_kernel's config: BLOCK_M queries held, keys streamed in blocks of BLOCK_N."""
+    return _bwd_config(head_dim, dtype, input_precision, held="BLOCK_M", streamed="BLOCK_N")
 
 
 @triton_op("fastconformer::attention_backward", mutates_args=())
@@ -321,21 +336,16 @@ def attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.
     if grad_qkv.numel() == 0:
         return grad_qkv
     delta = torch.empty((B, H, N), device=qkv.device, dtype=torch.float32)
-    wrap_triton(attention_bwd_preprocess_kernel)[(triton.cdiv(N, _PREPROCESS_BLOCK_M) * B * H,)](
-        out, grad_out, delta, N, H, Dh, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
-        BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_DH=_block_dh(Dh),
-        num_warps=_PREPROCESS_WARPS)
+    launch(wrap_triton(attention_bwd_preprocess_kernel), (triton.cdiv(N, _PREPROCESS_BLOCK_M) * B * H,), (
+        out, grad_out, delta, N, H, Dh, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1)),
+        attention_bwd_preprocess_config(Dh))
     precision = dot_precision(qkv.dtype)
-    block_held, block_streamed, block_dh, num_warps, num_stages = _bwd_launch_config(Dh, qkv.dtype, precision)
     args = (qkv, grad_out, lse, delta, grad_qkv, N, H, Dh, scale, scale * LOG2E, qkv.stride(0), qkv.stride(1),
             grad_out.stride(0), grad_out.stride(1), grad_qkv.stride(0), grad_qkv.stride(1))
-    grid = (triton.cdiv(N, block_held) * B * H,)
-    wrap_triton(attention_bwd_dkdv_kernel)[grid](
-        *args, BLOCK_M=block_streamed, BLOCK_N=block_held, BLOCK_DH=block_dh, INPUT_PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages)
-    wrap_triton(attention_bwd_dq_kernel)[grid](
-        *args, BLOCK_M=block_held, BLOCK_N=block_streamed, BLOCK_DH=block_dh, INPUT_PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages)
+    dkdv = attention_bwd_dkdv_config(Dh, qkv.dtype, precision)
+    launch(wrap_triton(attention_bwd_dkdv_kernel), (triton.cdiv(N, dkdv.constexprs["BLOCK_N"]) * B * H,), args, dkdv)
+    dq = attention_bwd_dq_config(Dh, qkv.dtype, precision)
+    launch(wrap_triton(attention_bwd_dq_kernel), (triton.cdiv(N, dq.constexprs["BLOCK_M"]) * B * H,), args, dq)
     return grad_qkv
 
 
@@ -366,73 +376,3 @@ def attention_triton(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.T
     out, _ = attention_op(qkv, num_heads, float(scale))
     return out
 
-
-_ALIGNED_ARGS = ("qkv_ptr", "out_ptr", "lse_ptr", "head_dim", "stride_qkv_b", "stride_qkv_n", "stride_out_b",
-                 "stride_out_n")
-_BWD_ALIGNED_ARGS = ("qkv_ptr", "dout_ptr", "lse_ptr", "delta_ptr", "dqkv_ptr", "head_dim", "stride_qkv_b",
-                     "stride_qkv_n", "stride_dout_b", "stride_dout_n", "stride_dqkv_b", "stride_dqkv_n")
-_PREPROCESS_ALIGNED_ARGS = ("out_ptr", "dout_ptr", "delta_ptr", "head_dim", "stride_out_b", "stride_out_n",
-                            "stride_dout_b", "stride_dout_n")
-
-
-def compile_specs():
-    """Every (kernel, dtype, dot precision, BLOCK_DH) the launchers can pick, with its table config, as
-    compiled for 16-aligned launches (every supported head_dim that is a multiple of 16: the test
-    suite's matrix) and for unaligned ones (``python -m fastconformer.kernels --all``)."""
-    variants = [(torch.float32, "tf32"), (torch.float32, "ieee"), (torch.float16, "ieee"), (torch.bfloat16, "ieee")]
-    for dtype, precision in variants:
-        ptr = tl_dtype(dtype)
-        tag = f"{ptr[1:]}" + (f"-{precision}" if dtype == torch.float32 else "")
-        for block_dh in _BLOCK_DHS:
-            block_m, block_n, _, num_warps, num_stages = _launch_config(block_dh, dtype, precision)
-            held, streamed, _, bwd_warps, bwd_stages = _bwd_launch_config(block_dh, dtype, precision)
-            bwd_signature = {
-                "qkv_ptr": ptr, "dout_ptr": ptr, "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dqkv_ptr": ptr,
-                "N": "i32", "H": "i32", "head_dim": "i32", "scale": "fp32", "qk_scale": "fp32",
-                "stride_qkv_b": "i32", "stride_qkv_n": "i32", "stride_dout_b": "i32", "stride_dout_n": "i32",
-                "stride_dqkv_b": "i32", "stride_dqkv_n": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                "BLOCK_DH": "constexpr", "INPUT_PRECISION": "constexpr"}
-            for hints in (False, True):
-                aligned = ",aligned" if hints else ""
-                yield CompileSpec(
-                    name=f"attention_fwd[{tag},BLOCK_DH={block_dh},BLOCK_M={block_m},BLOCK_N={block_n}{aligned}]",
-                    kernel=attention_fwd_kernel,
-                    signature={"qkv_ptr": ptr, "out_ptr": ptr, "lse_ptr": "*fp32", "N": "i32", "H": "i32",
-                               "head_dim": "i32", "qk_scale": "fp32", "stride_qkv_b": "i32", "stride_qkv_n": "i32",
-                               "stride_out_b": "i32", "stride_out_n": "i32", "BLOCK_M": "constexpr",
-                               "BLOCK_N": "constexpr", "BLOCK_DH": "constexpr", "INPUT_PRECISION": "constexpr"},
-                    constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DH": block_dh,
-                                "INPUT_PRECISION": precision},
-                    num_warps=num_warps,
-                    num_stages=num_stages,
-                    divisible_by_16=_ALIGNED_ARGS if hints else (),
-                    in_suite=hints,
-                )
-                for kernel, block_m, block_n in ((attention_bwd_dkdv_kernel, streamed, held),
-                                                 (attention_bwd_dq_kernel, held, streamed)):
-                    yield CompileSpec(
-                        name=f"{kernel.__name__.removesuffix('_kernel')}[{tag},BLOCK_DH={block_dh},"
-                             f"BLOCK_M={block_m},BLOCK_N={block_n}{aligned}]",
-                        kernel=kernel,
-                        signature=bwd_signature,
-                        constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DH": block_dh,
-                                    "INPUT_PRECISION": precision},
-                        num_warps=bwd_warps,
-                        num_stages=bwd_stages,
-                        divisible_by_16=_BWD_ALIGNED_ARGS if hints else (),
-                        in_suite=hints,
-                    )
-                if precision == "ieee":  # no dots: one build per storage dtype
-                    yield CompileSpec(
-                        name=f"attention_bwd_preprocess[{ptr[1:]},BLOCK_DH={block_dh},"
-                             f"BLOCK_M={_PREPROCESS_BLOCK_M}{aligned}]",
-                        kernel=attention_bwd_preprocess_kernel,
-                        signature={"out_ptr": ptr, "dout_ptr": ptr, "delta_ptr": "*fp32", "N": "i32", "H": "i32",
-                                   "head_dim": "i32", "stride_out_b": "i32", "stride_out_n": "i32",
-                                   "stride_dout_b": "i32", "stride_dout_n": "i32", "BLOCK_M": "constexpr",
-                                   "BLOCK_DH": "constexpr"},
-                        constexprs={"BLOCK_M": _PREPROCESS_BLOCK_M, "BLOCK_DH": block_dh},
-                        num_warps=_PREPROCESS_WARPS,
-                        divisible_by_16=_PREPROCESS_ALIGNED_ARGS if hints else (),
-                        in_suite=hints,
-                    )

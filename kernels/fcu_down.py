@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import CompileSpec, dot_precision, layout_tile, tile_layouts, tl_dtype
+from . import LaunchConfig, autocast_off, dot_precision, launch, tile_shape, tl_dtype
 
 MAX_D = 1024
 _BLOCK_DS = (128, 256, 512, 1024)
@@ -36,15 +36,9 @@ _BLOCK_M = 16  # tokens per program: the smallest tl.dot tile, so a (16, BLOCK_D
 _RECOMPUTE_BLOCK_D = 128  # columns per program of the backward's GEMM recompute
 _RECOMPUTE_WARPS = 4
 _BACKWARD_PROGRAMS = 256  # at most this many programs of the row-wise backward (deterministic partial sums)
-_BACKWARD_STAGES = 1  # its row loop is not software-pipelined
 _POOL_BACKWARD_TILE = 2048  # elements of grad x2 per program of the pool adjoint
 _POOL_BACKWARD_WARPS = 8
 _BLOCK_P = 4  # window pixels averaged per load: dw_stride 2 in one step, 4 in 4, 8 in 16 (1: one of 4 lanes)
-# (GEMM dtype, token dtype) pairs the kernel is built for: one dtype throughout, or half-precision
-# inputs with fp32 tokens (autocast: x2 in fp16/bf16, the fp32 residual stream x_t). Every mix of
-# fp32/fp16/bf16 inputs maps to one of them (the token dtype is x_t's promoted with LayerNorm's).
-_DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float16, torch.float32),
-                (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32))
 
 
 @triton.jit
@@ -253,20 +247,44 @@ def avg_pool_backward_kernel(
     tl.store(grad_x_ptr + rows64[:, None] * COLS + cols[None, :], g.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_config(D: int, gemm_dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_K, BLOCK_D, num_warps, num_stages) for token rows of D elements: the whole row in one
-    program (BLOCK_D = next_pow2(D), at least 128). Warps and K step are the fewest registers
-    without spills found for each BLOCK_D in the compile matrix (sm_80 and sm_90): more warps thin
-    the (16, BLOCK_D) accumulator per thread, but at 16 warps (128 registers per thread at most)
-    BLOCK_D 1024 spills; there fp32 takes a K step of 8 to fit its wider W tile."""
-    block_d = max(_BLOCK_DS[0], triton.next_power_of_2(D))
+def _block_d(D: int) -> int:
+    """The padded row width of the row-wise kernels: next_pow2(D), at least 128."""
+    return max(_BLOCK_DS[0], triton.next_power_of_2(D))
+
+
+def fcu_down_config(D: int, gemm_dtype: torch.dtype, precision: str) -> LaunchConfig:
+    """fcu_down_kernel's config for token rows of D elements: the whole row in one program. Warps
+    and K step are the fewest registers without spills found for each BLOCK_D in the compile matrix
+    (sm_80 and sm_90): more warps thin the (16, BLOCK_D) accumulator per thread, but at 16 warps
+    (128 registers per thread at most) BLOCK_D 1024 spills; there fp32 takes a K step of 8 to fit
+    its wider W tile. One stage: the K loop is not software-pipelined."""
+    block_d = _block_d(D)
     block_k = 8 if (block_d >= 1024 and gemm_dtype == torch.float32) else 16
-    return block_k, block_d, _NUM_WARPS[block_d], 1
+    return LaunchConfig(dict(DOT_PRECISION=precision, BLOCK_M=_BLOCK_M, BLOCK_K=block_k, BLOCK_D=block_d,
+                             BLOCK_P=_BLOCK_P), num_warps=_NUM_WARPS[block_d], num_stages=1)
 
 
-def _row_backward_warps(block_d: int) -> int:
-    """num_warps of the row-wise LayerNorm + GELU backward: 4 elements per thread and row."""
-    return max(1, min(8, block_d // 128))
+def pooled_projection_config(D: int, gemm_dtype: torch.dtype, precision: str) -> LaunchConfig:
+    """pooled_projection_kernel's config: the forward's token blocks, K step (its rounding) and
+    stages, over column blocks of _RECOMPUTE_BLOCK_D."""
+    forward = fcu_down_config(D, gemm_dtype, precision)
+    return LaunchConfig({**forward.constexprs, "BLOCK_D": _RECOMPUTE_BLOCK_D}, num_warps=_RECOMPUTE_WARPS,
+                        num_stages=forward.num_stages)
+
+
+def layer_norm_gelu_backward_config(D: int) -> LaunchConfig:
+    """layer_norm_gelu_backward_kernel's config: whole rows, 4 elements per thread and row (2 to 8
+    warps), one stage (the row loop is not software-pipelined)."""
+    block_d = _block_d(D)
+    return LaunchConfig(dict(BLOCK_D=block_d), num_warps=max(1, min(8, block_d // 128)), num_stages=1)
+
+
+def avg_pool_backward_config(C: int, channels_last: bool) -> LaunchConfig:
+    """avg_pool_backward_kernel's config: _POOL_BACKWARD_TILE-element tiles in x2's layout; one
+    stage (no loop)."""
+    block_r, block_c = tile_shape(_POOL_BACKWARD_TILE, C, channels_last)
+    return LaunchConfig(dict(CHANNELS_LAST=channels_last, BLOCK_R=block_r, BLOCK_C=block_c),
+                        num_warps=_POOL_BACKWARD_WARPS, num_stages=1)
 
 
 @triton_op("fastconformer::fcu_down", mutates_args=())
@@ -282,16 +300,12 @@ def fcu_down_op(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias:
     out = torch.empty((B, N + 1, D), device=x2.device, dtype=x_t.dtype)
     if B == 0:
         return out
-    precision = dot_precision(x2.dtype)
-    block_k, block_d, num_warps, num_stages = _launch_config(D, x2.dtype)
     n_h = H // dw_stride
     grid = (B * n_h * triton.cdiv(n_w, _BLOCK_M),)
-    wrap_triton(fcu_down_kernel)[grid](
+    launch(wrap_triton(fcu_down_kernel), grid, (
         x2, weight, bias, ln_weight, ln_bias, x_t, out,
         N, n_h, n_w, C, D, dw_stride, 1.0 / (dw_stride * dw_stride), eps, int(add_x_t),
-        *x2.stride(), x_t.stride(0), x_t.stride(1),
-        DOT_PRECISION=precision, BLOCK_M=_BLOCK_M, BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_P=_BLOCK_P,
-        num_warps=num_warps, num_stages=num_stages)
+        *x2.stride(), x_t.stride(0), x_t.stride(1)), fcu_down_config(D, x2.dtype, dot_precision(x2.dtype)))
     return out
 
 
@@ -322,28 +336,25 @@ def fcu_down_backward_op(grad_out: torch.Tensor, x2: torch.Tensor, weight: torch
     partials = [torch.zeros((programs, D), device=dev, dtype=torch.float32) for _ in range(3)]
     if M > 0:
         z = torch.empty((M, D), device=dev, dtype=torch.float32)
-        block_k, block_d, _, num_stages = _launch_config(D, x2.dtype)  # the forward's K step: its rounding
         grid = (B * n_h * triton.cdiv(n_w, _BLOCK_M), triton.cdiv(D, _RECOMPUTE_BLOCK_D))
-        wrap_triton(pooled_projection_kernel)[grid](
-            x2, weight, bias, pooled, z, N, n_h, n_w, C, D, s, 1.0 / (s * s), *x2.stride(),
-            DOT_PRECISION=dot_precision(x2.dtype), BLOCK_M=_BLOCK_M, BLOCK_K=block_k, BLOCK_D=_RECOMPUTE_BLOCK_D,
-            BLOCK_P=_BLOCK_P, num_warps=_RECOMPUTE_WARPS, num_stages=num_stages)
-        wrap_triton(layer_norm_gelu_backward_kernel)[(programs,)](
+        launch(wrap_triton(pooled_projection_kernel), grid, (
+            x2, weight, bias, pooled, z, N, n_h, n_w, C, D, s, 1.0 / (s * s), *x2.stride()),
+            pooled_projection_config(D, x2.dtype, dot_precision(x2.dtype)))
+        launch(wrap_triton(layer_norm_gelu_backward_kernel), (programs,), (
             z, grad_out, ln_weight, ln_bias, grad_z, *partials, M, N, D, eps, grad_out.stride(0), grad_out.stride(1),
-            triton.cdiv(M, programs), BLOCK_D=block_d, num_warps=_row_backward_warps(block_d),
-            num_stages=_BACKWARD_STAGES)
-    with torch.autocast(dev.type, enabled=False):
+            triton.cdiv(M, programs)), layer_norm_gelu_backward_config(D))
+    with autocast_off(dev):
         grad_pooled = grad_z @ weight  # (B * N, C)
         grad_weight = grad_z.t() @ pooled  # (D, C)
     channels_last = x2.dim() == 4 and x2.is_contiguous(memory_format=torch.channels_last) and not x2.is_contiguous()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     grad_x2 = torch.empty((B, C, H, W), device=dev, dtype=x2.dtype, memory_format=fmt)
     rows, cols = (B * H * W, C) if channels_last else (B * C, H * W)
-    block_r, block_c = layout_tile(_POOL_BACKWARD_TILE, C, channels_last)
+    config = avg_pool_backward_config(C, channels_last)
     if rows > 0:
-        wrap_triton(avg_pool_backward_kernel)[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))](
-            grad_pooled, grad_x2, rows, cols, C, W, H * W, n_w, N, s, 1.0 / (s * s),
-            CHANNELS_LAST=channels_last, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_POOL_BACKWARD_WARPS)
+        grid = (triton.cdiv(rows, config.constexprs["BLOCK_R"]), triton.cdiv(cols, config.constexprs["BLOCK_C"]))
+        launch(wrap_triton(avg_pool_backward_kernel), grid, (
+            grad_pooled, grad_x2, rows, cols, C, W, H * W, n_w, N, s, 1.0 / (s * s)), config)
     grad_bias, grad_ln_w, grad_ln_b = (p.sum(0) for p in partials)
     return grad_x2, grad_weight, grad_bias, grad_ln_w, grad_ln_b
 
@@ -409,68 +420,3 @@ def fcu_down_triton(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, b
     return fcu_down_op(x2.to(gemm_dtype), x_t, weight.flatten(1).to(gemm_dtype).contiguous(), *params,
                        int(dw_stride), float(eps), bool(add_x_t))
 
-
-def compile_specs():
-    """Every (kernel, dtype pair, dot precision, BLOCK_D or layout) the launchers can pick."""
-    for gemm_dtype, token_dtype in _DTYPE_PAIRS:
-        xp, tp = tl_dtype(gemm_dtype), tl_dtype(token_dtype)
-        for precision in ("ieee", "tf32") if gemm_dtype == torch.float32 else ("ieee",):
-            for block_d in _BLOCK_DS:
-                block_k, _, num_warps, num_stages = _launch_config(block_d, gemm_dtype)
-                yield CompileSpec(
-                    name=f"fcu_down[{xp[1:]}->{tp[1:]},{precision},BLOCK_D={block_d}]",
-                    kernel=fcu_down_kernel,
-                    signature={"x_ptr": xp, "w_ptr": xp, "bias_ptr": tp, "ln_w_ptr": tp, "ln_b_ptr": tp,
-                               "xt_ptr": tp, "out_ptr": tp,
-                               **dict.fromkeys(("N", "n_h", "n_w", "C", "D", "dw_stride"), "i32"),
-                               "inv_area": "fp32", "eps": "fp32", "add_x_t": "i32",
-                               **dict.fromkeys(("stride_xb", "stride_xc", "stride_xh", "stride_xw",
-                                                "stride_tb", "stride_tn"), "i32"),
-                               **dict.fromkeys(("DOT_PRECISION", "BLOCK_M", "BLOCK_K", "BLOCK_D", "BLOCK_P"),
-                                               "constexpr")},
-                    constexprs={"DOT_PRECISION": precision, "BLOCK_M": _BLOCK_M, "BLOCK_K": block_k,
-                                "BLOCK_D": block_d, "BLOCK_P": _BLOCK_P},
-                    num_warps=num_warps,
-                    num_stages=num_stages,
-                )
-            for block_k in sorted({_launch_config(d, gemm_dtype)[0] for d in _BLOCK_DS}):
-                yield CompileSpec(
-                    name=f"pooled_projection[{xp[1:]}->{tp[1:]},{precision},BLOCK_K={block_k}]",
-                    kernel=pooled_projection_kernel,
-                    signature={"x_ptr": xp, "w_ptr": xp, "bias_ptr": tp, "pooled_ptr": xp, "z_ptr": "*fp32",
-                               **dict.fromkeys(("N", "n_h", "n_w", "C", "D", "dw_stride"), "i32"),
-                               "inv_area": "fp32",
-                               **dict.fromkeys(("stride_xb", "stride_xc", "stride_xh", "stride_xw"), "i32"),
-                               **dict.fromkeys(("DOT_PRECISION", "BLOCK_M", "BLOCK_K", "BLOCK_D", "BLOCK_P"),
-                                               "constexpr")},
-                    constexprs={"DOT_PRECISION": precision, "BLOCK_M": _BLOCK_M, "BLOCK_K": block_k,
-                                "BLOCK_D": _RECOMPUTE_BLOCK_D, "BLOCK_P": _BLOCK_P},
-                    num_warps=_RECOMPUTE_WARPS,
-                    num_stages=_launch_config(MAX_D, gemm_dtype)[3],
-                )
-        for block_d in _BLOCK_DS:
-            yield CompileSpec(
-                name=f"layer_norm_gelu_backward[{xp[1:]}->{tp[1:]},BLOCK_D={block_d}]",
-                kernel=layer_norm_gelu_backward_kernel,
-                signature={"z_ptr": "*fp32", "grad_ptr": tp, "ln_w_ptr": tp, "ln_b_ptr": tp, "grad_z_ptr": xp,
-                           **dict.fromkeys(("partial_bias_ptr", "partial_ln_w_ptr", "partial_ln_b_ptr"), "*fp32"),
-                           "M": "i32", "N": "i32", "D": "i32", "eps": "fp32", "stride_gb": "i32", "stride_gn": "i32",
-                           "rows_per_program": "i32", "BLOCK_D": "constexpr"},
-                constexprs={"BLOCK_D": block_d},
-                num_warps=_row_backward_warps(block_d),
-                num_stages=_BACKWARD_STAGES,
-            )
-        if token_dtype != gemm_dtype:
-            continue
-        for channels_last, channels, layout in tile_layouts():
-            block_r, block_c = layout_tile(_POOL_BACKWARD_TILE, channels, channels_last)
-            yield CompileSpec(
-                name=f"avg_pool_backward[{xp[1:]},{layout},BLOCK_C={block_c}]",
-                kernel=avg_pool_backward_kernel,
-                signature={"grad_pooled_ptr": xp, "grad_x_ptr": xp,
-                           **dict.fromkeys(("ROWS", "COLS", "C", "W", "HW", "n_w", "N", "dw_stride"), "i32"),
-                           "inv_area": "fp32", "CHANNELS_LAST": "constexpr", "BLOCK_R": "constexpr",
-                           "BLOCK_C": "constexpr"},
-                constexprs={"CHANNELS_LAST": channels_last, "BLOCK_R": block_r, "BLOCK_C": block_c},
-                num_warps=_POOL_BACKWARD_WARPS,
-            )

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import CompileSpec, dot_precision, layout_tile, tile_layouts, tl_dtype
+from . import LaunchConfig, autocast_off, dot_precision, launch, tile_shape, tl_dtype
 
 _EXPAND_BLOCK_M = 64
 _EXPAND_BLOCK_NS = (16, 32, 64)
@@ -40,7 +40,6 @@ _ELEMENTWISE_TILE = 2048  # elements per program of the upsample-add
 _ELEMENTWISE_WARPS = 8  # 8 elements per thread
 _BACKWARD_TILE = 1024  # low-resolution elements per program of the upsample-add's backward
 _BACKWARD_WARPS = 4
-_BACKWARD_STAGES = 1  # the window loop is not software-pipelined
 
 
 @triton.jit
@@ -218,17 +217,14 @@ def bn_relu_add_upsampled_backward_kernel(
         tl.store(partial_shift_ptr + partial, tl.sum(grad_shift, axis=1), mask=row_mask)
 
 
-def _expand_block_ns(dtype: torch.dtype, precision: str) -> tuple[int, ...]:
-    """The BLOCK_N choices for ``dtype`` and dot precision: fp32 without TF32 runs the dot on FMA
-    units, where a 64-channel tile spills, so it stops at 32."""
-    return _EXPAND_BLOCK_NS[:-1] if dtype == torch.float32 and precision == "ieee" else _EXPAND_BLOCK_NS
-
-
-def _expand_config(C: int, dtype: torch.dtype) -> tuple[int, str]:
-    """(BLOCK_N, dot input precision) for C output channels of ``dtype``."""
-    precision = dot_precision(dtype)
-    choices = _expand_block_ns(dtype, precision)
-    return max(choices[0], min(choices[-1], triton.next_power_of_2(C))), precision
+def fcu_up_expand_config(C: int, dtype: torch.dtype, precision: str) -> LaunchConfig:
+    """fcu_up_expand_kernel's config for C output channels of ``dtype`` and the dot precision:
+    BLOCK_N = next_pow2(C) within 16..64, but at most 32 for fp32 without TF32, whose dot runs on
+    FMA units, where a 64-channel tile spills."""
+    widest = _EXPAND_BLOCK_NS[-2] if dtype == torch.float32 and precision == "ieee" else _EXPAND_BLOCK_NS[-1]
+    block_n = max(_EXPAND_BLOCK_NS[0], min(widest, triton.next_power_of_2(C)))
+    return LaunchConfig(dict(DOT_PRECISION=precision, BLOCK_M=_EXPAND_BLOCK_M, BLOCK_N=block_n,
+                             BLOCK_K=_EXPAND_BLOCK_K), num_warps=_EXPAND_WARPS, num_stages=_EXPAND_STAGES)
 
 
 @triton_op("fastconformer::fcu_up_expand", mutates_args=())
@@ -240,13 +236,11 @@ def fcu_up_expand_op(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     C = weight.shape[0]
     N = H * W
     out = torch.empty((B, C, H, W), device=x_t.device, dtype=x_t.dtype, memory_format=torch.channels_last)
-    block_n, precision = _expand_config(C, x_t.dtype)
-    grid = (triton.cdiv(N, _EXPAND_BLOCK_M), triton.cdiv(C, block_n), B)
-    wrap_triton(fcu_up_expand_kernel)[grid](
+    config = fcu_up_expand_config(C, x_t.dtype, dot_precision(x_t.dtype))
+    grid = (triton.cdiv(N, _EXPAND_BLOCK_M), triton.cdiv(C, config.constexprs["BLOCK_N"]), B)
+    launch(wrap_triton(fcu_up_expand_kernel), grid, (
         x_t, weight, scale, shift, out, N, C, D,
-        x_t.stride(0), x_t.stride(1), x_t.stride(2), weight.stride(0), weight.stride(1), int(apply_relu),
-        DOT_PRECISION=precision, BLOCK_M=_EXPAND_BLOCK_M, BLOCK_N=block_n, BLOCK_K=_EXPAND_BLOCK_K,
-        num_warps=_EXPAND_WARPS, num_stages=_EXPAND_STAGES)
+        x_t.stride(0), x_t.stride(1), x_t.stride(2), weight.stride(0), weight.stride(1), int(apply_relu)), config)
     return out
 
 
@@ -255,12 +249,16 @@ def _expand_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x_t, weight, scale, output if apply_relu else None)
 
 
-def _expand_backward_tiles(dtype: torch.dtype, precision: str) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K) of the expand's backward GEMM: fp32 without TF32 runs the dot on FMA
-    units, where the (64, 32) grad tiles only fit in registers with an (8, 32) W tile."""
+def fcu_up_expand_backward_config(dtype: torch.dtype, precision: str) -> LaunchConfig:
+    """fcu_up_expand_backward_kernel's config (tokens x embed dims, K over channels): fp32 without
+    TF32 runs the dot on FMA units, where the (64, 32) grad tiles only fit in registers with an
+    (8, 32) W tile."""
     if dtype == torch.float32 and precision == "ieee":
-        return _EXPAND_BW_BLOCK_N // 2, 8
-    return _EXPAND_BW_BLOCK_N, _EXPAND_BW_BLOCK_K
+        block_n, block_k = _EXPAND_BW_BLOCK_N // 2, 8
+    else:
+        block_n, block_k = _EXPAND_BW_BLOCK_N, _EXPAND_BW_BLOCK_K
+    return LaunchConfig(dict(DOT_PRECISION=precision, BLOCK_M=_EXPAND_BW_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k),
+                        num_warps=_EXPAND_BW_WARPS, num_stages=_EXPAND_BW_STAGES)
 
 
 @triton_op("fastconformer::fcu_up_expand_backward", mutates_args=())
@@ -280,14 +278,12 @@ def fcu_up_expand_backward_op(grad_out: torch.Tensor, out: torch.Tensor, x_t: to
     N = out.shape[2] * out.shape[3]
     grad_x_t = torch.empty((B, N + 1, D), device=x_t.device, dtype=x_t.dtype)
     masked = torch.empty((B * N, C), device=x_t.device, dtype=x_t.dtype)
-    precision = dot_precision(x_t.dtype)
-    block_n, block_k = _expand_backward_tiles(x_t.dtype, precision)
-    grid = (triton.cdiv(N, _EXPAND_BW_BLOCK_M), triton.cdiv(D, block_n), B)
-    wrap_triton(fcu_up_expand_backward_kernel)[grid](
+    config = fcu_up_expand_backward_config(x_t.dtype, dot_precision(x_t.dtype))
+    grid = (triton.cdiv(N, _EXPAND_BW_BLOCK_M), triton.cdiv(D, config.constexprs["BLOCK_N"]), B)
+    launch(wrap_triton(fcu_up_expand_backward_kernel), grid, (
         grad_out, out, weight, scale, grad_x_t, masked, N, C, D, weight.stride(0), weight.stride(1),
-        int(apply_relu), DOT_PRECISION=precision, BLOCK_M=_EXPAND_BW_BLOCK_M, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=_EXPAND_BW_WARPS, num_stages=_EXPAND_BW_STAGES)
-    with torch.autocast(x_t.device.type, enabled=False):
+        int(apply_relu)), config)
+    with autocast_off(x_t.device):
         grad_w_unscaled = masked.t() @ x_t[:, 1:].reshape(B * N, D)  # (C, D)
     grad_weight = (grad_w_unscaled.float() * scale[:, None]).to(weight.dtype)
     grad_scale = (grad_w_unscaled.float() * weight.float()).sum(1)
@@ -310,6 +306,22 @@ def _expand_backward(ctx, grad_out):
 fcu_up_expand_op.register_autograd(_expand_backward, setup_context=_expand_setup_context)
 
 
+def bn_relu_add_upsampled_config(C: int, channels_last: bool) -> LaunchConfig:
+    """bn_relu_add_upsampled_kernel's config: _ELEMENTWISE_TILE-element tiles in x's layout; one
+    stage (no loop)."""
+    block_r, block_c = tile_shape(_ELEMENTWISE_TILE, C, channels_last)
+    return LaunchConfig(dict(CHANNELS_LAST=channels_last, BLOCK_R=block_r, BLOCK_C=block_c),
+                        num_warps=_ELEMENTWISE_WARPS, num_stages=1)
+
+
+def bn_relu_add_upsampled_backward_config(C: int, channels_last: bool) -> LaunchConfig:
+    """bn_relu_add_upsampled_backward_kernel's config: _BACKWARD_TILE low-resolution elements per
+    program in x's layout; one stage (the window loop is not software-pipelined)."""
+    block_r, block_c = tile_shape(_BACKWARD_TILE, C, channels_last)
+    return LaunchConfig(dict(CHANNELS_LAST=channels_last, BLOCK_R=block_r, BLOCK_C=block_c),
+                        num_warps=_BACKWARD_WARPS, num_stages=1)
+
+
 @triton_op("fastconformer::bn_relu_add_upsampled", mutates_args=())
 def bn_relu_add_upsampled_op(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, low: torch.Tensor,
                              up: int) -> torch.Tensor:
@@ -319,12 +331,11 @@ def bn_relu_add_upsampled_op(x: torch.Tensor, scale: torch.Tensor, shift: torch.
     channels_last = not x.is_contiguous()
     out = torch.empty_like(x)
     rows, cols = (B * H * W, C) if channels_last else (B * C, H * W)
-    block_r, block_c = layout_tile(_ELEMENTWISE_TILE, C, channels_last)
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
-    wrap_triton(bn_relu_add_upsampled_kernel)[grid](
+    config = bn_relu_add_upsampled_config(C, channels_last)
+    grid = (triton.cdiv(rows, config.constexprs["BLOCK_R"]), triton.cdiv(cols, config.constexprs["BLOCK_C"]))
+    launch(wrap_triton(bn_relu_add_upsampled_kernel), grid, (
         x, scale, shift, low, out, rows, cols, C, W, H * W, up,
-        low.stride(0), low.stride(1), low.stride(2), low.stride(3),
-        CHANNELS_LAST=channels_last, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_ELEMENTWISE_WARPS)
+        low.stride(0), low.stride(1), low.stride(2), low.stride(3)), config)
     return out
 
 
@@ -348,16 +359,14 @@ def bn_relu_add_upsampled_backward_op(grad_out: torch.Tensor, x: torch.Tensor, s
     grad_x = torch.empty_like(x)
     grad_low = torch.empty((B, C, h, w), device=x.device, dtype=x.dtype, memory_format=fmt)
     rows, cols = (B * h * w, C) if channels_last else (B * C, h * w)
-    block_r, block_c = layout_tile(_BACKWARD_TILE, C, channels_last)
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    config = bn_relu_add_upsampled_backward_config(C, channels_last)
+    grid = (triton.cdiv(rows, config.constexprs["BLOCK_R"]), triton.cdiv(cols, config.constexprs["BLOCK_C"]))
     partial_shape = (grid[0], C) if channels_last else (rows, grid[1])
     partial_scale = torch.empty(partial_shape, device=x.device, dtype=torch.float32)
     partial_shift = torch.empty(partial_shape, device=x.device, dtype=torch.float32)
-    wrap_triton(bn_relu_add_upsampled_backward_kernel)[grid](
+    launch(wrap_triton(bn_relu_add_upsampled_backward_kernel), grid, (
         grad_out, x, scale, shift, grad_x, grad_low, partial_scale, partial_shift,
-        rows, cols, C, W, H * W, w, h * w, up,
-        CHANNELS_LAST=channels_last, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_BACKWARD_WARPS,
-        num_stages=_BACKWARD_STAGES)
+        rows, cols, C, W, H * W, w, h * w, up), config)
     if channels_last:
         grad_scale, grad_shift = partial_scale.sum(0), partial_shift.sum(0)
     else:
@@ -395,62 +404,3 @@ def bn_relu_add_upsampled_triton(x: torch.Tensor, scale: torch.Tensor, shift: to
         x = x.contiguous()
     return bn_relu_add_upsampled_op(x, scale.float().contiguous(), shift.float().contiguous(), low, int(up))
 
-
-def compile_specs():
-    """Every (kernel, dtype, dot precision, block shape) the launchers can pick."""
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        ptr = tl_dtype(dtype)
-        precisions = ("ieee", "tf32") if dtype == torch.float32 else ("ieee",)
-        for precision in precisions:
-            block_n, block_k = _expand_backward_tiles(dtype, precision)
-            yield CompileSpec(
-                name=f"fcu_up_expand_backward[{ptr[1:]},{precision},BLOCK_N={block_n},BLOCK_K={block_k}]",
-                kernel=fcu_up_expand_backward_kernel,
-                signature={"grad_ptr": ptr, "out_ptr": ptr, "w_ptr": ptr, "scale_ptr": "*fp32",
-                           "grad_tok_ptr": ptr, "masked_ptr": ptr, "N": "i32", "C": "i32", "D": "i32",
-                           "stride_wc": "i32", "stride_wd": "i32", "apply_relu": "i32",
-                           "DOT_PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                           "BLOCK_K": "constexpr"},
-                constexprs={"DOT_PRECISION": precision, "BLOCK_M": _EXPAND_BW_BLOCK_M, "BLOCK_N": block_n,
-                            "BLOCK_K": block_k},
-                num_warps=_EXPAND_BW_WARPS, num_stages=_EXPAND_BW_STAGES,
-            )
-            for block_n in _expand_block_ns(dtype, precision):
-                yield CompileSpec(
-                    name=f"fcu_up_expand[{ptr[1:]},{precision},BLOCK_N={block_n}]",
-                    kernel=fcu_up_expand_kernel,
-                    signature={"tok_ptr": ptr, "w_ptr": ptr, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
-                               "out_ptr": ptr, "N": "i32", "C": "i32", "D": "i32",
-                               "stride_tb": "i32", "stride_tn": "i32", "stride_td": "i32", "stride_wc": "i32",
-                               "stride_wd": "i32", "apply_relu": "i32", "DOT_PRECISION": "constexpr",
-                               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-                    constexprs={"DOT_PRECISION": precision, "BLOCK_M": _EXPAND_BLOCK_M, "BLOCK_N": block_n,
-                                "BLOCK_K": _EXPAND_BLOCK_K},
-                    num_warps=_EXPAND_WARPS, num_stages=_EXPAND_STAGES,
-                )
-        for channels_last, channels, layout in tile_layouts():
-            block_r, block_c = layout_tile(_ELEMENTWISE_TILE, channels, channels_last)
-            yield CompileSpec(
-                name=f"bn_relu_add_upsampled[{ptr[1:]},{layout},BLOCK_C={block_c}]",
-                kernel=bn_relu_add_upsampled_kernel,
-                signature={"x_ptr": ptr, "scale_ptr": "*fp32", "shift_ptr": "*fp32", "low_ptr": ptr, "out_ptr": ptr,
-                           "ROWS": "i32", "COLS": "i32", "C": "i32", "W": "i32", "HW": "i32", "up": "i32",
-                           "stride_lb": "i32", "stride_lc": "i32", "stride_lh": "i32",
-                           "stride_lw": "i32", "CHANNELS_LAST": "constexpr", "BLOCK_R": "constexpr",
-                           "BLOCK_C": "constexpr"},
-                constexprs={"CHANNELS_LAST": channels_last, "BLOCK_R": block_r, "BLOCK_C": block_c},
-                num_warps=_ELEMENTWISE_WARPS,
-            )
-            block_r, block_c = layout_tile(_BACKWARD_TILE, channels, channels_last)
-            yield CompileSpec(
-                name=f"bn_relu_add_upsampled_backward[{ptr[1:]},{layout},BLOCK_C={block_c}]",
-                kernel=bn_relu_add_upsampled_backward_kernel,
-                signature={"grad_ptr": ptr, "x_ptr": ptr, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
-                           "grad_x_ptr": ptr, "grad_low_ptr": ptr, "partial_scale_ptr": "*fp32",
-                           "partial_shift_ptr": "*fp32", "ROWS": "i32", "COLS": "i32", "C": "i32", "W": "i32",
-                           "HW": "i32", "w_low": "i32", "hw_low": "i32", "up": "i32",
-                           "CHANNELS_LAST": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
-                constexprs={"CHANNELS_LAST": channels_last, "BLOCK_R": block_r, "BLOCK_C": block_c},
-                num_warps=_BACKWARD_WARPS,
-                num_stages=_BACKWARD_STAGES,
-            )

@@ -1,19 +1,32 @@
-"""The compile matrix: every registered Triton kernel and launch config, built for sm_80 and sm_90
-with no GPU present. Registers, shared memory and spills are printed (run with -s); spills fail."""
+"""The compile matrix: every kernel variant the launchers launch for the real workloads, built for
+sm_80 and sm_90 with no GPU present (one per launch config here; ``python -m fastconformer.kernels
+--all`` builds every specialisation). Registers, shared memory and spills are printed (run with
+-s); spills fail. Also: the specs are derived from what the launchers launch, through Triton's own
+launch-time specialisation, with the kernels' own argument names."""
+
+import dataclasses
+import importlib
+import inspect
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
-from fastconformer.kernels import all_compile_specs, compile_matrix  # noqa: E402
+from fastconformer import compile_matrix  # noqa: E402
+from fastconformer.compile_matrix import WORKLOADS, compile_specs, spec_of  # noqa: E402
+from fastconformer.kernels import KERNEL_MODULES, LaunchConfig, record_launches  # noqa: E402
+from fastconformer.kernels import attention, fcu_down  # noqa: E402
+from fastconformer.registry import VARIANTS  # noqa: E402
 
 ARCHES = (80, 90)
-SPECS = list(all_compile_specs())
+SPECS = compile_specs()
+ALL_SPECS = compile_specs(include_all=True)
 
 
 @pytest.fixture(scope="session")
 def reports():
-    return compile_matrix(ARCHES)
+    return compile_matrix.compile_matrix(ARCHES)
 
 
 @pytest.mark.compile
@@ -23,5 +36,98 @@ def test_compiles_without_spills(reports, spec, arch):
     report = reports[(spec.name, arch)]
     print(f"sm_{arch} {spec.name}: {report.registers} regs, {report.shared_bytes} B shared, "
           f"{report.spill_bytes} B spilled, wgmma={report.uses_wgmma}")
-    assert report.registers > 0
-    assert report.spill_bytes == 0, f"{spec.name} spills {report.spill_bytes} bytes on sm_{arch}"
+    assert report.spill_bytes == 0, f"{spec.name} ({spec.workload}) spills {report.spill_bytes} bytes on sm_{arch}"
+
+
+def _jit(spec):
+    module, _, name = spec.kernel.partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    return getattr(fn, "fn", fn)  # the Python function (an InterpretedFunction under TRITON_INTERPRET keeps it in .fn)
+
+
+def test_signatures_are_the_kernels_own():
+    """Each spec's signature names the kernel's parameters in order, constexpr exactly where the kernel
+    declares one or Triton specialised an int equal to 1: renaming an argument cannot desync them."""
+    for spec in ALL_SPECS:
+        params = inspect.signature(_jit(spec)).parameters
+        assert list(spec.signature) == list(params), spec.name
+        for name, kind in spec.signature.items():
+            declared = "constexpr" in str(params[name].annotation)
+            assert (kind == "constexpr") == (declared or spec.constexprs.get(name) == 1), (spec.name, name)
+
+
+def test_launcher_and_spec_must_agree_on_constexprs():
+    """A LaunchConfig that does not set exactly the kernel's constexprs is an error, not a silent spec."""
+    launch = compile_matrix.launches(WORKLOADS[0])[0]
+    wrong = dataclasses.replace(launch, config=LaunchConfig({**launch.config.constexprs, "BLOCK_X": 1},
+                                                           launch.config.num_warps, launch.config.num_stages))
+    with pytest.raises(RuntimeError, match="constexprs"):
+        spec_of(wrong)
+
+
+def test_attention_forward_builds_the_launchers_config():
+    """The suite builds the forward exactly as its launcher runs it at Conformer's head_dim 64 in
+    fp16/bf16 (128x64 tiles, 8 warps, 3 stages), not with the backward's tiles."""
+    chosen = attention.attention_fwd_config(64, torch.float16, "ieee")
+    assert (chosen.constexprs["BLOCK_M"], chosen.constexprs["BLOCK_N"], chosen.num_warps, chosen.num_stages) == (
+        128, 64, 8, 3)
+    forwards = [s for s in SPECS if s.kernel.endswith(":attention_fwd_kernel") and s.signature["qkv_ptr"] == "*fp16"
+                and s.constexprs["BLOCK_DH"] == 64]
+    assert [(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps, s.num_stages) for s in forwards] == [
+        (128, 64, 8, 3)]
+
+
+def _fcu_down_spec(dw_stride, channels_last):
+    """The spec of the fcu_down forward launch for a (3, 64, 28, 28) x2 at ``dw_stride``."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x2 = torch.empty(3, 64, 28, 28, device="meta", memory_format=fmt)
+    n = (28 // dw_stride) ** 2
+    x_t, weight, vec = (torch.empty(3, 1 + n, 384, device="meta"), torch.empty(384, 64, device="meta"),
+                        torch.empty(384, device="meta"))
+    with record_launches() as launches:
+        fcu_down.fcu_down_op(x2, x_t, weight, vec, vec, vec, dw_stride, 1e-6, True)
+    (launch,) = launches
+    return spec_of(launch)
+
+
+def test_specs_carry_the_launch_time_specialisation():
+    """Ints equal to 1 become constants (dw_stride 1, the unit stride of the layout, add_x_t True),
+    multiples of 16 and fresh pointers get divisibility hints, others neither; as Triton does at launch."""
+    spec = _fcu_down_spec(1, channels_last=False)
+    assert spec.signature["dw_stride"] == spec.signature["stride_xw"] == spec.signature["add_x_t"] == "constexpr"
+    assert spec.constexprs["dw_stride"] == spec.constexprs["stride_xw"] == 1
+    assert {"x_ptr", "out_ptr", "N", "C", "D", "stride_xb", "stride_tn"} <= set(spec.attrs)  # N = 28 * 28 tokens
+    assert spec.signature["n_h"] == "i32" and "n_h" not in spec.attrs  # 28
+    assert spec.signature["eps"] == "fp32" and "eps" not in spec.attrs
+    strided = _fcu_down_spec(2, channels_last=True)
+    assert strided.signature["stride_xc"] == "constexpr" and strided.signature["stride_xw"] == "i32"
+    assert strided.signature["dw_stride"] == "i32" and strided.name != spec.name
+
+
+def test_every_kernel_is_in_the_matrix():
+    kernels = {f"fastconformer.kernels.{m}:{name}" for m in KERNEL_MODULES
+               for name, obj in vars(importlib.import_module(f"fastconformer.kernels.{m}")).items()
+               if name.endswith("_kernel") and hasattr(obj, "fn")}
+    assert kernels == {s.kernel for s in SPECS}
+
+
+def test_suite_builds_each_launch_config_once():
+    configs = {}
+    for spec in ALL_SPECS:
+        chosen = {k: v for k, v in spec.constexprs.items()
+                  if "constexpr" in str(inspect.signature(_jit(spec)).parameters[k].annotation)}
+        key = (spec.kernel, tuple(t for t in spec.signature.values() if t.startswith("*")), tuple(chosen.items()),
+               spec.num_warps, spec.num_stages)
+        configs.setdefault(key, []).append(spec.in_suite)
+    assert all(flags.count(True) == 1 for flags in configs.values())
+    assert len(SPECS) == len(configs)
+
+
+def test_workloads_are_the_registered_variants():
+    """Every published variant at 224 and at the detection size 800x1344, batch 1, 64 and 128, in every
+    precision, layout and mode."""
+    real = [w for w in WORKLOADS if w.model in VARIANTS]
+    assert {w.model for w in real} == set(VARIANTS)
+    assert {(w.height, w.width) for w in real} == {(224, 224), (800, 1344)}
+    assert {w.batch for w in real} == {1, 64, 128}
+    assert len(real) == len(VARIANTS) * 2 * 3 * len(compile_matrix.PRECISIONS) * 2 * len(compile_matrix.MODES)
