@@ -31,7 +31,8 @@ from . import LaunchConfig, autocast_off, dot_precision, launch, tile_shape, tl_
 
 MAX_D = 1024
 _BLOCK_DS = (128, 256, 512, 1024)
-_NUM_WARPS = {128: 8, 256: 8, 512: 16, 1024: 8}
+# num_warps of the forward by BLOCK_D: (dots on tensor cores: fp16, bf16, TF32; on FMA units: IEEE fp32).
+_NUM_WARPS = {128: (8, 16), 256: (8, 16), 512: (8, 8), 1024: (16, 16)}
 _BLOCK_M = 16  # tokens per program: the smallest tl.dot tile, so a (16, BLOCK_D) fp32 row block fits in registers
 _RECOMPUTE_BLOCK_D = 128  # columns per program of the backward's GEMM recompute
 _RECOMPUTE_WARPS = 4
@@ -39,6 +40,7 @@ _BACKWARD_PROGRAMS = 256  # at most this many programs of the row-wise backward 
 _POOL_BACKWARD_TILE = 2048  # elements of grad x2 per program of the pool adjoint
 _POOL_BACKWARD_WARPS = 8
 _BLOCK_P = 4  # window pixels averaged per load: dw_stride 2 in one step, 4 in 4, 8 in 16 (1: one of 4 lanes)
+_TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 
 @triton.jit
@@ -253,15 +255,19 @@ def _block_d(D: int) -> int:
 
 
 def fcu_down_config(D: int, gemm_dtype: torch.dtype, precision: str) -> LaunchConfig:
-    """fcu_down_kernel's config for token rows of D elements: the whole row in one program. Warps
-    and K step are the fewest registers without spills found for each BLOCK_D in the compile matrix
-    (sm_80 and sm_90): more warps thin the (16, BLOCK_D) accumulator per thread, but at 16 warps
-    (128 registers per thread at most) BLOCK_D 1024 spills; there fp32 takes a K step of 8 to fit
-    its wider W tile. One stage: the K loop is not software-pipelined."""
+    """fcu_down_kernel's config for token rows of D elements: the whole row in one program, K steps
+    of 16 (the smallest tl.dot K that triton 3.6 compiles), one stage (the K loop is not
+    software-pipelined). Warps: chosen in the compile matrix so that no launch spills on sm_80 or
+    sm_90 under triton 3.6 to 3.9 (kernels/COMPILE_MATRIX.md): at BLOCK_D 512, 16 warps leave ptxas
+    64 registers on sm_80 and spill where 8 do not; at 1024, 8 warps spill (255 registers) where 16
+    do not, but for the TF32 dot under triton 3.6; at 128 and 256 the IEEE fp32 dot spills at 2, 4
+    and 8 warps and the TF32 one at 16."""
     block_d = _block_d(D)
-    block_k = 8 if (block_d >= 1024 and gemm_dtype == torch.float32) else 16
-    return LaunchConfig(dict(DOT_PRECISION=precision, BLOCK_M=_BLOCK_M, BLOCK_K=block_k, BLOCK_D=block_d,
-                             BLOCK_P=_BLOCK_P), num_warps=_NUM_WARPS[block_d], num_stages=1)
+    num_warps = _NUM_WARPS[block_d][precision == "ieee" and gemm_dtype == torch.float32]
+    if block_d == 1024 and precision == "tf32" and _TRITON_VERSION < (3, 7):
+        num_warps = 8  # triton 3.6 spills 8 B at 16 warps there (sm_80); 3.7 to 3.9 spill 48-56 B at 8 (sm_90)
+    return LaunchConfig(dict(DOT_PRECISION=precision, BLOCK_M=_BLOCK_M, BLOCK_K=16, BLOCK_D=block_d,
+                             BLOCK_P=_BLOCK_P), num_warps=num_warps, num_stages=1)
 
 
 def pooled_projection_config(D: int, gemm_dtype: torch.dtype, precision: str) -> LaunchConfig:
