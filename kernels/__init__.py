@@ -3,7 +3,7 @@
 One file per fused op, Liger-Kernel style: the ``@triton.jit`` kernels, one function per kernel
 that picks its :class:`LaunchConfig` (constexprs, num_warps, num_stages) from the problem, and the
 launchers, ``torch.library.triton_op`` ops that run each kernel through :func:`launch`. Nothing
-else lists what a launcher can launch: the compile matrix (``fastconformer.compile_matrix``,
+else lists what a launcher can launch: the compile matrix (:mod:`.compile_matrix`,
 ``python -m fastconformer.kernels``) runs the launchers on meta tensors for real Conformer
 workloads inside :func:`record_launches` and builds what they launch for sm_80 and sm_90, no GPU
 needed.
@@ -27,9 +27,10 @@ __all__ = ["KERNEL_MODULES", "Launch", "LaunchConfig", "autocast_off", "dot_prec
 
 
 def _kernel_modules() -> tuple[str, ...]:
-    """Every module of this package that defines kernels (one per fused op)."""
+    """Every module of this package that defines kernels (one per fused op): all but the compile matrix."""
     here = os.path.dirname(__file__)
-    return tuple(sorted(m.name for m in pkgutil.iter_modules([here]) if not m.name.startswith("_")))
+    return tuple(sorted(m.name for m in pkgutil.iter_modules([here])
+                        if not m.name.startswith("_") and m.name != "compile_matrix"))
 
 
 KERNEL_MODULES = _kernel_modules()

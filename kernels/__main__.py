@@ -1,7 +1,7 @@
 """``python -m fastconformer.kernels [--arches 80 90] [--jobs N] [--all] [--summary]``: the compile
-matrix (:mod:`fastconformer.compile_matrix`), every kernel variant the launchers launch for the
-real workloads, built ahead of time for sm_80 and sm_90 (no GPU needed)."""
+matrix (:mod:`fastconformer.kernels.compile_matrix`), every kernel variant the launchers launch for
+the real workloads, built ahead of time for sm_80 and sm_90 (no GPU needed)."""
 
-from fastconformer.compile_matrix import main
+from .compile_matrix import main
 
 main()

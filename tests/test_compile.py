@@ -13,10 +13,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from fastconformer import compile_matrix  # noqa: E402
-from fastconformer.compile_matrix import WORKLOADS, compile_specs, spec_of  # noqa: E402
-from fastconformer.kernels import KERNEL_MODULES, LaunchConfig, record_launches  # noqa: E402
-from fastconformer.kernels import attention, fcu_down  # noqa: E402
+from fastconformer.kernels import KERNEL_MODULES, LaunchConfig, attention, compile_matrix, fcu_down  # noqa: E402
+from fastconformer.kernels import record_launches  # noqa: E402
+from fastconformer.kernels.compile_matrix import WORKLOADS, compile_specs, spec_of  # noqa: E402
 from fastconformer.registry import VARIANTS  # noqa: E402
 
 ARCHES = (80, 90)
@@ -125,7 +124,9 @@ def test_suite_builds_each_launch_config_once():
 
 def test_workloads_are_the_registered_variants():
     """Every published variant at 224 and at the detection size 800x1344, batch 1, 64 and 128, in every
-    precision, layout and mode."""
+    precision, layout and mode; the matrix's copy of their shapes is the registry's."""
+    assert compile_matrix.VARIANTS == {name: {k: v.kwargs[k] for k in ("patch_size", "channel_ratio", "embed_dim",
+                                                                       "num_heads")} for name, v in VARIANTS.items()}
     real = [w for w in WORKLOADS if w.model in VARIANTS]
     assert {w.model for w in real} == set(VARIANTS)
     assert {(w.height, w.width) for w in real} == {(224, 224), (800, 1344)}

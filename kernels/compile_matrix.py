@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -42,9 +43,7 @@ from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import JITFunction, native_specialize_impl
 
-from .kernels import Launch, add_layer_norm, attention, fcu_down, fcu_up, record_launches
-from .registry import VARIANTS
-from .testing import tf32
+from . import Launch, add_layer_norm, attention, fcu_down, fcu_up, record_launches
 
 __all__ = ["MODES", "PRECISIONS", "WORKLOADS", "CompileReport", "CompileSpec", "Workload", "compile_matrix",
            "compile_spec", "compile_specs", "launches", "spec_of", "summary"]
@@ -57,6 +56,14 @@ PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "amp-fp16", "amp-bf16")
 _DTYPES = {"fp32": (torch.float32, torch.float32), "tf32": (torch.float32, torch.float32),
            "fp16": (torch.float16, torch.float16), "bf16": (torch.bfloat16, torch.bfloat16),
            "amp-fp16": (torch.float16, torch.float32), "amp-bf16": (torch.bfloat16, torch.float32)}
+# The published variants' shapes, as fastconformer.registry.VARIANTS gives them (tests/test_compile.py
+# checks that they agree; the kernels do not import the model side).
+VARIANTS = {
+    "conformer_tiny_patch16": dict(patch_size=16, channel_ratio=1, embed_dim=384, num_heads=6),
+    "conformer_small_patch16": dict(patch_size=16, channel_ratio=4, embed_dim=384, num_heads=6),
+    "conformer_small_patch32": dict(patch_size=32, channel_ratio=4, embed_dim=384, num_heads=6),
+    "conformer_base_patch16": dict(patch_size=16, channel_ratio=6, embed_dim=576, num_heads=9),
+}
 IMAGE_SIZES = ((224, 224), (800, 1344))  # ImageNet, and the detection size
 BATCHES = (64, 1, 128)
 # Conformer-shaped models at the edges of what the fused ops take that no published variant
@@ -68,7 +75,7 @@ EDGE_MODELS = {
     "edge_d256_hd32": dict(patch_size=32, channel_ratio=2, embed_dim=256, num_heads=8),
     "edge_d1024_hd128": dict(patch_size=16, channel_ratio=6, embed_dim=1024, num_heads=8),
 }
-_MODELS = {**{name: v.kwargs for name, v in VARIANTS.items()}, **EDGE_MODELS}
+_MODELS = {**VARIANTS, **EDGE_MODELS}
 # "eval": inference; "train": a training step (BatchNorm on batch statistics); "eval+backward":
 # fine-tuning in eval mode (running statistics, gradients).
 MODES = ("eval", "train", "eval+backward")
@@ -76,8 +83,8 @@ MODES = ("eval", "train", "eval+backward")
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """One real use of the fused ops: a Conformer variant (:data:`fastconformer.registry.VARIANTS`,
-    or one of the :data:`EDGE_MODELS`) on a batch of images in a precision (:data:`PRECISIONS`),
+    """One real use of the fused ops: a Conformer variant (:data:`VARIANTS`, or one of the
+    :data:`EDGE_MODELS`) on a batch of images in a precision (:data:`PRECISIONS`),
     with its CNN feature maps channels_last (the fast model's layout) or NCHW (a fused module
     dropped into an NCHW model), in a mode (:data:`MODES`)."""
 
@@ -110,18 +117,34 @@ def _meta(shape, dtype, grad: bool, channels_last: bool = False) -> torch.Tensor
     return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt).requires_grad_(grad)
 
 
+@contextlib.contextmanager
+def _tf32_matmuls(enabled: bool):
+    """torch's TF32 switch for float32 CUDA matmuls, which the launchers follow
+    (``fastconformer.kernels.dot_precision``), set inside the block and restored after, through
+    ``fp32_precision`` where torch has it (reading the legacy flag raises once that is set)."""
+    matmul = torch.backends.cuda.matmul
+    attr, value = (("fp32_precision", "tf32" if enabled else "ieee") if hasattr(matmul, "fp32_precision")
+                   else ("allow_tf32", enabled))
+    saved = getattr(matmul, attr)
+    setattr(matmul, attr, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, attr, saved)
+
+
 def _backward(*outs: torch.Tensor) -> None:
     torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
 
 
 def _recorded(unit):
-    """``unit(..., grad, tf32)``, run with grad mode and torch's TF32 switch so, returning the kernel
+    """``unit(..., grad, tf32_on)``, run with grad mode and torch's TF32 matmul switch so, returning the kernel
     launches it made; cached: the workloads repeat most units (a unit's arguments are all it reads)."""
     @functools.cache
     @functools.wraps(unit)
     def recorded(*args) -> tuple[Launch, ...]:
         *_, grad, tf32_on = args
-        with record_launches() as launches, torch.set_grad_enabled(grad), tf32(tf32_on):
+        with record_launches() as launches, torch.set_grad_enabled(grad), _tf32_matmuls(tf32_on):
             unit(*args)
         return tuple(launches)
     return recorded
@@ -353,11 +376,11 @@ def compile_matrix(arches=(80, 90), jobs: int | None = None,
     {(spec name, arch): report}.
 
     Runs in this process when triton compiles natively, else (under TRITON_INTERPRET=1, as in the
-    CPU test suite) in a child process without it (``python -m fastconformer.compile_matrix``)."""
+    CPU test suite) in a child process without it (``python -m fastconformer.kernels``)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton >= 3.9 warns unless the (default) choice is explicit
-        cmd = [sys.executable, "-m", __name__, "--arches", *map(str, arches)]
+        cmd = [sys.executable, "-m", __package__, "--arches", *map(str, arches)]
         if jobs:
             cmd += ["--jobs", str(jobs)]
         if include_all:
@@ -409,6 +432,3 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(json.dumps([dataclasses.asdict(r) for r in reports]))
 
-
-if __name__ == "__main__":
-    main()
