@@ -60,7 +60,7 @@ def _heads_shape(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int]
 # Launch configs (BLOCK_M, BLOCK_N, num_warps, num_stages), fixed until autotuning, by how the dots run
 # (fp16/bf16 and TF32 on tensor cores, IEEE fp32 on FMA units, which needs far more registers) and
 # by BLOCK_DH: (config for BLOCK_DH <= 64, config for BLOCK_DH = 128). Every one compiles without
-# spills for sm_80 and sm_90 (the compile matrix).
+# spills for sm_80 and sm_90 under triton 3.9 (the compile matrix; kernels/COMPILE_MATRIX.md for 3.6 to 3.8).
 _CONFIGS = {
     "fp16/bf16": ((128, 64, 8, 3), (64, 32, 4, 3)),
     "tf32": ((64, 32, 8, 2), (64, 32, 8, 2)),
@@ -171,7 +171,7 @@ def attention_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch
 # Backward launch configs (BLOCK_HELD, BLOCK_STREAMED, num_warps, num_stages), keyed like the forward's.
 # The dK/dV kernel holds BLOCK_HELD keys (BLOCK_N) and streams queries in blocks of BLOCK_STREAMED
 # (BLOCK_M); the dQ kernel holds BLOCK_HELD queries and streams keys in blocks of BLOCK_STREAMED.
-# Every one compiles without spills for sm_80 and sm_90, aligned or not.
+# Every one compiles without spills for sm_80 and sm_90 under triton 3.9 (the compile matrix).
 _BWD_CONFIGS = {
     "fp16/bf16": ((64, 32, 4, 2), (32, 32, 4, 2)),
     "tf32": ((64, 32, 8, 1), (32, 32, 8, 2)),

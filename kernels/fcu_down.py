@@ -257,11 +257,11 @@ def _block_d(D: int) -> int:
 def fcu_down_config(D: int, gemm_dtype: torch.dtype, precision: str) -> LaunchConfig:
     """fcu_down_kernel's config for token rows of D elements: the whole row in one program, K steps
     of 16 (the smallest tl.dot K that triton 3.6 compiles), one stage (the K loop is not
-    software-pipelined). Warps: chosen in the compile matrix so that no launch spills on sm_80 or
-    sm_90 under triton 3.6 to 3.9 (kernels/COMPILE_MATRIX.md): at BLOCK_D 512, 16 warps leave ptxas
-    64 registers on sm_80 and spill where 8 do not; at 1024, 8 warps spill (255 registers) where 16
-    do not, but for the TF32 dot under triton 3.6; at 128 and 256 the IEEE fp32 dot spills at 2, 4
-    and 8 warps and the TF32 one at 16."""
+    software-pipelined). Warps: chosen with the compile matrix, where no launch spills under
+    triton 3.9 (kernels/COMPILE_MATRIX.md has what still spills under 3.6 to 3.8): at BLOCK_D 512,
+    16 warps leave ptxas 64 registers on sm_80 and spill where 8 do not; at 1024, 8 warps spill
+    (255 registers) where 16 do not, but for the TF32 dot under triton 3.6; at 128 and 256 the IEEE
+    fp32 dot spills at 2, 4 and 8 warps and the TF32 one at 16."""
     block_d = _block_d(D)
     num_warps = _NUM_WARPS[block_d][precision == "ieee" and gemm_dtype == torch.float32]
     if block_d == 1024 and precision == "tf32" and _TRITON_VERSION < (3, 7):
