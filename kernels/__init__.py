@@ -8,6 +8,22 @@ else lists what a launcher can launch: the compile matrix (:mod:`.compile_matrix
 workloads inside :func:`record_launches` and builds what they launch for sm_80 and sm_90, no GPU
 needed.
 
+The map: each fused op is a PyTorch function in ``fastconformer/modules/`` decorated with
+``@fused_op(triton_impl="<file>:<op>_triton", check=...)`` (``fastconformer/dispatch.py``): the check
+runs once, then the Triton twin here when ``use_triton`` picks it, else the PyTorch function.
+
+  op (modules/ file)                 kernels here (forward | backward)                          used by
+  fcu_down (fcu_down.py)             fcu_down_kernel | pooled_projection_kernel,                  FusedFCUDown
+                                     layer_norm_gelu_backward_kernel, avg_pool_backward_kernel
+  fcu_up_expand (fcu_up.py)          fcu_up_expand_kernel | fcu_up_expand_backward_kernel         FusedFCUUp
+  bn_relu_add_upsampled (fcu_up.py)  bn_relu_add_upsampled_kernel | ..._backward_kernel           FusedConvTransBlock
+  attention (attention.py)           attention_fwd_kernel | attention_bwd_{preprocess,dkdv,dq}    FusedAttention
+  add_layer_norm (add_layer_norm.py) add_layer_norm_kernel | add_layer_norm_backward_kernel       FusedBlock
+
+Each kernel file holds its kernels, their ``*_config()`` functions, the ``*_op`` triton_ops with
+their autograd, and the ``*_triton`` entry points; COMPILE_MATRIX.md records the matrix per Triton
+version.
+
 Importing this package imports triton.
 """
 
