@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 import fastconformer
+from fastconformer import testing
 from fastconformer.environment import DTYPES, cpu_model, device_name, device_slug
 from fastconformer.kernels import tf32_matmul_enabled
 from fastconformer.modules import attention, bn_relu_add_upsampled, fcu_down, fcu_up_expand
@@ -336,20 +337,16 @@ def roofline(device: str) -> dict:
     result: dict[str, Any] = {"copy": {"bytes": 2 * nbytes, "seconds": seconds, "GB_per_s": 2 * nbytes / seconds / 1e9}}
     pair = None  # free it before the matmuls
     n = 8192 if device == "cuda" else 512
-    saved = tf32_matmul_enabled()
     matmul = {}
-    try:
-        for name, dtype, tf32 in (("bf16", torch.bfloat16, False), ("fp16", torch.float16, False),
-                                  ("fp32_tf32", torch.float32, True), ("fp32_ieee", torch.float32, False)):
-            if device == "cpu" and dtype == torch.float16:
-                continue
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            a = torch.randn(n, n, device=dev).to(dtype)
-            b = torch.randn(n, n, device=dev).to(dtype)
+    for name, dtype, tf32 in (("bf16", torch.bfloat16, False), ("fp16", torch.float16, False),
+                              ("fp32_tf32", torch.float32, True), ("fp32_ieee", torch.float32, False)):
+        if device == "cpu" and dtype == torch.float16:
+            continue
+        a = torch.randn(n, n, device=dev).to(dtype)
+        b = torch.randn(n, n, device=dev).to(dtype)
+        with testing.tf32(tf32):  # either of torch's TF32 APIs, the user's setting restored
             s = _median_seconds({"mm": lambda a=a, b=b: torch.mm(a, b)}, device, MATMUL_ROUNDS[device])["mm"]
-            matmul[name] = {"n": n, "seconds": s, "TFLOP_per_s": 2 * n**3 / s / 1e12}
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+        matmul[name] = {"n": n, "seconds": s, "TFLOP_per_s": 2 * n**3 / s / 1e12}
     result["matmul"] = matmul
     log(f"roofline: copy {result['copy']['GB_per_s']:.0f} GB/s, " +
         ", ".join(f"{k} {v['TFLOP_per_s']:.1f} TFLOP/s" for k, v in matmul.items()))
