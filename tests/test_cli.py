@@ -185,3 +185,23 @@ def test_predict_keeps_the_good_images_of_a_bad_batch(photo, tiny_checkpoint, tm
                       f"error: {line}: the image is 1x20000, an aspect ratio of 20000:1; at most 50:1 is supported "
                       "(the centre crop would keep a sliver of it)"]
     assert "Traceback" not in err and "3 of 5 image(s) could not be read" in err
+
+
+def test_check_runs_float32_without_tf32(monkeypatch, capsys):
+    """check judges float32 in IEEE arithmetic whatever the user set (cuDNN's default TF32 would put
+    a float32 model ~1e-3 from float64 on a GPU), and gives the user's setting back."""
+    from fastconformer import validation
+    from fastconformer.kernels import tf32_matmul_enabled
+    from fastconformer.testing import tf32
+
+    seen = []
+
+    def fake_run_checks(checks, device, dtypes, backends, seed=0):
+        seen.append(tf32_matmul_enabled())
+        return iter(())
+
+    monkeypatch.setattr(validation, "run_checks", fake_run_checks)
+    with tf32(True):
+        status, _, _ = run(["check", "--only", "squeeze", "--device", "cpu"], capsys)
+        assert tf32_matmul_enabled()
+    assert status == 0 and seen == [False]
