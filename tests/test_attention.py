@@ -8,7 +8,7 @@ import torch
 from fastconformer import dispatch
 from fastconformer.modules.attention import FusedAttention, attention
 from fastconformer.reference import Attention
-from fastconformer.testing import MODULE_TOL, assert_matches, randomize_module, rel_error, to_float64
+from fastconformer.testing import MODULE_TOL, assert_matches, randomize_module, rel_error, tf32, to_float64
 
 HAS_TRITON = dispatch.triton_available() and (torch.cuda.is_available() or dispatch.interpreter_enabled())
 
@@ -76,14 +76,9 @@ def test_large_logits(backend_name, device, gen, dtype):
 
 @pytest.fixture
 def tf32_matmuls():
-    """torch's TF32 matmul switch on for the test (restored after; monkeypatch cannot delete the
-    attribute of torch's cuBLAS settings module on teardown)."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
+    """torch's TF32 switches on for the test (either torch API, restored after)."""
+    with tf32(True):
         yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def test_follows_tf32_setting(backend_name, device, gen, tf32_matmuls):

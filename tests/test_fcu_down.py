@@ -10,7 +10,7 @@ from fastconformer import dispatch
 from fastconformer.modules.fcu_down import FusedFCUDown, fcu_down
 from fastconformer.reference import FCUDown
 from fastconformer.registry import VARIANTS
-from fastconformer.testing import assert_matches, randomize_module, to_float64
+from fastconformer.testing import assert_matches, randomize_module, tf32, to_float64
 
 
 def _squeeze_shapes(variant: str, height: int, width: int) -> list[tuple[int, int, int, int, int]]:
@@ -282,12 +282,8 @@ def test_tf32_follows_torch_setting(gen):
     ref, fused = _modules(C, D, s, gen, "cuda")
     x2, x_t = _inputs(8, C, D, s, H, W, gen, "cuda")
     want = _expected(ref, x2, x_t, False)
-    previous = torch.backends.cuda.matmul.allow_tf32
-    try:
-        with dispatch.backend("triton"):
-            torch.backends.cuda.matmul.allow_tf32 = False
+    with dispatch.backend("triton"):
+        with tf32(False):
             assert_matches(fused(x2, x_t), want)
-            torch.backends.cuda.matmul.allow_tf32 = True
+        with tf32(True):
             assert_matches(fused(x2, x_t), want, fp32_tol=5e-3)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous

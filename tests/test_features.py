@@ -50,12 +50,6 @@ def _official_maps(depth: int, hw: tuple[int, int]) -> tuple[torch.Tensor, list[
     return x, [caught[i] for i in OFFICIAL_TAPS[depth]]
 
 
-@pytest.fixture
-def exact_cudnn(monkeypatch):
-    """fp32 convolutions without TF32 on GPUs (cuDNN's default allows it)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-
-
 def _in_backend(request, backend: str):
     if backend == "triton":
         request.getfixturevalue("triton_backend")  # skips where triton cannot run
@@ -70,7 +64,7 @@ CASES = [(12, (256, 320), "reference", "torch"), (12, (256, 320), "fast", "torch
 
 @pytest.mark.parametrize("depth, hw, impl, backend", CASES,
                          ids=[f"depth{d}-{h}x{w}-{impl}-{b}" for d, (h, w), impl, b in CASES])
-def test_features_equal_the_official_backbone(request, device, exact_cudnn, depth, hw, impl, backend):
+def test_features_equal_the_official_backbone(request, device, depth, hw, impl, backend):
     x, expected = _official_maps(depth, hw)
     model = fastconformer.create_model(NAME, depth=depth, features_only=True, fast=impl == "fast",
                                        pretrained=_classifier(depth).state_dict(), **MICRO)
