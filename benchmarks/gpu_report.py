@@ -17,7 +17,8 @@ on an H100; rows that no longer fit are recorded as skipped, never silently drop
    (``fcu_up_expand``, ``bn_relu_add_upsampled``) and ``attention`` at Conformer-S shapes vs the
    roofline and vs PyTorch (attention: vs every SDPA backend, each op timed in alternation with
    its baselines), bytes moved = inputs read once + outputs written once, L2 flushed before each
-   timed call;
+   timed call; next to each, the performance model's predicted H100 time for the op's Triton launches
+   at the same shapes (:mod:`fastconformer.kernels.perf_model`; on the CPU too, from meta tensors);
 5. whole-model images/s for Conformer-Ti/S/B, batch 1/64/128/256, fp32 and AMP fp16/bf16, inference
    and a training step (forward + backward + AdamW): reference eager, fast (:func:`fastconformer.convert`),
    ``torch.compile(reference)`` (default and ``max-autotune``) and ``torch.compile(fast)``, from the
@@ -63,7 +64,7 @@ import torch.nn.functional as F
 import fastconformer
 from fastconformer import testing
 from fastconformer.environment import DTYPES, cpu_model, device_name, device_slug
-from fastconformer.kernels import tf32_matmul_enabled
+from fastconformer.kernels import perf_model, tf32_matmul_enabled
 from fastconformer.modules import attention, bn_relu_add_upsampled, fcu_down, fcu_up_expand
 from fastconformer.timing import time_interleaved
 
@@ -360,13 +361,29 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def predicted_seconds(op: Callable, *args, build: bool = False, **kwargs) -> float:
+    """The performance model's H100 time for the Triton launches the fused ``op`` (a ``@fused_op``
+    function) makes for these arguments' shapes and dtypes, run on meta tensors; with ``build``,
+    occupancy from the sm_90 builds (else estimated)."""
+    module, _, name = op.triton_impl.partition(":")
+    triton_impl = getattr(importlib.import_module(f"fastconformer.kernels.{module}"), name)
+    return sum(p.seconds for p in perf_model.predict_call(triton_impl, *args, build=build, **kwargs))
+
+
 def _kernel_row(op: str, shape: str, fused: Callable, baselines: dict[str, Callable], bytes_moved: int, flops: int,
-                device: str, flush: Callable[[], Any] | None, copy_gbs: float, **extra) -> dict:
+                device: str, flush: Callable[[], Any] | None, copy_gbs: float, predicted: Callable[[], float],
+                **extra) -> dict:
     """One op's row: ``fused`` timed against its ``baselines`` ({name: callable}) in one interleaved
     run, ``flush`` before every call; the fused op's median seconds, GB/s, TFLOP/s and fraction of
     the copy bandwidth, each baseline's median in ``baseline_seconds`` (and ``speedup_vs_torch``
-    against the one named ``torch``). A failure is recorded as the row's status."""
+    against the one named ``torch``), and ``predicted()``, the performance model's time, with
+    ``measured_over_predicted``. A failure is recorded as the row's status."""
     row: dict[str, Any] = dict(op=op, shape=shape, bytes_moved=bytes_moved, flops=flops, **extra)
+    try:
+        row["predicted_seconds"] = predicted()
+    except Exception as exc:  # recorded, the measurement goes on
+        row["predicted_seconds"] = None
+        row["prediction_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     try:
         medians = _median_seconds({"fused": fused, **baselines}, device, KERNEL_ROUNDS[device], flush)
         s = medians.pop("fused")
@@ -374,6 +391,8 @@ def _kernel_row(op: str, shape: str, fused: Callable, baselines: dict[str, Calla
                    fraction_of_copy_bw=bytes_moved / s / 1e9 / copy_gbs, baseline_seconds=medians)
         if "torch" in medians:
             row["speedup_vs_torch"] = medians["torch"] / s
+        if row["predicted_seconds"]:
+            row["measured_over_predicted"] = s / row["predicted_seconds"]
         row["status"] = "ok"
     except Exception as exc:  # recorded per row, the run goes on
         row["status"] = f"error: {type(exc).__name__}: {str(exc)[:300]}"
@@ -395,6 +414,9 @@ def kernel_benchmarks(plan: Plan, copy_gbs: float) -> list[dict]:
     def rand(*shape, dt=dtype):
         return torch.randn(*shape, generator=gen).to(dev, dt)
 
+    def model(op, *args, **kwargs):  # the performance model's time for op's launches at these shapes
+        return lambda: predicted_seconds(op, *args, build=device == "cuda", **kwargs)
+
     rows = []
     with torch.no_grad(), fastconformer.backend("auto"):
         for C, dw, side in S_STAGES:
@@ -409,7 +431,7 @@ def kernel_benchmarks(plan: Plan, copy_gbs: float) -> list[dict]:
                                     lambda a=args: fcu_down(*a, add_x_t=True),
                                     {"torch": lambda a=args: fcu_down.torch_impl(*a, add_x_t=True)},
                                     _nbytes(x2, x_t, w, bias, lw, lb) + out_bytes, 2 * B * N * C * D, device, flush,
-                                    copy_gbs, dtype=str(dtype)))
+                                    copy_gbs, model(fcu_down, *args, add_x_t=True), dtype=str(dtype)))
             log(f"kernel {rows[-1]['op']} {rows[-1]['shape']}: {rows[-1].get('GB_per_s', 0):.0f} GB/s")
         for C, up, side in S_STAGES:
             grid = side // up
@@ -420,7 +442,8 @@ def kernel_benchmarks(plan: Plan, copy_gbs: float) -> list[dict]:
                                     lambda a=args: fcu_up_expand(*a),
                                     {"torch": lambda a=args: fcu_up_expand.torch_impl(*a)},
                                     _nbytes(x_t, w, scale, shift) + B * C * grid * grid * x_t.element_size(),
-                                    2 * B * grid * grid * C * D, device, flush, copy_gbs, dtype=str(dtype)))
+                                    2 * B * grid * grid * C * D, device, flush, copy_gbs, model(fcu_up_expand, *args),
+                                    dtype=str(dtype)))
             log(f"kernel {rows[-1]['op']} {rows[-1]['shape']}: {rows[-1].get('GB_per_s', 0):.0f} GB/s")
             x = rand(B, C, side, side).contiguous(memory_format=torch.channels_last)
             low = rand(B, C, grid, grid).contiguous(memory_format=torch.channels_last)
@@ -429,7 +452,7 @@ def kernel_benchmarks(plan: Plan, copy_gbs: float) -> list[dict]:
                                     lambda a=args: bn_relu_add_upsampled(*a),
                                     {"torch": lambda a=args: bn_relu_add_upsampled.torch_impl(*a)},
                                     _nbytes(x, scale, shift, low) + _nbytes(x), 0, device, flush, copy_gbs,
-                                    dtype=str(dtype)))
+                                    model(bn_relu_add_upsampled, *args), dtype=str(dtype)))
             log(f"kernel {rows[-1]['op']} {rows[-1]['shape']}: {rows[-1].get('GB_per_s', 0):.0f} GB/s")
         Dh = D // S_HEADS
         qkv = rand(B, S_TOKENS, 3 * D)
@@ -457,7 +480,7 @@ def kernel_benchmarks(plan: Plan, copy_gbs: float) -> list[dict]:
         row = _kernel_row("attention", f"B={B} N={S_TOKENS} D={D} heads={S_HEADS}",
                           lambda: attention(qkv, S_HEADS, scale), sdpa,
                           _nbytes(qkv) + B * S_TOKENS * D * qkv.element_size(), flops, device, flush, copy_gbs,
-                          dtype=str(dtype))
+                          model(attention, qkv, S_HEADS, scale), dtype=str(dtype))
         timed = row.pop("baseline_seconds", {})
         row["sdpa_seconds"] = {**timed, **unavailable}
         if timed:
@@ -712,12 +735,15 @@ def markdown_summary(report: dict) -> str:
               f"| copy bandwidth (read + write) | {roof['copy']['GB_per_s']:.0f} GB/s |"]
     lines += [f"| matmul {name} ({m['n']}³) | {m['TFLOP_per_s']:.1f} TFLOP/s |" for name, m in roof["matmul"].items()]
     lines += ["", "## Kernels at Conformer-S shapes", "",
-              "| op | shape | time (µs) | GB/s | % of copy BW | TFLOP/s | vs PyTorch | status |",
-              "|---|---|---:|---:|---:|---:|---:|---|"]
+              "| op | shape | time (µs) | predicted (µs, H100 model) | measured / predicted | GB/s | % of copy BW | "
+              "TFLOP/s | vs PyTorch | status |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for k in report["kernels"]:
         ok = k["status"] == "ok"
         vs = k.get("speedup_vs_torch", k.get("speedup_vs_sdpa_best"))
+        predicted = k.get("predicted_seconds")
         lines.append(f"| {k['op']} | {k['shape']} | {_fmt(k['seconds'] * 1e6, 1) if ok else '—'} | "
+                     f"{_fmt(predicted * 1e6 if predicted else None, 1)} | {_fmt(k.get('measured_over_predicted'))} | "
                      f"{_fmt(k.get('GB_per_s'), 0)} | {_fmt(k['fraction_of_copy_bw'] * 100, 0) if ok else '—'} | "
                      f"{_fmt(k.get('TFLOP_per_s'), 1) if k['flops'] else '—'} | "
                      f"{_fmt(vs) + '×' if vs is not None else '—'} | {k['status']} |")

@@ -22,7 +22,8 @@ runs once, then the Triton twin here when ``use_triton`` picks it, else the PyTo
 
 Each kernel file holds its kernels, their ``*_config()`` functions, the ``*_op`` triton_ops with
 their autograd, and the ``*_triton`` entry points; COMPILE_MATRIX.md records the matrix per Triton
-version.
+version. The performance model (:mod:`.perf_model`, ``python -m fastconformer.kernels --model``,
+PERF_MODEL.md) predicts each of those launches' H100 time from its bytes, FLOPs and occupancy.
 
 Importing this package imports triton.
 """
@@ -43,10 +44,11 @@ __all__ = ["KERNEL_MODULES", "Launch", "LaunchConfig", "autocast_off", "dot_prec
 
 
 def _kernel_modules() -> tuple[str, ...]:
-    """Every module of this package that defines kernels (one per fused op): all but the compile matrix."""
+    """Every module of this package that defines kernels (one per fused op): all but the compile matrix and
+    the performance model."""
     here = os.path.dirname(__file__)
     return tuple(sorted(m.name for m in pkgutil.iter_modules([here])
-                        if not m.name.startswith("_") and m.name != "compile_matrix"))
+                        if not m.name.startswith("_") and m.name not in ("compile_matrix", "perf_model")))
 
 
 KERNEL_MODULES = _kernel_modules()
@@ -120,11 +122,12 @@ class LaunchConfig(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """One launch :func:`record_launches` recorded: the ``@triton.jit`` function, its positional
-    arguments as the launcher passed them, and its config."""
+    arguments as the launcher passed them, its config and its grid (programs along each axis)."""
 
     kernel: object
     args: tuple
     config: LaunchConfig
+    grid: tuple[int, ...]
 
 
 _recorded: list[Launch] | None = None
@@ -136,7 +139,7 @@ def launch(kernel, grid, args: tuple, config: LaunchConfig) -> None:
     kernels from its source (torch.compile's caches key on their code). Inside
     :func:`record_launches` the launch is recorded instead of run."""
     if _recorded is not None:
-        _recorded.append(Launch(getattr(kernel, "kernel", kernel), tuple(args), config))  # the wrapped function
+        _recorded.append(Launch(getattr(kernel, "kernel", kernel), tuple(args), config, tuple(grid)))  # unwrapped
         return
     kernel[grid](*args, **config.constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
 

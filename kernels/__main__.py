@@ -1,7 +1,15 @@
 """``python -m fastconformer.kernels [--arches 80 90] [--jobs N] [--all] [--summary]``: the compile
 matrix (:mod:`fastconformer.kernels.compile_matrix`), every kernel variant the launchers launch for
-the real workloads, built ahead of time for sm_80 and sm_90 (no GPU needed)."""
+the real workloads, built ahead of time for sm_80 and sm_90 (no GPU needed).
 
-from .compile_matrix import main
+``python -m fastconformer.kernels --model [--workload W ...] [--no-build]``: the performance model
+(:mod:`fastconformer.kernels.perf_model`) of those launches on an H100."""
+
+import sys
+
+if "--model" in sys.argv[1:]:
+    from .perf_model import main
+else:
+    from .compile_matrix import main
 
 main()

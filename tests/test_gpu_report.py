@@ -65,6 +65,8 @@ def test_cpu_quick_run_writes_json_and_markdown(cpu_run):
     for k in report["kernels"]:
         assert k["status"] == "ok", k
         assert k["seconds"] > 0 and k["GB_per_s"] > 0 and k["bytes_moved"] > 0
+        # the performance model's H100 time for the op's Triton launches at the row's shapes, on the CPU too
+        assert 0 < k["predicted_seconds"] < 1e-3 and k["measured_over_predicted"] > 0, k
     attn = next(k for k in report["kernels"] if k["op"] == "attention")
     assert attn["sdpa_best_seconds"] > 0 and "MATH" in attn["sdpa_seconds"]
 
@@ -84,6 +86,7 @@ def test_cpu_quick_run_writes_json_and_markdown(cpu_run):
         assert heading in summary
     assert summary.count("n/a on CPU") == 10
     assert "| Conformer-Ti (3 blocks, dim 96) | fp32 | 2 | inference | reference |" in summary
+    assert "predicted (µs, H100 model) | measured / predicted |" in summary
 
 
 def test_plan_puts_goal_rows_first_and_bounds_the_matrix():
