@@ -40,7 +40,7 @@ import torch
 import triton
 
 __all__ = ["KERNEL_MODULES", "Launch", "LaunchConfig", "autocast_off", "dot_precision", "launch", "record_launches",
-           "tf32_matmul_enabled", "tile_shape", "tl_dtype"]
+           "row_loop_programs", "tf32_matmul_enabled", "tile_shape", "tl_dtype"]
 
 
 def _kernel_modules() -> tuple[str, ...]:
@@ -99,6 +99,15 @@ def tile_shape(elements: int, C: int, channels_last: bool) -> tuple[int, int]:
     block_c = (max(CHANNEL_BLOCKS[0], min(CHANNEL_BLOCKS[-1], triton.next_power_of_2(C))) if channels_last
                else PIXEL_BLOCK)
     return elements // block_c, block_c
+
+
+def row_loop_programs(M: int, block_r: int, most_programs: int) -> tuple[int, int]:
+    """(programs, rows per program) of a row-loop kernel over M rows in tiles of block_r rows, each
+    program summing its rows' partial parameter gradients: as many programs as most_programs allows
+    (at least one), each a whole number of tiles."""
+    rows_per_program = block_r * max(1, triton.cdiv(triton.cdiv(M, max(1, min(most_programs, triton.cdiv(M, block_r)))),
+                                                    block_r))
+    return max(1, triton.cdiv(M, rows_per_program)), rows_per_program
 
 
 def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:

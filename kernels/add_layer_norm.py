@@ -16,11 +16,14 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import LaunchConfig, launch
+from . import LaunchConfig, launch, row_loop_programs
 
 MAX_D = 4096
 _BLOCK_DS = (128, 256, 512, 1024, 2048, 4096)
-_BACKWARD_PROGRAMS = 256  # at most this many programs of the backward, each summing dweight/dbias over its rows
+# The backward: at most this many programs (4 per SM on an H100's 132), each summing dweight/dbias
+# over its rows (deterministic partial sums), in tiles of _BACKWARD_TILE elements (BLOCK_R rows).
+_BACKWARD_PROGRAMS = 4 * 132
+_BACKWARD_TILE = 2048
 
 
 @triton.jit
@@ -55,38 +58,44 @@ def add_layer_norm_kernel(
 def add_layer_norm_backward_kernel(
     grad_out_ptr, grad_sum_ptr, s_ptr, w_ptr, mean_ptr, rstd_ptr, grad_s_ptr, partial_w_ptr, partial_b_ptr,
     M, D, rows_per_program,
-    HAS_GRAD_SUM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_GRAD_SUM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Rows [program_id(0) * rows_per_program, ...) of the LayerNorm backward, in fp32:
+    """Rows [program_id(0) * rows_per_program, ...) of the LayerNorm backward, BLOCK_R rows at a
+    time (a (BLOCK_R, BLOCK_D) tile: BLOCK_R rows' loads in flight at once), in fp32:
     grad_s = rstd * (w * g - mean(w * g) - n * mean(w * g * n)) (+ grad_sum, the sum's own
     incoming gradient), n = (s - mean) * rstd; the program's partial sums of g * n (dweight) and
     g (dbias) go to row program_id(0) of the (programs, D) fp32 buffers."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    partial_w = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    partial_b = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    col_mask = cols < D
+    w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tile = tl.arange(0, BLOCK_R)[:, None] * D + cols[None, :]  # offsets within a tile of whole rows (int32)
+    partial_w = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    partial_b = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     first = pid * rows_per_program
-    row_start = first.to(tl.int64) * D  # a scalar carried through the loop: one 64-bit offset, not BLOCK_D
-    for row in range(first, tl.minimum(first + rows_per_program, M)):
-        g = tl.load(grad_out_ptr + row_start + cols, mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(s_ptr + row_start + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + row)
-        rstd = tl.load(rstd_ptr + row)
-        n = tl.where(mask, (s - mean) * rstd, 0.0)
+    last = tl.minimum(first + rows_per_program, M)
+    tile_start = first.to(tl.int64) * D  # a scalar carried through the loop: one 64-bit offset, not a tile of them
+    for start in range(first, last, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        row_mask = rows < last
+        mask = row_mask[:, None] & col_mask[None, :]
+        g = tl.load(grad_out_ptr + tile_start + tile, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + tile_start + tile, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        n = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
         wg = w * g
-        c_n = tl.sum(wg * n, axis=0) / D
-        c_1 = tl.sum(wg, axis=0) / D
-        grad_s = (wg - c_1 - n * c_n) * rstd
+        c_n = tl.sum(wg * n, axis=1) / D
+        c_1 = tl.sum(wg, axis=1) / D
+        grad_s = (wg - c_1[:, None] - n * c_n[:, None]) * rstd[:, None]
         if HAS_GRAD_SUM:
-            grad_s += tl.load(grad_sum_ptr + row_start + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(grad_s_ptr + row_start + cols, grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
+            grad_s += tl.load(grad_sum_ptr + tile_start + tile, mask=mask, other=0.0).to(tl.float32)
+        tl.store(grad_s_ptr + tile_start + tile, grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask)
         partial_w += g * n
         partial_b += g
-        row_start += D
-    tl.store(partial_w_ptr + pid * D + cols, partial_w, mask=mask)
-    tl.store(partial_b_ptr + pid * D + cols, partial_b, mask=mask)
+        tile_start += BLOCK_R * D
+    tl.store(partial_w_ptr + pid * D + cols, tl.sum(partial_w, axis=0), mask=col_mask)
+    tl.store(partial_b_ptr + pid * D + cols, tl.sum(partial_b, axis=0), mask=col_mask)
 
 
 def _block_d(D: int) -> int:
@@ -102,12 +111,14 @@ def add_layer_norm_config(D: int) -> LaunchConfig:
 
 
 def add_layer_norm_backward_config(D: int, has_grad_sum: bool) -> LaunchConfig:
-    """add_layer_norm_backward_kernel's config: the forward's, but 16 warps at BLOCK_D 4096, where 8
-    spill on sm_90 (the weight and the two partial sums stay in registers across the row loop); one
-    stage: the row loop is not software-pipelined, its registers go to BLOCK_D-wide rows."""
+    """add_layer_norm_backward_kernel's config: tiles of BLOCK_R whole rows, _BACKWARD_TILE elements
+    (one row from BLOCK_D 2048 on), 256 elements per warp (at most 16: BLOCK_D 4096 spills at 8 on
+    sm_90, the weight and the partial sums living across the row loop); one stage: the row loop is
+    not software-pipelined, a tile's rows are its loads in flight."""
     block_d = _block_d(D)
-    return LaunchConfig(dict(HAS_GRAD_SUM=has_grad_sum, BLOCK_D=block_d), num_warps=min(max(block_d // 256, 1), 16),
-                        num_stages=1)
+    block_r = max(1, _BACKWARD_TILE // block_d)
+    return LaunchConfig(dict(HAS_GRAD_SUM=has_grad_sum, BLOCK_R=block_r, BLOCK_D=block_d),
+                        num_warps=min(max(block_r * block_d // 256, 1), 16), num_stages=1)
 
 
 @triton_op("fastconformer::add_layer_norm", mutates_args=())
@@ -140,13 +151,13 @@ def add_layer_norm_backward_op(grad_out: torch.Tensor, grad_sum: torch.Tensor | 
     grad bias (D,) fp32)."""
     M, D = s.shape
     grad_s = torch.empty_like(s)
-    programs = max(1, min(M, _BACKWARD_PROGRAMS))
-    rows_per_program = triton.cdiv(M, programs)
+    config = add_layer_norm_backward_config(D, grad_sum is not None)
+    programs, rows_per_program = row_loop_programs(M, config.constexprs["BLOCK_R"], _BACKWARD_PROGRAMS)
     partial_w = torch.empty((programs, D), device=s.device, dtype=torch.float32)
     partial_b = torch.empty((programs, D), device=s.device, dtype=torch.float32)
     launch(wrap_triton(add_layer_norm_backward_kernel), (programs,), (
         grad_out, grad_out if grad_sum is None else grad_sum, s, weight, mean, rstd, grad_s, partial_w, partial_b,
-        M, D, rows_per_program), add_layer_norm_backward_config(D, grad_sum is not None))
+        M, D, rows_per_program), config)
     return grad_s, partial_w.sum(0), partial_b.sum(0)
 
 

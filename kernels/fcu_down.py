@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import LaunchConfig, autocast_off, dot_precision, launch, tile_shape, tl_dtype
+from . import LaunchConfig, autocast_off, dot_precision, launch, row_loop_programs, tile_shape, tl_dtype
 
 MAX_D = 1024
 _BLOCK_DS = (128, 256, 512, 1024)
@@ -36,7 +36,10 @@ _NUM_WARPS = {128: (8, 16), 256: (8, 16), 512: (8, 8), 1024: (16, 16)}
 _BLOCK_M = 16  # tokens per program: the smallest tl.dot tile, so a (16, BLOCK_D) fp32 row block fits in registers
 _RECOMPUTE_BLOCK_D = 128  # columns per program of the backward's GEMM recompute
 _RECOMPUTE_WARPS = 4
-_BACKWARD_PROGRAMS = 256  # at most this many programs of the row-wise backward (deterministic partial sums)
+# The row-wise backward: at most this many programs (4 per SM on an H100's 132; deterministic
+# partial sums), in tiles of _ROW_TILE elements (BLOCK_R rows).
+_BACKWARD_PROGRAMS = 4 * 132
+_ROW_TILE = 2048
 _POOL_BACKWARD_TILE = 2048  # elements of grad x2 per program of the pool adjoint
 _POOL_BACKWARD_WARPS = 8
 _BLOCK_P = 4  # window pixels averaged per load: dw_stride 2 in one step, 4 in 4, 8 in 16 (1: one of 4 lanes)
@@ -182,47 +185,53 @@ def pooled_projection_kernel(
 def layer_norm_gelu_backward_kernel(
     z_ptr, grad_ptr, ln_w_ptr, ln_b_ptr, grad_z_ptr, partial_bias_ptr, partial_ln_w_ptr, partial_ln_b_ptr,
     M, N, D, eps, stride_gb, stride_gn, rows_per_program,
-    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Token rows [program_id(0) * rows_per_program, ...) of the (B * N, D) fp32 pre-LayerNorm rows z,
-    back through GELU(LayerNorm(z)), in fp32: grad_z in grad_z_ptr's dtype, and the program's partial
+    back through GELU(LayerNorm(z)), BLOCK_R rows at a time (a (BLOCK_R, BLOCK_D) tile: BLOCK_R rows'
+    loads in flight at once), in fp32: grad_z in grad_z_ptr's dtype, and the program's partial
     sums of grad_z (bias), grad_y * n (LayerNorm weight) and grad_y (LayerNorm bias) in row
     program_id(0) of the (programs, D) fp32 buffers. grad_ptr is the (B, 1 + N, D) gradient of the
     output tokens (row t of image b at b * stride_gb + (1 + t) * stride_gn)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    ln_w = tl.load(ln_w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    ln_b = tl.load(ln_b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    partial_bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    partial_ln_w = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    partial_ln_b = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    col_mask = cols < D
+    ln_w = tl.load(ln_w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    ln_b = tl.load(ln_b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tile = tl.arange(0, BLOCK_R)[:, None] * D + cols[None, :]  # offsets within a tile of whole z rows (int32)
+    partial_bias = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    partial_ln_w = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    partial_ln_b = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     first = pid * rows_per_program
-    row_start = first.to(tl.int64) * D  # scalars carried through the loop
-    for row in range(first, tl.minimum(first + rows_per_program, M)):
-        z = tl.load(z_ptr + row_start + cols, mask=mask, other=0.0)
-        image = row // N
-        g_start = image.to(tl.int64) * stride_gb + (row - image * N + 1).to(tl.int64) * stride_gn
-        g = tl.load(grad_ptr + g_start + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(z, axis=0) / D
-        n = tl.where(mask, z - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(n * n, axis=0) / D + eps)
-        n = n * rstd
+    last = tl.minimum(first + rows_per_program, M)
+    tile_start = first.to(tl.int64) * D  # a scalar carried through the loop
+    for start in range(first, last, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        row_mask = rows < last
+        mask = row_mask[:, None] & col_mask[None, :]
+        z = tl.load(z_ptr + tile_start + tile, mask=mask, other=0.0)
+        image = rows // N
+        g_rows = image.to(tl.int64) * stride_gb + (rows - image * N + 1).to(tl.int64) * stride_gn
+        g = tl.load(grad_ptr + g_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(z, axis=1) / D
+        n = tl.where(mask, z - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(n * n, axis=1) / D + eps)
+        n = n * rstd[:, None]
         y = n * ln_w + ln_b
         # d GELU(y) / dy = Phi(y) + y * phi(y)
         grad_y = g * (0.5 * (1.0 + tl.erf(y * 0.7071067811865476)) + y * tl.exp(-0.5 * y * y) * 0.3989422804014327)
         grad_n = grad_y * ln_w
-        c_1 = tl.sum(grad_n, axis=0) / D
-        c_n = tl.sum(grad_n * n, axis=0) / D
-        grad_z = tl.where(mask, (grad_n - c_1 - n * c_n) * rstd, 0.0)
-        tl.store(grad_z_ptr + row_start + cols, grad_z.to(grad_z_ptr.dtype.element_ty), mask=mask)
+        c_1 = tl.sum(grad_n, axis=1) / D
+        c_n = tl.sum(grad_n * n, axis=1) / D
+        grad_z = tl.where(mask, (grad_n - c_1[:, None] - n * c_n[:, None]) * rstd[:, None], 0.0)
+        tl.store(grad_z_ptr + tile_start + tile, grad_z.to(grad_z_ptr.dtype.element_ty), mask=mask)
         partial_bias += grad_z
         partial_ln_w += grad_y * n
         partial_ln_b += grad_y
-        row_start += D
-    tl.store(partial_bias_ptr + pid * D + cols, partial_bias, mask=mask)
-    tl.store(partial_ln_w_ptr + pid * D + cols, partial_ln_w, mask=mask)
-    tl.store(partial_ln_b_ptr + pid * D + cols, partial_ln_b, mask=mask)
+        tile_start += BLOCK_R * D
+    tl.store(partial_bias_ptr + pid * D + cols, tl.sum(partial_bias, axis=0), mask=col_mask)
+    tl.store(partial_ln_w_ptr + pid * D + cols, tl.sum(partial_ln_w, axis=0), mask=col_mask)
+    tl.store(partial_ln_b_ptr + pid * D + cols, tl.sum(partial_ln_b, axis=0), mask=col_mask)
 
 
 @triton.jit
@@ -279,10 +288,13 @@ def pooled_projection_config(D: int, gemm_dtype: torch.dtype, precision: str) ->
 
 
 def layer_norm_gelu_backward_config(D: int) -> LaunchConfig:
-    """layer_norm_gelu_backward_kernel's config: whole rows, 4 elements per thread and row (2 to 8
-    warps), one stage (the row loop is not software-pipelined)."""
+    """layer_norm_gelu_backward_kernel's config: tiles of BLOCK_R whole rows, _ROW_TILE elements, 8
+    per thread (8 warps); one stage (the row loop is not software-pipelined: a tile's rows are its
+    loads in flight)."""
     block_d = _block_d(D)
-    return LaunchConfig(dict(BLOCK_D=block_d), num_warps=max(1, min(8, block_d // 128)), num_stages=1)
+    block_r = max(1, _ROW_TILE // block_d)
+    return LaunchConfig(dict(BLOCK_R=block_r, BLOCK_D=block_d), num_warps=max(1, block_r * block_d // 256),
+                        num_stages=1)
 
 
 def avg_pool_backward_config(C: int, channels_last: bool) -> LaunchConfig:
@@ -338,7 +350,8 @@ def fcu_down_backward_op(grad_out: torch.Tensor, x2: torch.Tensor, weight: torch
     dev = x2.device
     grad_z = torch.empty((M, D), device=dev, dtype=x2.dtype)
     pooled = torch.empty((M, C), device=dev, dtype=x2.dtype)
-    programs = max(1, min(M, _BACKWARD_PROGRAMS))
+    row_config = layer_norm_gelu_backward_config(D)
+    programs, rows_per_program = row_loop_programs(M, row_config.constexprs["BLOCK_R"], _BACKWARD_PROGRAMS)
     partials = [torch.zeros((programs, D), device=dev, dtype=torch.float32) for _ in range(3)]
     if M > 0:
         z = torch.empty((M, D), device=dev, dtype=torch.float32)
@@ -348,7 +361,7 @@ def fcu_down_backward_op(grad_out: torch.Tensor, x2: torch.Tensor, weight: torch
             pooled_projection_config(D, x2.dtype, dot_precision(x2.dtype)))
         launch(wrap_triton(layer_norm_gelu_backward_kernel), (programs,), (
             z, grad_out, ln_weight, ln_bias, grad_z, *partials, M, N, D, eps, grad_out.stride(0), grad_out.stride(1),
-            triton.cdiv(M, programs)), layer_norm_gelu_backward_config(D))
+            rows_per_program), row_config)
     with autocast_off(dev):
         grad_pooled = grad_z @ weight  # (B * N, C)
         grad_weight = grad_z.t() @ pooled  # (D, C)

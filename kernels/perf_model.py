@@ -161,10 +161,11 @@ def _add_layer_norm_backward(c: _Call) -> Cost:
     M, D, es = c["M"], c["D"], c.size("s_ptr")
     rows = M * D * es
     inputs = 3 if c["HAS_GRAD_SUM"] else 2
-    per_program = c["rows_per_program"]
+    tile_rows = c.arg.get("BLOCK_R", 1)
     return Cost(read=inputs * rows + 8 * M + c.nbytes("w_ptr"), written=rows + 2 * c.programs * D * 4,
-                flops=12 * M * D, useful_flops=12 * M * D, kind="fp32", sfu=0, steps=per_program,
-                in_flight=inputs * D * es, live=6 * c["BLOCK_D"], staged=0)
+                flops=12 * M * D, useful_flops=12 * M * D, kind="fp32", sfu=0,
+                steps=math.ceil(c["rows_per_program"] / tile_rows), in_flight=tile_rows * inputs * D * es,
+                live=6 * tile_rows * c["BLOCK_D"], staged=0)
 
 
 def _pooled_gemm(c: _Call) -> tuple[int, float, float, int, int, int]:
@@ -209,10 +210,11 @@ def _pooled_projection(c: _Call) -> Cost:
 def _layer_norm_gelu_backward(c: _Call) -> Cost:
     M, D = c["M"], c["D"]
     g = c.size("grad_ptr")
+    tile_rows = c.arg.get("BLOCK_R", 1)
     return Cost(read=M * D * (4 + g) + 2 * D * c.size("ln_w_ptr"),
                 written=M * D * c.size("grad_z_ptr") + 3 * c.programs * D * 4, flops=40 * M * D,
-                useful_flops=40 * M * D, kind="fp32", sfu=2 * M * D, steps=c["rows_per_program"],
-                in_flight=D * (4 + g), live=8 * c["BLOCK_D"], staged=0)
+                useful_flops=40 * M * D, kind="fp32", sfu=2 * M * D, steps=math.ceil(c["rows_per_program"] / tile_rows),
+                in_flight=tile_rows * D * (4 + g), live=8 * tile_rows * c["BLOCK_D"], staged=0)
 
 
 def _avg_pool_backward(c: _Call) -> Cost:

@@ -2,7 +2,6 @@
 to check by hand, that every kernel the workloads launch has a model and a PyTorch counterpart, and
 the ``python -m fastconformer.kernels --model`` command line."""
 
-import math
 import subprocess
 import sys
 
@@ -39,13 +38,20 @@ def test_add_layer_norm_bytes_by_hand():
     assert p.latency_s == pytest.approx(700e-9) and p.seconds == max(p.memory_s, p.compute_s, p.latency_s)
 
 
-def test_row_loop_backward_is_latency_bound_by_hand():
-    """M = 64 x 197 rows on at most 256 programs: 50 rows per program, each a round trip of 700 ns."""
-    p = perf_model.predict(_add_layer_norm_launch(64 * 197, 384, torch.bfloat16, backward=True))
-    rows_per_program = math.ceil(64 * 197 / p.programs)
-    assert p.cost.steps == rows_per_program
-    assert p.latency_s == pytest.approx(math.ceil(math.ceil(p.programs / 132) / p.ctas_per_sm) * rows_per_program
-                                        * 700e-9)
+def test_row_loop_backward_by_hand():
+    """M = 64 x 197 bf16 rows of 384: tiles of 4 rows (BLOCK_D 512, 2048-element tiles) on at most
+    528 programs: 526 programs of 24 rows, 6 round trips each with 4 rows of grad_out and s (6 KiB)
+    in flight. At 64 registers (8 warps: 4 CTAs per SM) all programs are resident at once: latency
+    6 x 700 ns, below the HBM time, so HBM-bound."""
+    launch = _add_layer_norm_launch(64 * 197, 384, torch.bfloat16, backward=True)
+    p = perf_model.predict(launch, perf_model.Resources(64, 4096, "sm_90"))
+    assert (p.programs, launch.config.constexprs["BLOCK_R"], launch.config.num_warps) == (526, 4, 8)
+    assert (p.cost.steps, p.cost.in_flight) == (6, 4 * 2 * 384 * 2)
+    M = 64 * 197
+    assert p.cost.read == 2 * M * 384 * 2 + 8 * M + 384 * 2
+    assert p.cost.written == M * 384 * 2 + 2 * 526 * 384 * 4  # grad of the sum, partial dweight and dbias
+    assert (p.ctas_per_sm, p.limiter) == (4, "registers")
+    assert p.latency_s == pytest.approx(6 * 700e-9) and p.bound == "HBM"
 
 
 def test_occupancy_by_hand():
