@@ -57,15 +57,40 @@ def _heads_shape(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int]
     B, N, C3 = qkv.shape
     return B, N, num_heads, C3 // (3 * num_heads)
 
-# Launch configs (BLOCK_M, BLOCK_N, num_warps, num_stages), fixed until autotuning, by how the dots run
-# (fp16/bf16 and TF32 on tensor cores, IEEE fp32 on FMA units, which needs far more registers) and
-# by BLOCK_DH: (config for BLOCK_DH <= 64, config for BLOCK_DH = 128). Every one compiles without
-# spills for sm_80 and sm_90 under triton 3.9 (the compile matrix; kernels/COMPILE_MATRIX.md for 3.6 to 3.8).
+# Launch configs (BLOCK_HELD, BLOCK_STREAMED, num_warps, num_stages) by direction ("fwd": the forward
+# holds BLOCK_M queries and streams keys in blocks of BLOCK_N; "dkdv" holds BLOCK_N keys and streams
+# queries in blocks of BLOCK_M; "dq" holds BLOCK_M queries and streams keys in blocks of BLOCK_N), by
+# how the dots run (fp16/bf16 and TF32 on tensor cores, IEEE fp32 on FMA units, which needs far more
+# registers) and by BLOCK_DH: (config for BLOCK_DH <= 64, config for BLOCK_DH = 128). A tuple of
+# streamed blocks is chosen from by N (:func:`_streamed_block`). fp16/bf16 at BLOCK_DH <= 64 (every
+# Conformer) is chosen with the performance model (kernels/PERF_MODEL.md) at Conformer's N = 197,
+# 50, 1051 and 4201: 64-row held blocks (wgmma's M; 128 rows pad no less and make half as many
+# programs), 3 stages (the streamed loop waits on half as many round trips as with 2), 4 warps; the
+# backward streams 32 (64 need 235 registers in dK/dV on sm_90 and spill 24 B in dQ on sm_80). Every
+# one compiles without spills for sm_80 and sm_90 under triton 3.9 (the compile matrix;
+# kernels/COMPILE_MATRIX.md for 3.6 to 3.8, measured before this choice).
 _CONFIGS = {
-    "fp16/bf16": ((128, 64, 8, 3), (64, 32, 4, 3)),
-    "tf32": ((64, 32, 8, 2), (64, 32, 8, 2)),
-    "ieee": ((32, 32, 4, 2), (32, 32, 8, 2)),
+    ("fwd", "fp16/bf16"): ((64, (32, 64), 4, 3), (64, 32, 4, 3)),
+    ("fwd", "tf32"): ((64, 32, 8, 2), (64, 32, 8, 2)),
+    ("fwd", "ieee"): ((32, 32, 4, 2), (32, 32, 8, 2)),
+    ("dkdv", "fp16/bf16"): ((64, 32, 4, 3), (32, 32, 4, 2)),
+    ("dkdv", "tf32"): ((64, 32, 8, 1), (32, 32, 8, 2)),
+    ("dkdv", "ieee"): ((32, 16, 4, 2), (32, 32, 8, 2)),
+    ("dq", "fp16/bf16"): ((64, 32, 4, 3), (32, 32, 4, 2)),
+    ("dq", "tf32"): ((64, 32, 8, 1), (32, 32, 8, 2)),
+    ("dq", "ieee"): ((32, 16, 4, 2), (32, 32, 8, 2)),
 }
+_PADDING_SLACK = 1 / 16  # padding a wider streamed block may add over a narrower one
+
+
+def _streamed_block(N: int, candidates: tuple[int, ...]) -> int:
+    """The widest of the candidate streamed blocks whose padded N (the keys or queries every held
+    block runs through) is within _PADDING_SLACK of the least padded one's: at N = 197, 64-key
+    blocks run 256 keys against 224 for 32-key ones (77% useful vs 88%), so 32; at N = 1051, 1088
+    against 1056 (3% more) for half the loop trips, so 64; at N = 50 both pad to 64."""
+    padded = {block: triton.cdiv(N, block) * block for block in candidates}
+    least = min(padded.values())
+    return max(block for block, n in padded.items() if n <= (1 + _PADDING_SLACK) * least)
 
 
 @triton.jit
@@ -140,16 +165,27 @@ def _block_dh(head_dim: int) -> int:
 
 
 def _config_kind(dtype: torch.dtype, input_precision: str) -> str:
-    """The key of the launch-config tables: how the dots run."""
+    """How the dots run: the second key of the launch-config table."""
     return input_precision if dtype == torch.float32 else "fp16/bf16"
 
 
-def attention_fwd_config(head_dim: int, dtype: torch.dtype, input_precision: str) -> LaunchConfig:
-    """attention_fwd_kernel's config for head_dim, the input dtype and the dot precision."""
+def _config(direction: str, N: int, head_dim: int, dtype: torch.dtype, input_precision: str, held: str,
+            streamed: str) -> LaunchConfig:
+    """The _CONFIGS entry for (direction, N, head_dim, dtype, dot precision) as a config whose ``held``
+    block constexpr (BLOCK_M or BLOCK_N) is BLOCK_HELD and ``streamed`` one BLOCK_STREAMED."""
     block_dh = _block_dh(head_dim)
-    block_m, block_n, num_warps, num_stages = _CONFIGS[_config_kind(dtype, input_precision)][block_dh > 64]
-    return LaunchConfig(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DH=block_dh, INPUT_PRECISION=input_precision),
-                        num_warps=num_warps, num_stages=num_stages)
+    block_held, block_streamed, num_warps, num_stages = _CONFIGS[direction, _config_kind(dtype, input_precision)][
+        block_dh > 64]
+    if isinstance(block_streamed, tuple):
+        block_streamed = _streamed_block(N, block_streamed)
+    return LaunchConfig({held: block_held, streamed: block_streamed, "BLOCK_DH": block_dh,
+                         "INPUT_PRECISION": input_precision}, num_warps=num_warps, num_stages=num_stages)
+
+
+def attention_fwd_config(N: int, head_dim: int, dtype: torch.dtype, input_precision: str) -> LaunchConfig:
+    """attention_fwd_kernel's config for N tokens, head_dim, the input dtype and the dot precision:
+    BLOCK_M queries held, keys streamed in blocks of BLOCK_N."""
+    return _config("fwd", N, head_dim, dtype, input_precision, held="BLOCK_M", streamed="BLOCK_N")
 
 
 @triton_op("fastconformer::attention", mutates_args=())
@@ -161,22 +197,13 @@ def attention_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch
     lse = torch.empty((B, H, N), device=qkv.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    config = attention_fwd_config(Dh, qkv.dtype, dot_precision(qkv.dtype))
+    config = attention_fwd_config(N, Dh, qkv.dtype, dot_precision(qkv.dtype))
     grid = (triton.cdiv(N, config.constexprs["BLOCK_M"]) * B * H,)
     launch(wrap_triton(attention_fwd_kernel), grid, (
         qkv, out, lse, N, H, Dh, scale * LOG2E, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1)), config)
     return out, lse
 
 
-# Backward launch configs (BLOCK_HELD, BLOCK_STREAMED, num_warps, num_stages), keyed like the forward's.
-# The dK/dV kernel holds BLOCK_HELD keys (BLOCK_N) and streams queries in blocks of BLOCK_STREAMED
-# (BLOCK_M); the dQ kernel holds BLOCK_HELD queries and streams keys in blocks of BLOCK_STREAMED.
-# Every one compiles without spills for sm_80 and sm_90 under triton 3.9 (the compile matrix).
-_BWD_CONFIGS = {
-    "fp16/bf16": ((64, 32, 4, 2), (32, 32, 4, 2)),
-    "tf32": ((64, 32, 8, 1), (32, 32, 8, 2)),
-    "ieee": ((32, 16, 4, 2), (32, 32, 8, 2)),
-}
 _PREPROCESS_BLOCK_M, _PREPROCESS_WARPS = 64, 4
 
 
@@ -300,24 +327,14 @@ def attention_bwd_dq_kernel(
     tl.store(dq_ptrs, dq.to(dqkv_ptr.dtype.element_ty), mask=mask_md)
 
 
-def _bwd_config(head_dim: int, dtype: torch.dtype, input_precision: str, held: str, streamed: str) -> LaunchConfig:
-    """The _BWD_CONFIGS entry as a config whose ``held`` block constexpr (BLOCK_M or BLOCK_N) is
-    BLOCK_HELD and ``streamed`` one BLOCK_STREAMED."""
-    block_dh = _block_dh(head_dim)
-    block_held, block_streamed, num_warps, num_stages = _BWD_CONFIGS[_config_kind(dtype, input_precision)][
-        block_dh > 64]
-    return LaunchConfig({held: block_held, streamed: block_streamed, "BLOCK_DH": block_dh,
-                         "INPUT_PRECISION": input_precision}, num_warps=num_warps, num_stages=num_stages)
-
-
-def attention_bwd_dkdv_config(head_dim: int, dtype: torch.dtype, input_precision: str) -> LaunchConfig:
+def attention_bwd_dkdv_config(N: int, head_dim: int, dtype: torch.dtype, input_precision: str) -> LaunchConfig:
     """attention_bwd_dkdv_kernel's config: BLOCK_N keys held, queries streamed in blocks of BLOCK_M."""
-    return _bwd_config(head_dim, dtype, input_precision, held="BLOCK_N", streamed="BLOCK_M")
+    return _config("dkdv", N, head_dim, dtype, input_precision, held="BLOCK_N", streamed="BLOCK_M")
 
 
-def attention_bwd_dq_config(head_dim: int, dtype: torch.dtype, input_precision: str) -> LaunchConfig:
+def attention_bwd_dq_config(N: int, head_dim: int, dtype: torch.dtype, input_precision: str) -> LaunchConfig:
     """attention_bwd_dq_kernel's config: BLOCK_M queries held, keys streamed in blocks of BLOCK_N."""
-    return _bwd_config(head_dim, dtype, input_precision, held="BLOCK_M", streamed="BLOCK_N")
+    return _config("dq", N, head_dim, dtype, input_precision, held="BLOCK_M", streamed="BLOCK_N")
 
 
 @triton_op("fastconformer::attention_backward", mutates_args=())
@@ -342,9 +359,9 @@ def attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.
     precision = dot_precision(qkv.dtype)
     args = (qkv, grad_out, lse, delta, grad_qkv, N, H, Dh, scale, scale * LOG2E, qkv.stride(0), qkv.stride(1),
             grad_out.stride(0), grad_out.stride(1), grad_qkv.stride(0), grad_qkv.stride(1))
-    dkdv = attention_bwd_dkdv_config(Dh, qkv.dtype, precision)
+    dkdv = attention_bwd_dkdv_config(N, Dh, qkv.dtype, precision)
     launch(wrap_triton(attention_bwd_dkdv_kernel), (triton.cdiv(N, dkdv.constexprs["BLOCK_N"]) * B * H,), args, dkdv)
-    dq = attention_bwd_dq_config(Dh, qkv.dtype, precision)
+    dq = attention_bwd_dq_config(N, Dh, qkv.dtype, precision)
     launch(wrap_triton(attention_bwd_dq_kernel), (triton.cdiv(N, dq.constexprs["BLOCK_M"]) * B * H,), args, dq)
     return grad_qkv
 

@@ -22,6 +22,7 @@ CASES = [
     (3, 17, 160, 2, "rand"),
     (1, 257, 192, 2, "rand"),
     (1, 577, 256, 2, "rand"),
+    (2, 120, 128, 2, None),  # head_dim 64 at an N where the launchers stream 64-key blocks with a masked tail
 ]
 
 
@@ -174,6 +175,7 @@ GRAD_CASES = [
     ((3, 17, 160, 2, "rand"), torch.float16),
     ((1, 257, 128, 1, "rand"), torch.float32),
     ((1, 257, 128, 1, "rand"), torch.float16),
+    ((2, 120, 128, 2, None), torch.float16),  # the forward's 64-key blocks with a masked tail
 ]
 
 
@@ -389,3 +391,20 @@ def test_bad_input(backend_name, device, gen):
             attention(torch.randn(1, 5, 3 * 256, generator=gen).to(device), 1, 0.1)
         with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
             attention(torch.randn(1, 5, 3 * 64, generator=gen, dtype=torch.float64).to(device), 1, 0.1)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton on CUDA or under the interpreter")
+@pytest.mark.parametrize("N,streamed", [(197, 32), (1, 32), (50, 64), (120, 64), (1051, 64), (4201, 64)])
+def test_launch_configs_follow_the_padding(N, streamed):
+    """fp16/bf16 at head_dim 64: 64-row held blocks, 3 stages, 4 warps; the forward's streamed key
+    blocks are 64 wide unless that pads N by more than 1/16 over 32-wide ones (N = 197: 256 keys
+    against 224); the backward always streams 32."""
+    from fastconformer.kernels import attention as kernels
+
+    for config_of, held, key in ((kernels.attention_fwd_config, "BLOCK_M", "BLOCK_N"),
+                                 (kernels.attention_bwd_dq_config, "BLOCK_M", "BLOCK_N"),
+                                 (kernels.attention_bwd_dkdv_config, "BLOCK_N", "BLOCK_M")):
+        config = config_of(N, 64, torch.bfloat16, "ieee")
+        expected = streamed if config_of is kernels.attention_fwd_config else 32
+        assert (config.constexprs[held], config.constexprs[key], config.num_warps, config.num_stages) == (
+            64, expected, 4, 3), config_of.__name__
