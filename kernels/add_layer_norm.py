@@ -5,8 +5,10 @@ In a pre-norm transformer block every residual add is followed by the next Layer
 is written once and normalised from registers instead of being read back.
 
 Shapes: x, y (M, D) rows (any leading dims are flattened by the caller), weight and bias (D,).
-Dtypes: fp32, fp16, bf16 in and out; the mean, variance and normalisation are fp32, the sum is
-rounded to the input dtype first (exactly what ``F.layer_norm(x + y)`` sees).
+Dtypes: fp32, fp16, bf16 in and out, x and y each in its own (under autocast the residual stream x
+is fp32 and y, a linear layer's output, fp16/bf16: y is widened in registers, not copied first);
+the sum is in the promoted dtype, as torch's ``x + y`` rounds it (exactly what
+``F.layer_norm(x + y)`` sees); the mean, variance and normalisation are fp32.
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ def add_layer_norm_kernel(
     D, eps,
     BLOCK_D: tl.constexpr,
 ):
-    """One program per row: s = x + y (stored), then out = (s - mean) * rstd * w + b."""
+    """One program per row: s = x + y in the sum's dtype (stored), then out = (s - mean) * rstd * w + b."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0)
     y = tl.load(y_ptr + row * D + cols, mask=mask, other=0.0)
-    s = x + y  # in the input dtype, as torch rounds it
+    s = x.to(sum_ptr.dtype.element_ty) + y.to(sum_ptr.dtype.element_ty)  # in the promoted dtype, as torch rounds it
     tl.store(sum_ptr + row * D + cols, s, mask=mask)
 
     s32 = s.to(tl.float32)
@@ -124,10 +126,10 @@ def add_layer_norm_backward_config(D: int, has_grad_sum: bool) -> LaunchConfig:
 @triton_op("fastconformer::add_layer_norm", mutates_args=())
 def add_layer_norm_op(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                       out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x, y (M, D) contiguous, same dtype -> (sum (M, D) in x's dtype, normed (M, D) in out_dtype,
-    mean (M,) fp32, rstd (M,) fp32)."""
+    """x, y (M, D) contiguous, each fp32, fp16 or bf16 -> (sum (M, D) in their promoted dtype, normed
+    (M, D) in out_dtype, mean (M,) fp32, rstd (M,) fp32)."""
     M, D = x.shape
-    s = torch.empty_like(x)
+    s = torch.empty_like(x, dtype=torch.promote_types(x.dtype, y.dtype))
     out = torch.empty_like(x, dtype=out_dtype)
     mean = torch.empty(M, device=x.device, dtype=torch.float32)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
@@ -137,9 +139,10 @@ def add_layer_norm_op(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bi
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, weight, bias, _, _ = inputs
+    x, y, weight, bias, _, _ = inputs
     s, _, mean, rstd = output
     ctx.save_for_backward(s, weight, bias, mean, rstd)
+    ctx.dtypes = x.dtype, y.dtype
 
 
 @triton_op("fastconformer::add_layer_norm_backward", mutates_args=())
@@ -169,7 +172,7 @@ def _backward(ctx, grad_sum, grad_out, _grad_mean, _grad_rstd):
     grad_s, grad_w, grad_b = add_layer_norm_backward_op(grad_out, grad_sum, s, weight, mean, rstd)
     grad_w = grad_w.to(weight.dtype) if weight.requires_grad else None
     grad_b = grad_b.to(bias.dtype) if bias.requires_grad else None
-    return grad_s, grad_s, grad_w, grad_b, None, None
+    return (*(grad_s.to(dtype) for dtype in ctx.dtypes), grad_w, grad_b, None, None)
 
 
 add_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
@@ -179,14 +182,14 @@ def add_layer_norm_triton(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor
                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`fastconformer.modules.add_layer_norm` (same arguments and results, the
     same dtype rules as ``F.layer_norm(x + y)``: the sum in the promoted dtype, the normalised rows
-    in float32 under autocast)."""
+    in float32 under autocast). x and y reach the kernel in their own dtypes: no widening copy."""
     D = x.shape[-1]
     if D > MAX_D:
         raise ValueError(f"add_layer_norm's Triton kernel handles rows of at most {MAX_D} elements, got {D}")
     lead = torch.broadcast_shapes(x.shape, y.shape)[:-1]
     dtype = torch.promote_types(x.dtype, y.dtype)
     out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else dtype
-    x, y = (t.to(dtype).expand(*lead, D).reshape(-1, D).contiguous() for t in (x, y))
+    x, y = (t.expand(*lead, D).reshape(-1, D).contiguous() for t in (x, y))
     s, out, _, _ = add_layer_norm_op(x, y, weight.contiguous(), bias.contiguous(), float(eps), out_dtype)
     return s.view(*lead, D), out.view(*lead, D)
 

@@ -163,13 +163,14 @@ def _squeeze(B, C, H, W, s, D, feature, token, channels_last, grad, tf32_on):
 
 
 @_recorded
-def _expand(B, C, H, W, s, D, feature, channels_last, batch_stats, grad, tf32_on):
-    """A CNN stage's expand and the fusion block's input: under autocast FCUUp casts the tokens and
-    its weight to the autocast dtype; its BatchNorm is folded into fp32 scale/shift with the ReLU
-    (running statistics), or runs after the GEMM (batch statistics) on the low-resolution map."""
+def _expand(B, C, H, W, s, D, feature, token, channels_last, batch_stats, grad, tf32_on):
+    """A CNN stage's expand and the fusion block's input: under autocast FCUUp casts its weight to
+    the autocast dtype and the kernel reads the (fp32) tokens as they are; its BatchNorm is folded
+    into fp32 scale/shift with the ReLU (running statistics), or runs after the GEMM (batch
+    statistics) on the low-resolution map."""
     n_h, n_w = H // s, W // s
     scale, shift = _meta((C,), torch.float32, grad), _meta((C,), torch.float32, grad)
-    low = fcu_up.fcu_up_expand_op(_meta((B, 1 + n_h * n_w, D), feature, grad),
+    low = fcu_up.fcu_up_expand_op(_meta((B, 1 + n_h * n_w, D), token, grad),
                                   _meta((C, D, 1, 1), feature, grad).flatten(1), scale, shift, n_h, n_w,
                                   not batch_stats)
     if grad:
@@ -183,11 +184,12 @@ def _expand(B, C, H, W, s, D, feature, channels_last, batch_stats, grad, tf32_on
 @_recorded
 def _transformer(B, N, D, heads, feature, token, grad, tf32_on):
     """The transformer block's attention and residual add + LayerNorm (with the sum's own gradient,
-    as in the block, and without)."""
+    as in the block, and without): the residual stream in the token dtype, the added branch (a
+    linear layer's output) in the feature dtype, as under autocast."""
     out, _ = attention.attention_op(_meta((B, 1 + N, 3 * D), feature, grad), heads, (D // heads) ** -0.5)
     if grad:
         _backward(out)
-    rows = (_meta((B * (1 + N), D), token, grad), _meta((B * (1 + N), D), token, grad))
+    rows = (_meta((B * (1 + N), D), token, grad), _meta((B * (1 + N), D), feature, grad))
     params = (_meta((D,), token, grad), _meta((D,), token, grad))
     for outputs_with_grad in ((0, 1), (1,)):
         outs = add_layer_norm.add_layer_norm_op(*rows, *params, 1e-6, token)
@@ -207,7 +209,7 @@ def launches(w: Workload) -> list[Launch]:
         C = int(64 * kwargs["channel_ratio"] * 2 ** stage) // 4  # the bottleneck's middle width
         H, W, s = w.height // 4 // 2 ** stage, w.width // 4 // 2 ** stage, patch // 4 // 2 ** stage
         made += _squeeze(w.batch, C, H, W, s, D, feature, token, w.channels_last, grad, tf32_on)
-        made += _expand(w.batch, C, H, W, s, D, feature, w.channels_last, w.mode == "train", grad, tf32_on)
+        made += _expand(w.batch, C, H, W, s, D, feature, token, w.channels_last, w.mode == "train", grad, tf32_on)
     N = (w.height // patch) * (w.width // patch)
     return made + list(_transformer(w.batch, N, D, heads, feature, token, grad, tf32_on))
 

@@ -7,14 +7,18 @@ result is that + x_t (the transformer block's input in a ConvTransBlock; its cls
 ``2 * x_t[b, 0]``).
 
 Pool and 1x1 convolution commute, so each program averages the s x s windows of x2 while loading
-the GEMM's A operand (fp32 sums), rounds the means to x2's dtype and multiplies them with W on the
-tensor cores (fp32 accumulation over C_in blocks): s^2 fewer MACs than convolving first and no
-full-resolution intermediate. A program owns 16 whole token rows (all of D, so the LayerNorm
-runs on the accumulator) and stores each row once: x2 is read once, the tokens written once.
+the GEMM's A operand (fp32 sums, s a compile-time constant: the s^2 window loads of a K step are
+unrolled and independent), rounds the means to x2's dtype and multiplies them with W on the tensor
+cores (fp32 accumulation over C_in blocks, the loop software-pipelined): s^2 fewer MACs than
+convolving first and no full-resolution intermediate. A program owns BLOCK_M tokens of the B * N
+tokens flattened image-major (a tile may span images), all of D, so the LayerNorm runs on the
+accumulators: D is held as two power-of-two column blocks, D = BLOCK_D + BLOCK_D_TAIL up to padding
+of the tail (384 = 256 + 128, 576 = 512 + 64), not padded to the next power of two. x2 is read
+once, the tokens written once.
 
 Shapes: x2 (B, C_in, H, W) with any strides (NCHW, channels_last, views), weight (D, C_in)
-contiguous, bias / LayerNorm weight and bias (D,) contiguous, x_t (B, 1 + N, D) with any batch and
-token strides and unit stride along D; out (B, 1 + N, D) contiguous. D <= 1024.
+contiguous, bias / LayerNorm weight and bias (D,) contiguous, x_t and out (B, 1 + N, D) contiguous
+(one offset per element serves both). D <= 1024.
 Dtypes: x2 and weight share the GEMM dtype (fp32, fp16 or bf16); bias, LayerNorm parameters, x_t
 and out share the token dtype: the GEMM dtype, or fp32 under mixed precision. The pool,
 accumulation, LayerNorm and GELU are fp32.
@@ -30,10 +34,7 @@ from torch.library import triton_op, wrap_triton
 from . import LaunchConfig, autocast_off, dot_precision, launch, row_loop_programs, tile_shape, tl_dtype
 
 MAX_D = 1024
-_BLOCK_DS = (128, 256, 512, 1024)
-# num_warps of the forward by BLOCK_D: (dots on tensor cores: fp16, bf16, TF32; on FMA units: IEEE fp32).
-_NUM_WARPS = {128: (8, 16), 256: (8, 16), 512: (8, 8), 1024: (16, 16)}
-_BLOCK_M = 16  # tokens per program: the smallest tl.dot tile, so a (16, BLOCK_D) fp32 row block fits in registers
+_MIN_BLOCK = 16  # the narrowest tl.dot tile side
 _RECOMPUTE_BLOCK_D = 128  # columns per program of the backward's GEMM recompute
 _RECOMPUTE_WARPS = 4
 # The row-wise backward: at most this many programs (4 per SM on an H100's 132; deterministic
@@ -42,143 +43,174 @@ _BACKWARD_PROGRAMS = 4 * 132
 _ROW_TILE = 2048
 _POOL_BACKWARD_TILE = 2048  # elements of grad x2 per program of the pool adjoint
 _POOL_BACKWARD_WARPS = 8
-_BLOCK_P = 4  # window pixels averaged per load: dw_stride 2 in one step, 4 in 4, 8 in 16 (1: one of 4 lanes)
-_TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 
 @triton.jit
-def _token_segment(n_h, n_w, BLOCK_M: tl.constexpr):
-    """The tokens of program_id(0): (image b, token row ph, clamped columns pw (BLOCK_M,), their
-    validity mask, and ``rest``, the program's index within its image). Shared by the forward and
-    the backward's recompute so that both walk the same token blocks."""
-    pid = tl.program_id(0)
-    n_seg = tl.cdiv(n_w, BLOCK_M)
-    b = pid // (n_h * n_seg)
-    rest = pid - b * (n_h * n_seg)
-    ph = rest // n_seg
-    pw = (rest - ph * n_seg) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = pw < n_w
-    return b, rest, ph, tl.minimum(pw, n_w - 1), row_mask
+def _token_tile(M, N, n_w, BLOCK_M: tl.constexpr):
+    """The tokens of program_id(0): BLOCK_M consecutive ones of the M = B * N tokens flattened
+    image-major, as (image b, token t within the image, its row ph and column pw on the token grid),
+    each (BLOCK_M,) int32 and clamped to the last token (the extra lanes repeat it), and the mask of
+    the tokens that exist. Shared by the forward and the backward's recompute."""
+    tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = tokens < M
+    tokens = tl.minimum(tokens, M - 1)
+    b = tokens // N
+    t = tokens - b * N
+    ph = t // n_w
+    return b, t, ph, t - ph * n_w, mask
 
 
 @triton.jit
-def _pooled_projection(
-    x_ptr, w_ptr, pooled_ptr, b64, ph, pw, row_mask, t_global, cols_c, C, dw_stride, inv_area,
-    stride_xb, stride_xc, stride_xh, stride_xw,
-    STORE_POOLED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """(BLOCK_M, BLOCK_D) fp32 accumulator of avgpool(x2) @ W^T for the tokens at window corners
-    (ph, pw) of image b64: the s x s windows are averaged (fp32 sums) while loading the GEMM's A
-    operand, rounded to x2's dtype and multiplied with W. With STORE_POOLED the rounded means of
-    the rows in row_mask are also stored as rows t_global of the (B * N, C) pooled_ptr matrix
-    (row_mask is used for nothing else)."""
-    # Offset of each token's window corner in x2 (int64: batch strides can be large).
-    x_rows = (b64 * stride_xb + (ph * dw_stride).to(tl.int64) * stride_xh
-              + (pw * dw_stride).to(tl.int64) * stride_xw)
-    ks = tl.arange(0, BLOCK_K)
-    ps = tl.arange(0, BLOCK_P)
-    area = dw_stride * dw_stride
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        k = k0 + ks
-        k_mask = k < C
-        a_ptrs = x_ptr + (x_rows[:, None] + (k.to(tl.int64) * stride_xc)[None, :])[:, :, None]
-        # Average pool while loading A: BLOCK_P window pixels (row-major in the window) per load.
-        window_sum = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for p0 in range(0, area, BLOCK_P):
-            p = p0 + ps
-            p_c = tl.minimum(p, area - 1)
-            i = p_c // dw_stride
-            pix = i * stride_xh + (p_c - i * dw_stride) * stride_xw
-            v = tl.load(a_ptrs + pix[None, None, :], mask=k_mask[None, :, None] & (p < area)[None, None, :],
-                        other=0.0)
-            window_sum += tl.sum(v.to(tl.float32), axis=2)
-        a = (window_sum * inv_area).to(x_ptr.dtype.element_ty)
-        if STORE_POOLED:
-            tl.store(pooled_ptr + t_global[:, None] * C + k[None, :], a, mask=row_mask[:, None] & k_mask[None, :])
-        w = tl.load(w_ptr + k[:, None] + cols_c[None, :] * C, mask=k_mask[:, None], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-    return acc
+def _columns(start, D, BLOCK: tl.constexpr):
+    """Columns start .. start + BLOCK - 1 of a D-wide row: (indices, mask of those < D, indices
+    clamped to D - 1), each (BLOCK,)."""
+    cols = start + tl.arange(0, BLOCK)
+    return cols, cols < D, tl.minimum(cols, D - 1)
+
+
+@triton.jit
+def _window_means(x_ptr, x_rows, k, k_mask, stride_xc, stride_xh, stride_xw,
+                  DW_STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_K) GEMM A operand: the means of x2 over the DW_STRIDE x DW_STRIDE windows
+    whose corners are at offsets x_rows (BLOCK_M,) int64, for channels k (BLOCK_K,) (k_mask: those
+    < C_in), summed in fp32 in the window's row-major order and rounded to x2's dtype. The window
+    loop is unrolled: its DW_STRIDE^2 loads are independent of each other."""
+    ptrs = x_ptr + x_rows[:, None] + (k.to(tl.int64) * stride_xc)[None, :]
+    window_sum = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for i in tl.static_range(DW_STRIDE):
+        for j in tl.static_range(DW_STRIDE):
+            window_sum += tl.load(ptrs + (i * stride_xh + j * stride_xw), mask=k_mask[None, :],
+                                  other=0.0).to(tl.float32)
+    return (window_sum * (1.0 / (DW_STRIDE * DW_STRIDE))).to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _biased(acc, bias_ptr, col_mask, cols_c):
+    """acc + bias on the valid columns, 0 on the others (fp32)."""
+    return tl.where(col_mask[None, :], acc + tl.load(bias_ptr + cols_c).to(tl.float32)[None, :], 0.0)
+
+
+@triton.jit
+def _layer_norm_gelu_store(centred, rstd, cols, col_mask, ln_w_ptr, ln_b_ptr, xt_ptr, out_ptr, rows, row_mask,
+                           add_x_t):
+    """GELU(centred * rstd * ln_w + ln_b) (+ x_t) for one column block (cols, col_mask) of the token
+    rows starting at element offsets rows (BLOCK_M,) int64 of x_t and out (both contiguous
+    (B, 1 + N, D)). Contiguous, masked column indices here (not clamped ones): they keep the x_t
+    loads and the stores vectorised."""
+    ln_w = tl.load(ln_w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    ln_b = tl.load(ln_b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    y = centred * (rstd[:, None] * ln_w[None, :]) + ln_b[None, :]
+    y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+    mask = row_mask[:, None] & col_mask[None, :]
+    if add_x_t != 0:
+        y += tl.load(xt_ptr + rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def fcu_down_kernel(
     x_ptr, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, xt_ptr, out_ptr,
-    N, n_h, n_w, C, D, dw_stride, inv_area, eps, add_x_t,
+    M, N, n_w, C, D, eps, add_x_t,
     stride_xb, stride_xc, stride_xh, stride_xw,
-    stride_tb, stride_tn,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DW_STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D_TAIL: tl.constexpr,
 ):
-    """One program per (image, token row, BLOCK_M-token segment of the row); the first program of
-    each image also copies its cls row.
+    """One program per BLOCK_M tokens of the B * N (:func:`_token_tile`), all D columns: the head
+    block of BLOCK_D columns and, when BLOCK_D_TAIL > 0, the tail block of columns BLOCK_D ..
+    BLOCK_D + BLOCK_D_TAIL - 1 (those past D masked). The program also copies the cls rows of the
+    images whose first token it holds.
 
-    Indices are clamped instead of masked wherever the extra lanes cannot reach the output (tokens
-    past the row repeat its last token, columns past D repeat column D - 1): masks that live across
-    the K loop cost more registers than the data they guard."""
-    b, rest, ph, pw, row_mask = _token_segment(n_h, n_w, BLOCK_M)
-    t = ph * n_w + pw  # token index within the image
+    Tokens past the end repeat the last one and columns past D repeat column D - 1 instead of being
+    masked wherever the extra lanes cannot reach the output: masks that live across the K loop cost
+    more registers than the data they guard."""
+    b, t, ph, pw, row_mask = _token_tile(M, N, n_w, BLOCK_M)
     b64 = b.to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    col_mask = cols < D
-    cols_c = tl.minimum(cols, D - 1)
 
-    if rest == 0:
-        cls = tl.load(xt_ptr + b64 * stride_tb + cols, mask=col_mask)
-        if add_x_t != 0:
-            cls += cls
-        tl.store(out_ptr + b64 * (N + 1) * D + cols, cls, mask=col_mask)
+    first = tl.program_id(0) * BLOCK_M
+    first_image = (first + N - 1) // N  # the images whose token 0 is in [first, first + BLOCK_M)
+    for i in range(0, (tl.minimum(first + BLOCK_M, M) + N - 1) // N - first_image):
+        image = (first_image + i).to(tl.int64)
+        for c0 in range(0, D, BLOCK_D):
+            cls_cols, cls_mask, _ = _columns(c0, D, BLOCK_D)
+            cls_offsets = image * (N + 1) * D + cls_cols
+            cls = tl.load(xt_ptr + cls_offsets, mask=cls_mask)
+            if add_x_t != 0:
+                cls += cls
+            tl.store(out_ptr + cls_offsets, cls, mask=cls_mask)
 
-    acc = _pooled_projection(x_ptr, w_ptr, x_ptr, b64, ph, pw, row_mask, t, cols_c, C, dw_stride, inv_area,
-                             stride_xb, stride_xc, stride_xh, stride_xw, STORE_POOLED=False,
-                             DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D,
-                             BLOCK_P=BLOCK_P)
+    # Offset of each token's window corner in x2 (int64: batch strides can be large).
+    x_rows = (b64 * stride_xb + (ph * DW_STRIDE).to(tl.int64) * stride_xh
+              + (pw * DW_STRIDE).to(tl.int64) * stride_xw)
+    cols, col_mask, cols_c = _columns(0, D, BLOCK_D)
+    ks = tl.arange(0, BLOCK_K)
+    # The accumulators start at the bias (fp32): z = bias + sum over K.
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32) + tl.load(bias_ptr + cols_c).to(tl.float32)[None, :]
+    if BLOCK_D_TAIL > 0:
+        tail_cols, tail_mask, tail_cols_c = _columns(BLOCK_D, D, BLOCK_D_TAIL)
+        acc_tail = (tl.zeros((BLOCK_M, BLOCK_D_TAIL), dtype=tl.float32)
+                    + tl.load(bias_ptr + tail_cols_c).to(tl.float32)[None, :])
+    for k0 in range(0, C, BLOCK_K):
+        k = k0 + ks
+        k_mask = k < C
+        a = _window_means(x_ptr, x_rows, k, k_mask, stride_xc, stride_xh, stride_xw, DW_STRIDE, BLOCK_M, BLOCK_K)
+        w = tl.load(w_ptr + k[:, None] + cols_c[None, :] * C, mask=k_mask[:, None], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if BLOCK_D_TAIL > 0:
+            w_tail = tl.load(w_ptr + k[:, None] + tail_cols_c[None, :] * C, mask=k_mask[:, None], other=0.0)
+            acc_tail = tl.dot(a, w_tail, acc_tail, input_precision=DOT_PRECISION)
 
-    # + bias, LayerNorm over the D valid columns, exact GELU, (+ x_t), all fp32.
-    z = tl.where(col_mask[None, :], acc + tl.load(bias_ptr + cols_c).to(tl.float32)[None, :], 0.0)
-    mean = tl.sum(z, axis=1) / D
-    centred = tl.where(col_mask[None, :], z - mean[:, None], 0.0)
-    var = tl.sum(centred * centred, axis=1) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
-    ln_w = tl.load(ln_w_ptr + cols_c).to(tl.float32)
-    ln_b = tl.load(ln_b_ptr + cols_c).to(tl.float32)
-    y = centred * (rstd[:, None] * ln_w[None, :]) + ln_b[None, :]
-    y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
-    if add_x_t != 0:
-        xt_rows = b64 * stride_tb + (t + 1).to(tl.int64) * stride_tn
-        y += tl.load(xt_ptr + xt_rows[:, None] + cols_c[None, :]).to(tl.float32)
-    out_rows = (b64 * (N + 1) + t + 1) * D
-    tl.store(out_ptr + out_rows[:, None] + cols[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
+    # LayerNorm over the D valid columns (both blocks), exact GELU, (+ x_t), all fp32.
+    acc = tl.where(col_mask[None, :], acc, 0.0)
+    total = tl.sum(acc, axis=1)
+    if BLOCK_D_TAIL > 0:
+        acc_tail = tl.where(tail_mask[None, :], acc_tail, 0.0)
+        total += tl.sum(acc_tail, axis=1)
+    mean = total / D
+    centred = tl.where(col_mask[None, :], acc - mean[:, None], 0.0)
+    squares = tl.sum(centred * centred, axis=1)
+    if BLOCK_D_TAIL > 0:
+        centred_tail = tl.where(tail_mask[None, :], acc_tail - mean[:, None], 0.0)
+        squares += tl.sum(centred_tail * centred_tail, axis=1)
+    rstd = 1.0 / tl.sqrt(squares / D + eps)
+    rows = (b64 * (N + 1) + t + 1) * D  # the tokens' rows in x_t and out
+    _layer_norm_gelu_store(centred, rstd, cols, col_mask, ln_w_ptr, ln_b_ptr, xt_ptr, out_ptr, rows, row_mask,
+                           add_x_t)
+    if BLOCK_D_TAIL > 0:
+        _layer_norm_gelu_store(centred_tail, rstd, tail_cols, tail_mask, ln_w_ptr, ln_b_ptr, xt_ptr, out_ptr, rows,
+                               row_mask, add_x_t)
 
 
 @triton.jit
 def pooled_projection_kernel(
     x_ptr, w_ptr, bias_ptr, pooled_ptr, z_ptr,
-    N, n_h, n_w, C, D, dw_stride, inv_area,
+    M, N, n_w, C, D,
     stride_xb, stride_xc, stride_xh, stride_xw,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DW_STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """The backward's recompute, with the forward's exact arithmetic (its token blocks, pooling and
-    K loop): the pre-LayerNorm rows z = avgpool(x2) @ W^T + bias, stored fp32 as (B * N, D), and
-    the pooled rows (B * N, C) in x2's dtype (the weight grad's GEMM operand). No LayerNorm here,
-    so a program owns BLOCK_D columns (program_id(1)) instead of whole rows; the programs of the
-    first column block store the pooled rows."""
-    b, _, ph, pw, row_mask = _token_segment(n_h, n_w, BLOCK_M)
+    """The backward's recompute with the forward's arithmetic (its window means and K steps): the
+    pre-LayerNorm rows z = avgpool(x2) @ W^T + bias, stored fp32 as (B * N, D), and the pooled
+    rows (B * N, C) in x2's dtype (the weight grad's GEMM operand). No LayerNorm here, so a program
+    owns BLOCK_D columns (program_id(1)) of its BLOCK_M tokens instead of whole rows; the programs of
+    the first column block store the pooled rows."""
+    b, t, ph, pw, row_mask = _token_tile(M, N, n_w, BLOCK_M)
+    rows = b.to(tl.int64) * N + t
     # valid rows, first column block only (integer product: the interpreter rejects bool & scalar masks)
     pooled_mask = (row_mask.to(tl.int32) * (tl.program_id(1) == 0).to(tl.int32)) != 0
-    t_global = b.to(tl.int64) * N + ph * n_w + pw
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_mask = cols < D
-    cols_c = tl.minimum(cols, D - 1)
-    acc = _pooled_projection(x_ptr, w_ptr, pooled_ptr, b.to(tl.int64), ph, pw, pooled_mask, t_global,
-                             cols_c, C, dw_stride, inv_area, stride_xb, stride_xc, stride_xh, stride_xw,
-                             STORE_POOLED=True, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
-                             BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P)
+    x_rows = (b.to(tl.int64) * stride_xb + (ph * DW_STRIDE).to(tl.int64) * stride_xh
+              + (pw * DW_STRIDE).to(tl.int64) * stride_xw)
+    cols, col_mask, cols_c = _columns(tl.program_id(1) * BLOCK_D, D, BLOCK_D)
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        k = k0 + ks
+        k_mask = k < C
+        a = _window_means(x_ptr, x_rows, k, k_mask, stride_xc, stride_xh, stride_xw, DW_STRIDE, BLOCK_M, BLOCK_K)
+        tl.store(pooled_ptr + rows[:, None] * C + k[None, :], a, mask=pooled_mask[:, None] & k_mask[None, :])
+        w = tl.load(w_ptr + k[:, None] + cols_c[None, :] * C, mask=k_mask[:, None], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     z = acc + tl.load(bias_ptr + cols_c).to(tl.float32)[None, :]
-    tl.store(z_ptr + t_global[:, None] * D + cols[None, :], z, mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(z_ptr + rows[:, None] * D + cols[None, :], z, mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
@@ -259,32 +291,52 @@ def avg_pool_backward_kernel(
 
 
 def _block_d(D: int) -> int:
-    """The padded row width of the row-wise kernels: next_pow2(D), at least 128."""
-    return max(_BLOCK_DS[0], triton.next_power_of_2(D))
+    """The padded row width of the row-wise backward kernel: next_pow2(D), at least 128."""
+    return max(128, triton.next_power_of_2(D))
 
 
-def fcu_down_config(D: int, gemm_dtype: torch.dtype, precision: str) -> LaunchConfig:
-    """fcu_down_kernel's config for token rows of D elements: the whole row in one program, K steps
-    of 16 (the smallest tl.dot K that triton 3.6 compiles), one stage (the K loop is not
-    software-pipelined). Warps: chosen with the compile matrix, where no launch spills under
-    triton 3.9 (kernels/COMPILE_MATRIX.md has what still spills under 3.6 to 3.8): at BLOCK_D 512,
-    16 warps leave ptxas 64 registers on sm_80 and spill where 8 do not; at 1024, 8 warps spill
-    (255 registers) where 16 do not, but for the TF32 dot under triton 3.6; at 128 and 256 the IEEE
-    fp32 dot spills at 2, 4 and 8 warps and the TF32 one at 16."""
-    block_d = _block_d(D)
-    num_warps = _NUM_WARPS[block_d][precision == "ieee" and gemm_dtype == torch.float32]
-    if block_d == 1024 and precision == "tf32" and _TRITON_VERSION < (3, 7):
-        num_warps = 8  # triton 3.6 spills 8 B at 16 warps there (sm_80); 3.7 to 3.9 spill 48-56 B at 8 (sm_90)
-    return LaunchConfig(dict(DOT_PRECISION=precision, BLOCK_M=_BLOCK_M, BLOCK_K=16, BLOCK_D=block_d,
-                             BLOCK_P=_BLOCK_P), num_warps=num_warps, num_stages=1)
+def column_blocks(D: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D_TAIL) of the forward for D-wide rows: the largest power of two <= D, and the
+    rest rounded up to a power of two (0 when nothing is left), each at least 16: 384 = 256 + 128,
+    576 = 512 + 64, 1024 = 1024 + 0."""
+    head = max(_MIN_BLOCK, 1 << (D.bit_length() - 1))
+    return head, (max(_MIN_BLOCK, triton.next_power_of_2(D - head)) if D > head else 0)
 
 
-def pooled_projection_config(D: int, gemm_dtype: torch.dtype, precision: str) -> LaunchConfig:
-    """pooled_projection_kernel's config: the forward's token blocks, K step (its rounding) and
-    stages, over column blocks of _RECOMPUTE_BLOCK_D."""
-    forward = fcu_down_config(D, gemm_dtype, precision)
-    return LaunchConfig({**forward.constexprs, "BLOCK_D": _RECOMPUTE_BLOCK_D}, num_warps=_RECOMPUTE_WARPS,
-                        num_stages=forward.num_stages)
+def _block_k(dw_stride: int, gemm_dtype: torch.dtype) -> int:
+    """K step of the forward and the recompute for 16-bit x2: 64 channels per load without pooling,
+    32 at dw_stride 2, 16 (the smallest tl.dot K that triton 3.6 compiles) from 4 up, so that the
+    DW_STRIDE^2 window loads of a K step stay at or above 8 KB per 64 tokens; fp32 x2: 16 (its
+    bytes per K step are twice as many, its registers the limit)."""
+    if gemm_dtype == torch.float32:
+        return _MIN_BLOCK
+    return {1: 64, 2: 32}.get(dw_stride, _MIN_BLOCK)
+
+
+def fcu_down_config(D: int, gemm_dtype: torch.dtype, token_dtype: torch.dtype, precision: str,
+                    dw_stride: int) -> LaunchConfig:
+    """fcu_down_kernel's config for token rows of D elements pooled over dw_stride windows: all of
+    D in two column blocks (:func:`column_blocks`), K steps of :func:`_block_k`, the K loop in two
+    stages (the next step's window loads in flight, as cp.async copies, during this one's MMAs).
+    Tokens and warps, chosen with the compile matrix (kernels/COMPILE_MATRIX.md): 16-bit tokens
+    with D <= 512 take BLOCK_M = 64 (one wgmma tile on sm_90) on 8 warps (the 64 x 384 fp32
+    accumulators are 96 registers a thread); fp32 tokens (fp32 x2, or autocast's fp32 x_t and out)
+    and D > 512 spill there (80-576 B at 16 warps too) and take 32 tokens (mma.sync), on 8 warps,
+    16 for D > 640."""
+    block_d, tail = column_blocks(D)
+    wgmma_tile = token_dtype != torch.float32 and D <= 512
+    return LaunchConfig(dict(DOT_PRECISION=precision, DW_STRIDE=dw_stride, BLOCK_M=64 if wgmma_tile else 32,
+                             BLOCK_K=_block_k(dw_stride, gemm_dtype), BLOCK_D=block_d, BLOCK_D_TAIL=tail),
+                        num_warps=16 if D > 640 else 8, num_stages=2)
+
+
+def pooled_projection_config(D: int, gemm_dtype: torch.dtype, precision: str, dw_stride: int) -> LaunchConfig:
+    """pooled_projection_kernel's config: the forward's token tiles (of x2's dtype), window means,
+    K step (its rounding) and stages, over column blocks of _RECOMPUTE_BLOCK_D; 4 warps, 8 for fp32."""
+    forward = fcu_down_config(D, gemm_dtype, gemm_dtype, precision, dw_stride).constexprs
+    constexprs = {k: forward[k] for k in ("DOT_PRECISION", "DW_STRIDE", "BLOCK_M", "BLOCK_K")}
+    num_warps = 2 * _RECOMPUTE_WARPS if gemm_dtype == torch.float32 else _RECOMPUTE_WARPS  # fp32 spills at 4
+    return LaunchConfig({**constexprs, "BLOCK_D": _RECOMPUTE_BLOCK_D}, num_warps=num_warps, num_stages=2)
 
 
 def layer_norm_gelu_backward_config(D: int) -> LaunchConfig:
@@ -309,7 +361,7 @@ def avg_pool_backward_config(C: int, channels_last: bool) -> LaunchConfig:
 def fcu_down_op(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, dw_stride: int, eps: float,
                 add_x_t: bool) -> torch.Tensor:
-    """x2 (B, C, H, W) any strides, x_t (B, 1+N, D) with unit stride along D, weight (D, C) and
+    """x2 (B, C, H, W) any strides, x_t (B, 1+N, D) contiguous, weight (D, C) and
     bias / ln_weight / ln_bias (D,) contiguous -> (B, 1+N, D) contiguous in x_t's dtype."""
     B, C, H, W = x2.shape
     D = weight.shape[0]
@@ -318,12 +370,10 @@ def fcu_down_op(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias:
     out = torch.empty((B, N + 1, D), device=x2.device, dtype=x_t.dtype)
     if B == 0:
         return out
-    n_h = H // dw_stride
-    grid = (B * n_h * triton.cdiv(n_w, _BLOCK_M),)
-    launch(wrap_triton(fcu_down_kernel), grid, (
-        x2, weight, bias, ln_weight, ln_bias, x_t, out,
-        N, n_h, n_w, C, D, dw_stride, 1.0 / (dw_stride * dw_stride), eps, int(add_x_t),
-        *x2.stride(), x_t.stride(0), x_t.stride(1)), fcu_down_config(D, x2.dtype, dot_precision(x2.dtype)))
+    config = fcu_down_config(D, x2.dtype, x_t.dtype, dot_precision(x2.dtype), dw_stride)
+    launch(wrap_triton(fcu_down_kernel), (triton.cdiv(B * N, config.constexprs["BLOCK_M"]),), (
+        x2, weight, bias, ln_weight, ln_bias, x_t, out, B * N, N, n_w, C, D, eps, int(add_x_t),
+        *x2.stride()), config)
     return out
 
 
@@ -336,7 +386,7 @@ def fcu_down_backward_op(grad_out: torch.Tensor, x2: torch.Tensor, weight: torch
     dtype, channels_last when x2 is, else contiguous; grad weight (D, C) in weight's dtype; grad
     bias, grad ln_weight, grad ln_bias (D,) fp32). The cls row's gradient is not handled here.
 
-    The pre-LayerNorm rows are recomputed (the forward's pooled GEMM with its exact arithmetic)
+    The pre-LayerNorm rows are recomputed (the forward's window means and K steps)
     into a transient (B * N, D) fp32 buffer that lives only during this backward, rather than
     saved by the forward, which would hold B * N * D fp32 per FCU from forward to backward (19 MB
     per block at Conformer-S, batch 64) to skip a GEMM with K = C_in. Then one row-wise kernel
@@ -355,10 +405,10 @@ def fcu_down_backward_op(grad_out: torch.Tensor, x2: torch.Tensor, weight: torch
     partials = [torch.zeros((programs, D), device=dev, dtype=torch.float32) for _ in range(3)]
     if M > 0:
         z = torch.empty((M, D), device=dev, dtype=torch.float32)
-        grid = (B * n_h * triton.cdiv(n_w, _BLOCK_M), triton.cdiv(D, _RECOMPUTE_BLOCK_D))
-        launch(wrap_triton(pooled_projection_kernel), grid, (
-            x2, weight, bias, pooled, z, N, n_h, n_w, C, D, s, 1.0 / (s * s), *x2.stride()),
-            pooled_projection_config(D, x2.dtype, dot_precision(x2.dtype)))
+        config = pooled_projection_config(D, x2.dtype, dot_precision(x2.dtype), s)
+        launch(wrap_triton(pooled_projection_kernel),
+               (triton.cdiv(M, config.constexprs["BLOCK_M"]), triton.cdiv(D, _RECOMPUTE_BLOCK_D)),
+               (x2, weight, bias, pooled, z, M, N, n_w, C, D, *x2.stride()), config)
         launch(wrap_triton(layer_norm_gelu_backward_kernel), (programs,), (
             z, grad_out, ln_weight, ln_bias, grad_z, *partials, M, N, D, eps, grad_out.stride(0), grad_out.stride(1),
             rows_per_program), row_config)
@@ -433,9 +483,7 @@ def fcu_down_triton(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, b
     token_dtype = torch.promote_types(x_t.dtype, ln_dtype)
     tl_dtype(gemm_dtype), tl_dtype(token_dtype)  # TypeError for dtypes the kernel is not built for
     params = [p.to(token_dtype).contiguous() for p in (bias, ln_weight, ln_bias)]
-    x_t = x_t.to(token_dtype)
-    if x_t.stride(-1) != 1:
-        x_t = x_t.contiguous()
+    x_t = x_t.to(token_dtype).contiguous()  # no copy for the model's own (contiguous) token stream
     return fcu_down_op(x2.to(gemm_dtype), x_t, weight.flatten(1).to(gemm_dtype).contiguous(), *params,
                        int(dw_stride), float(eps), bool(add_x_t))
 

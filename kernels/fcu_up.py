@@ -13,7 +13,10 @@ on conv1's output x, plus the expand's result read through the nearest-upsamplin
 the (B, C, H, W) upsampled tensor is never written.
 
 Dtypes: fp32, fp16, bf16 in and out; accumulation, BatchNorm and ReLU in fp32, one rounding to
-the output dtype at the end. fp32 dots use TF32 only where torch's matmuls would
+the output dtype at the end. The expand's GEMM runs in its weight's dtype, which is also its
+output's; the tokens may be wider (fp32 tokens, fp16/bf16 weight under autocast): they are rounded
+to the weight's dtype in registers, as autocast's cast would round them, instead of being copied
+first. fp32 dots use TF32 only where torch's matmuls would
 (:func:`fastconformer.kernels.dot_precision`).
 """
 
@@ -60,8 +63,8 @@ def fcu_up_expand_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (BLOCK_M tokens x BLOCK_N channels) tile of batch element program_id(2): its tokens
-    are the (N, D) matrix starting one row into x_t[b] (the cls row is skipped), its output the
-    row-major (N, C) matrix out[b]."""
+    are the (N, D) matrix starting one row into x_t[b] (the cls row is skipped), read in x_t's dtype
+    and rounded to the weight's, its output the row-major (N, C) matrix out[b]."""
     batch = tl.program_id(2).to(tl.int64)
     rows, cols, row_mask, col_mask, _ = _tile(N, C, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -70,7 +73,7 @@ def fcu_up_expand_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k_mask = ks < D - k0
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(w_ptr.dtype.element_ty)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_td
@@ -218,8 +221,8 @@ def bn_relu_add_upsampled_backward_kernel(
 
 
 def fcu_up_expand_config(C: int, dtype: torch.dtype, precision: str) -> LaunchConfig:
-    """fcu_up_expand_kernel's config for C output channels of ``dtype`` and the dot precision:
-    BLOCK_N = next_pow2(C) within 16..64, but at most 32 for fp32 without TF32, whose dot runs on
+    """fcu_up_expand_kernel's config for C output channels, the GEMM (weight's) ``dtype`` and the dot
+    precision: BLOCK_N = next_pow2(C) within 16..64, but at most 32 for fp32 without TF32, whose dot runs on
     FMA units, where a 64-channel tile spills."""
     widest = _EXPAND_BLOCK_NS[-2] if dtype == torch.float32 and precision == "ieee" else _EXPAND_BLOCK_NS[-1]
     block_n = max(_EXPAND_BLOCK_NS[0], min(widest, triton.next_power_of_2(C)))
@@ -230,13 +233,13 @@ def fcu_up_expand_config(C: int, dtype: torch.dtype, precision: str) -> LaunchCo
 @triton_op("fastconformer::fcu_up_expand", mutates_args=())
 def fcu_up_expand_op(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                      H: int, W: int, apply_relu: bool) -> torch.Tensor:
-    """x_t (B, 1+H*W, D) any strides, weight (C, D), scale/shift (C,) fp32 contiguous ->
-    (B, C, H, W) channels_last in x_t's dtype."""
+    """x_t (B, 1+H*W, D) any strides, in weight's dtype or fp32, weight (C, D), scale/shift (C,)
+    fp32 contiguous -> (B, C, H, W) channels_last in weight's dtype."""
     B, _, D = x_t.shape
     C = weight.shape[0]
     N = H * W
-    out = torch.empty((B, C, H, W), device=x_t.device, dtype=x_t.dtype, memory_format=torch.channels_last)
-    config = fcu_up_expand_config(C, x_t.dtype, dot_precision(x_t.dtype))
+    out = torch.empty((B, C, H, W), device=x_t.device, dtype=weight.dtype, memory_format=torch.channels_last)
+    config = fcu_up_expand_config(C, weight.dtype, dot_precision(weight.dtype))
     grid = (triton.cdiv(N, _EXPAND_BLOCK_M), triton.cdiv(C, config.constexprs["BLOCK_N"]), B)
     launch(wrap_triton(fcu_up_expand_kernel), grid, (
         x_t, weight, scale, shift, out, N, C, D,
@@ -265,9 +268,10 @@ def fcu_up_expand_backward_config(dtype: torch.dtype, precision: str) -> LaunchC
 def fcu_up_expand_backward_op(grad_out: torch.Tensor, out: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor,
                               scale: torch.Tensor,
                               apply_relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grad_out and the forward's out (B, C, h, w) channels_last in x_t's dtype, x_t (B, 1+N, D),
-    weight (C, D), scale (C,) fp32 -> (grad x_t (B, 1+N, D) contiguous in x_t's dtype with a zero
-    cls row, grad weight (C, D) in weight's dtype, grad scale (C,) fp32, grad shift (C,) fp32).
+    """grad_out and the forward's out (B, C, h, w) channels_last in weight's dtype, x_t (B, 1+N, D)
+    in weight's dtype or fp32, weight (C, D), scale (C,) fp32 -> (grad x_t (B, 1+N, D) contiguous
+    in x_t's dtype with a zero cls row, grad weight (C, D) in weight's dtype, grad scale (C,) fp32,
+    grad shift (C,) fp32).
 
     One Triton GEMM masks grad_out by the ReLU, scales it and multiplies with W straight into the
     token layout, storing the masked grad g' on the way; the weight grad is g'^T @ tokens
@@ -277,14 +281,15 @@ def fcu_up_expand_backward_op(grad_out: torch.Tensor, out: torch.Tensor, x_t: to
     C = weight.shape[0]
     N = out.shape[2] * out.shape[3]
     grad_x_t = torch.empty((B, N + 1, D), device=x_t.device, dtype=x_t.dtype)
-    masked = torch.empty((B * N, C), device=x_t.device, dtype=x_t.dtype)
-    config = fcu_up_expand_backward_config(x_t.dtype, dot_precision(x_t.dtype))
+    masked = torch.empty((B * N, C), device=x_t.device, dtype=weight.dtype)
+    config = fcu_up_expand_backward_config(weight.dtype, dot_precision(weight.dtype))
     grid = (triton.cdiv(N, _EXPAND_BW_BLOCK_M), triton.cdiv(D, config.constexprs["BLOCK_N"]), B)
     launch(wrap_triton(fcu_up_expand_backward_kernel), grid, (
         grad_out, out, weight, scale, grad_x_t, masked, N, C, D, weight.stride(0), weight.stride(1),
         int(apply_relu)), config)
     with autocast_off(x_t.device):
-        grad_w_unscaled = masked.t() @ x_t[:, 1:].reshape(B * N, D)  # (C, D)
+        # (C, D), against the tokens as the forward's GEMM saw them (rounded to weight's dtype)
+        grad_w_unscaled = masked.t() @ x_t[:, 1:].reshape(B * N, D).to(weight.dtype)
     grad_weight = (grad_w_unscaled.float() * scale[:, None]).to(weight.dtype)
     grad_scale = (grad_w_unscaled.float() * weight.float()).sum(1)
     grad_shift = masked.sum(0, dtype=torch.float32)
@@ -295,7 +300,7 @@ def _expand_backward(ctx, grad_out):
     """d/d(x_t, weight, scale, shift) of act(scale * (tokens @ W^T) + shift): one Triton GEMM for
     grad x_t, torch.matmul for the weight."""
     x_t, weight, scale, out = ctx.saved_tensors
-    grad_out = grad_out.to(x_t.dtype).contiguous(memory_format=torch.channels_last)
+    grad_out = grad_out.to(weight.dtype).contiguous(memory_format=torch.channels_last)
     grad_x_t, grad_weight, grad_scale, grad_shift = fcu_up_expand_backward_op(
         grad_out, grad_out if out is None else out, x_t, weight, scale, out is not None)
     needs = ctx.needs_input_grad
@@ -391,7 +396,7 @@ bn_relu_add_upsampled_op.register_autograd(_upsample_add_backward, setup_context
 def fcu_up_expand_triton(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                          H: int, W: int, apply_relu: bool) -> torch.Tensor:
     """Triton twin of :func:`fastconformer.modules.fcu_up.fcu_up_expand` (same arguments and result)."""
-    tl_dtype(x_t.dtype)  # TypeError unless float32, float16 or bfloat16
+    tl_dtype(x_t.dtype), tl_dtype(weight.dtype)  # TypeError unless float32, float16 or bfloat16
     return fcu_up_expand_op(x_t, weight.flatten(1), scale.float().contiguous(), shift.float().contiguous(),
                             int(H), int(W), bool(apply_relu))
 

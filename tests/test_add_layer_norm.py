@@ -75,3 +75,35 @@ def test_gradcheck():
     with backend("torch"):
         assert torch.autograd.gradcheck(lambda *a: add_layer_norm(*a, 1e-6), [a.requires_grad_() for a in args],
                                         fast_mode=True)
+
+
+@pytest.mark.parametrize("y_dtype", [torch.float16, torch.bfloat16])
+def test_mixed_dtypes_under_autocast(backend_name, device, gen, y_dtype):
+    """The autocast case of a transformer block: x the fp32 residual stream, y a linear layer's
+    fp16/bf16 output. The kernel gets y itself (no fp32 copy first) and matches ``x + y`` then
+    LayerNorm in float64 within fp32's bound (the inputs are exact in fp32); the sum and the grads
+    come back in each input's dtype."""
+    shape, D = (3, 197, 384), 384
+    x = torch.randn(shape, generator=gen).to(device).requires_grad_()
+    y = (torch.randn(shape, generator=gen) * 2 + 0.5).to(device, y_dtype).requires_grad_()
+    w = (1 + 0.3 * torch.randn(D, generator=gen)).to(device)
+    b = (0.2 * torch.randn(D, generator=gen)).to(device)
+    x64, y64 = (t.detach().double().requires_grad_() for t in (x, y))
+    ref = _reference(x64, y64, w.double(), b.double(), 1e-6)
+    with torch.autocast(device.type, dtype=y_dtype):
+        s, n = add_layer_norm(x, y, w, b, 1e-6)
+    assert s.dtype == n.dtype == torch.float32
+    assert_matches(s, ref[0], name="sum")
+    assert_matches(n, ref[1], name="normed")
+    g = torch.randn(shape, generator=gen).to(device)
+    (n * g).sum().backward()
+    (ref[1] * g.double()).sum().backward()
+    assert x.grad.dtype == torch.float32 and y.grad.dtype == y_dtype
+    assert_matches(x.grad, x64.grad, name="grad x")
+    if backend_name == "triton":
+        from fastconformer.kernels import record_launches
+
+        with torch.no_grad(), record_launches() as launches, torch.autocast(device.type, dtype=y_dtype):
+            add_layer_norm(x, y, w, b, 1e-6)
+        (launch,) = launches
+        assert launch.args[1].dtype == y_dtype and launch.args[1].data_ptr() == y.data_ptr()

@@ -89,10 +89,12 @@ def test_layouts_and_views(backend_name, device, gen, add_x_t):
         assert_matches(out, want, name=f"{x2_name} x2, {x_t_name} x_t")
 
 
-@pytest.mark.parametrize("C, s, D, H, W", [(40, 2, 1000, 6, 10), (24, 8, 130, 16, 24), (17, 1, 576, 3, 5)])
+@pytest.mark.parametrize("C, s, D, H, W", [(40, 2, 1000, 6, 10), (24, 8, 130, 16, 24), (17, 1, 576, 3, 5),
+                                           (24, 3, 256, 9, 12), (16, 2, 8, 4, 6)])
 def test_odd_channels_and_embed_dims(backend_name, device, gen, C, s, D, H, W):
-    """Masked K blocks (C_in not a multiple of 16), non-power-of-two D up to 1024, token rows that
-    end mid-tile, dw_stride 8 and 1."""
+    """Masked K blocks (C_in not a multiple of 16), non-power-of-two D up to 1024, token tiles that
+    span images, dw_stride 8, 3 and 1; D a power of two (no tail column block) and D below the
+    narrowest block (16)."""
     ref, fused = _modules(C, D, s, gen, device)
     x2, x_t = _inputs(2, C, D, s, H, W, gen, device)
     for add_x_t in (False, True):

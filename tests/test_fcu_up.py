@@ -202,6 +202,41 @@ def test_fcu_up_autocast_bf16(gen):
         _assert_buffers_match(fused, ref64, baseline_mod)
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_fcu_up_autocast_reads_fp32_tokens(backend_name, device, gen, mode):
+    """Under autocast (fp16: the interpreter's bf16 dots are garbage) the expand's kernel gets the
+    fp32 tokens themselves, not an fp16 copy, rounds them in registers, and matches the reference
+    within the fp16 policy (its own autocast run as the baseline), gradients included."""
+    D, C, up, (h, w), B = 384, 40, 2, (7, 7), 3
+    ref = randomize_module(FCUUp(D, C, up), gen).to(device).train(mode == "train")
+    x_t = _tokens(B, h, w, D, gen, device)
+    grad = torch.randn(B, C, h * up, w * up, generator=gen).to(device)
+    ref64 = copy.deepcopy(ref).double()
+    x64 = to_float64(x_t).requires_grad_()
+    expected = ref64(x64, h, w)
+    expected.backward(to_float64(grad))
+    baseline_mod, fused = copy.deepcopy(ref), FusedFCUUp.from_reference(copy.deepcopy(ref))
+    leaves = [x_t.clone().requires_grad_(), x_t.clone().requires_grad_()]
+    with torch.autocast(device.type, dtype=HALF):
+        baseline = baseline_mod(leaves[0], h, w)
+        out = fused(leaves[1], h, w)
+    assert out.dtype == baseline.dtype == HALF
+    for o in (baseline, out):
+        o.backward(grad.to(HALF))
+    _assert_matches_baseline(out, expected, baseline)
+    _assert_matches_baseline(leaves[1].grad, x64.grad, leaves[0].grad, name="grad x_t")
+    _assert_matches_baseline(fused.conv_project.weight.grad, ref64.conv_project.weight.grad,
+                             baseline_mod.conv_project.weight.grad, name="grad conv weight")
+    _assert_buffers_match(fused, ref64, baseline_mod)
+    if backend_name == "triton":
+        from fastconformer.kernels import record_launches
+
+        with torch.no_grad(), record_launches() as launches, torch.autocast(device.type, dtype=HALF):
+            fused.eval()(x_t, h, w)
+        (expand,) = [launch for launch in launches if launch.kernel.fn.__name__ == "fcu_up_expand_kernel"]
+        assert expand.args[0].dtype == torch.float32 and expand.args[0].data_ptr() == x_t.data_ptr()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_fcu_up_bf16_on_gpu(backend_name, device, gen, mode):

@@ -69,7 +69,8 @@ def _check_channel_vectors(name: str, C: int, *vectors: torch.Tensor) -> None:
 def check_expand_args(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                       H: int, W: int, apply_relu: bool = False) -> None:
     """Raise ValueError/TypeError unless x_t is (B, 1 + H*W, D) tokens, weight a (C, D) or
-    (C, D, 1, 1) 1x1 conv weight of x_t's dtype, and scale, shift (C,)."""
+    (C, D, 1, 1) 1x1 conv weight of x_t's dtype (or fp16/bf16 for fp32 tokens, as under autocast),
+    and scale, shift (C,)."""
     if not isinstance(x_t, torch.Tensor) or x_t.ndim != 3:
         shape = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
         raise ValueError(f"fcu_up_expand: x_t must be (B, 1 + H*W, D) tokens, got {shape}")
@@ -85,9 +86,10 @@ def check_expand_args(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
     if weight.shape[1] != D:
         raise ValueError(f"fcu_up_expand: x_t's last dim must be the conv's {weight.shape[1]} input channels, "
                          f"got x_t of shape {tuple(x_t.shape)}")
-    if not x_t.is_floating_point() or weight.dtype != x_t.dtype:
-        raise TypeError(f"fcu_up_expand: x_t and weight must share one floating dtype, got {x_t.dtype} and "
-                        f"{weight.dtype}")
+    narrower = x_t.dtype == torch.float32 and weight.dtype in (torch.float16, torch.bfloat16)
+    if not x_t.is_floating_point() or (weight.dtype != x_t.dtype and not narrower):
+        raise TypeError(f"fcu_up_expand: x_t and weight must share one floating dtype (or be float32 tokens with "
+                        f"a float16/bfloat16 weight), got {x_t.dtype} and {weight.dtype}")
     _check_channel_vectors("fcu_up_expand", weight.shape[0], scale, shift)
 
 
@@ -118,20 +120,21 @@ def fcu_up_expand(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     """The FCU expand's 1x1 conv with a per-channel affine and optional ReLU, on the token grid.
 
     x_t (B, 1 + H*W, D) (cls row first, any strides), weight (C, D, 1, 1) or (C, D) of x_t's
-    dtype, scale and shift (C,) -> (B, C, H, W) in x_t's dtype, channels_last:
+    dtype (or float16/bfloat16 with float32 tokens: the GEMM dtype autocast gives the conv), scale
+    and shift (C,) -> (B, C, H, W) in weight's dtype, channels_last:
     ``out[b, c, i, j] = act(scale[c] * sum_d weight[c, d] * x_t[b, 1 + i*W + j, d] + shift[c])``
-    with act = ReLU when ``apply_relu``, else the identity."""
+    with act = ReLU when ``apply_relu``, else the identity; x_t rounded to weight's dtype first."""
     C = weight.shape[0]
     # fp32 GEMM (as the kernel accumulates; fp64 for fp64 inputs), one rounding at the end;
     # autocast must not recast it.
-    # All rows, cls included, so that the strided tokens are not copied.
+    # All rows, cls included, so that the strided tokens are not copied (but rounded, when wider).
     math = _math_dtype(x_t)
     with torch.autocast(x_t.device.type, enabled=False):
-        y = F.linear(x_t.to(math), weight.flatten(1).to(math))  # (B, 1 + N, C)
+        y = F.linear(x_t.to(weight.dtype).to(math), weight.flatten(1).to(math))  # (B, 1 + N, C)
     out = torch.addcmul(shift.to(math).view(C, 1), y[:, 1:].transpose(1, 2), scale.to(math).view(C, 1))
     if apply_relu:
         out = out.relu_()
-    return out.unflatten(2, (H, W)).to(x_t.dtype)
+    return out.unflatten(2, (H, W)).to(weight.dtype)
 
 
 @fused_op(triton_impl="fcu_up:bn_relu_add_upsampled_triton", check=check_bn_relu_add_upsampled_args)
@@ -308,8 +311,10 @@ class FusedFCUUp(FusedModule):
             raise TypeError(f"x_t must be a (B, 1 + H*W, D) tensor of tokens, got {type(x_t).__name__}")
         weight, bias = self.conv_project.weight, self.conv_project.bias
         dtype = _autocast_dtype(x_t.device)
-        if dtype is not None:
-            x_t, weight = x_t.to(dtype), weight.to(dtype)
+        if dtype is not None:  # the conv's dtype; fp32 tokens are rounded to it inside fcu_up_expand, not copied
+            weight = weight.to(dtype)
+            if x_t.dtype != torch.float32:
+                x_t = x_t.to(dtype)
         if uses_batch_stats(self.bn):
             # Batch statistics need the whole conv output first: the kernel stops after the conv
             # bias and the BatchNorm (statistics, running-stat updates, SyncBatchNorm's reduction)
