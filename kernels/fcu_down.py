@@ -319,12 +319,12 @@ def fcu_down_config(D: int, gemm_dtype: torch.dtype, token_dtype: torch.dtype, p
     D in two column blocks (:func:`column_blocks`), K steps of :func:`_block_k`, the K loop in two
     stages (the next step's window loads in flight, as cp.async copies, during this one's MMAs).
     Tokens and warps, chosen with the compile matrix (kernels/COMPILE_MATRIX.md): 16-bit tokens
-    with D <= 512 take BLOCK_M = 64 (one wgmma tile on sm_90) on 8 warps (the 64 x 384 fp32
-    accumulators are 96 registers a thread); fp32 tokens (fp32 x2, or autocast's fp32 x_t and out)
-    and D > 512 spill there (80-576 B at 16 warps too) and take 32 tokens (mma.sync), on 8 warps,
-    16 for D > 640."""
+    with D <= 512 and dw_stride <= 4 take BLOCK_M = 64 (one wgmma tile on sm_90) on 8 warps (the
+    64 x 384 fp32 accumulators are 96 registers a thread); fp32 tokens (fp32 x2, or autocast's fp32
+    x_t and out), D > 512 and dw_stride 8 (64 window tiles a K step) spill there (80-576 B, at 16
+    warps too) and take 32 tokens (mma.sync), on 8 warps, 16 for D > 640."""
     block_d, tail = column_blocks(D)
-    wgmma_tile = token_dtype != torch.float32 and D <= 512
+    wgmma_tile = token_dtype != torch.float32 and D <= 512 and dw_stride <= 4
     return LaunchConfig(dict(DOT_PRECISION=precision, DW_STRIDE=dw_stride, BLOCK_M=64 if wgmma_tile else 32,
                              BLOCK_K=_block_k(dw_stride, gemm_dtype), BLOCK_D=block_d, BLOCK_D_TAIL=tail),
                         num_warps=16 if D > 640 else 8, num_stages=2)

@@ -171,31 +171,33 @@ def _add_layer_norm_backward(c: _Call) -> Cost:
 def _pooled_gemm(c: _Call) -> tuple[int, float, float, int, int, int]:
     """(x2 bytes read, executed and useful FLOPs, round trips and bytes in flight per program, and
     the program's staged operand bytes) of the squeeze's pool-while-loading GEMM
-    (``_pooled_projection``): per K step, ceil(s^2 / BLOCK_P) window loads, each waited for, then
-    the weight tile."""
+    (``_window_means`` then ``tl.dot``): per K step the DW_STRIDE^2 window tiles and the weight
+    tile(s) are loaded as one round of cp.async copies, prefetched num_stages - 1 steps deep."""
     x = c["x_ptr"]
     B, C, H, W = x.shape
-    s, D = c["dw_stride"], c["D"]
-    bm, bk, bd, bp = c["BLOCK_M"], c["BLOCK_K"], c["BLOCK_D"], c["BLOCK_P"]
+    s, D = c["DW_STRIDE"], c["D"]
+    bm, bk = c["BLOCK_M"], c["BLOCK_K"]
+    bd = c["BLOCK_D"] + c.arg.get("BLOCK_D_TAIL", 0)
     n_h, n_w = H // s, W // s
     es = x.element_size()
     k_steps = math.ceil(C / bk)
-    window_loads = math.ceil(s * s / bp)
     flops = 2.0 * c.programs * bm * bd * k_steps * bk
     useful = 2.0 * B * n_h * n_w * C * D
-    steps = k_steps * (window_loads + 1)
-    return (B * C * n_h * s * n_w * s * es, flops, useful, steps, bm * bk * bp * es, (bm + bd) * bk * es)
+    tile = (s * s * bm + bd) * bk * es
+    return (B * C * n_h * s * n_w * s * es, flops, useful, _pipelined_steps(k_steps, c.stages),
+            tile * max(1, c.stages - 1), tile * max(1, c.stages))
 
 
 def _fcu_down(c: _Call) -> Cost:
     B, D, tok = c["x_ptr"].shape[0], c["D"], c.size("out_ptr")
     N = c["N"]
     x2, flops, useful, steps, in_flight, staged = _pooled_gemm(c)
+    columns = c["BLOCK_D"] + c["BLOCK_D_TAIL"]
     x_t = B * D * tok + (B * N * D * tok if c["add_x_t"] else 0)
     params = c.nbytes("w_ptr") + 3 * D * tok
     return Cost(read=x2 + x_t + params, written=B * (1 + N) * D * tok, flops=flops, useful_flops=useful,
-                kind=_dot_kind(c["x_ptr"].dtype, c["DOT_PRECISION"]), sfu=c.programs * c["BLOCK_M"] * c["BLOCK_D"],
-                steps=steps, in_flight=in_flight, live=c["BLOCK_M"] * c["BLOCK_D"] * 2, staged=staged)
+                kind=_dot_kind(c["x_ptr"].dtype, c["DOT_PRECISION"]), sfu=c.programs * c["BLOCK_M"] * columns,
+                steps=steps, in_flight=in_flight, live=c["BLOCK_M"] * columns * 2, staged=staged)
 
 
 def _pooled_projection(c: _Call) -> Cost:
@@ -244,7 +246,7 @@ def _fcu_up_expand(c: _Call) -> Cost:
     es, out_es = tok.element_size(), c.size("out_ptr")
     flops, steps, in_flight, staged = _gemm_tile_cost(c, D, es, c.size("w_ptr"))
     return Cost(read=B * N * D * es + c.nbytes("w_ptr") + 8 * C, written=B * N * C * out_es, flops=flops,
-                useful_flops=2.0 * B * N * C * D, kind=_dot_kind(tok.dtype, c["DOT_PRECISION"]), sfu=0,
+                useful_flops=2.0 * B * N * C * D, kind=_dot_kind(c["w_ptr"].dtype, c["DOT_PRECISION"]), sfu=0,
                 steps=steps, in_flight=in_flight, live=c["BLOCK_M"] * c["BLOCK_N"], staged=staged)
 
 
@@ -369,7 +371,7 @@ def _add_layer_norm_backward_torch(c: _Call) -> list[TorchOp]:
 def _squeeze_shape(c: _Call) -> tuple[int, int, int, int, int, int, int, int]:
     """(B, C, H * W, N, D, dw_stride, x2 element size, token element size) of a squeeze launch."""
     B, C, H, W = c["x_ptr"].shape
-    return B, C, H * W, c["N"], c["D"], c["dw_stride"], c["x_ptr"].element_size(), c.size("w_ptr")
+    return B, C, H * W, c["N"], c["D"], c["DW_STRIDE"], c["x_ptr"].element_size(), c.size("w_ptr")
 
 
 def _fcu_down_torch(c: _Call) -> list[TorchOp]:
