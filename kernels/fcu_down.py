@@ -322,17 +322,26 @@ def fcu_down_config(D: int, gemm_dtype: torch.dtype, token_dtype: torch.dtype, p
     with D <= 512 and dw_stride <= 4 take BLOCK_M = 64 (one wgmma tile on sm_90) on 8 warps (the
     64 x 384 fp32 accumulators are 96 registers a thread); fp32 tokens (fp32 x2, or autocast's fp32
     x_t and out), D > 512 and dw_stride 8 (64 window tiles a K step) spill there (80-576 B, at 16
-    warps too) and take 32 tokens (mma.sync), on 8 warps (16 for D > 640); fp32 tokens take 16
+    warps too) and take 32 tokens (mma.sync); fp32 tokens take 16
     unless D has a tail block and D <= 512 (Conformer-Ti/S's 384): Conformer-B's 576 spills 16-80 B
     at 32 tokens on 8 or 16 warps, a power-of-two D of 256 8-16 B on sm_90; D > 640 (the 1024-wide
-    edge model) takes 16 on 16 warps (32 spill 160-336 B)."""
+    edge model) takes 16 (32 spill 160-336 B). Warps: :func:`_fcu_down_warps`."""
     block_d, tail = column_blocks(D)
     wgmma_tile = token_dtype != torch.float32 and D <= 512 and dw_stride <= 4
     fp32_narrow = token_dtype == torch.float32 and not (tail and D <= 512)  # the 16-token cases below
     block_m = 64 if wgmma_tile else (16 if fp32_narrow or D > 640 else 32)
     return LaunchConfig(dict(DOT_PRECISION=precision, DW_STRIDE=dw_stride, BLOCK_M=block_m,
                              BLOCK_K=_block_k(dw_stride, gemm_dtype), BLOCK_D=block_d, BLOCK_D_TAIL=tail),
-                        num_warps=16 if D > 640 else 8, num_stages=2)
+                        num_warps=_fcu_down_warps(D, token_dtype == torch.float32), num_stages=2)
+
+
+def _fcu_down_warps(D: int, fp32_tokens: bool) -> int:
+    """fcu_down_kernel's warps (see :func:`fcu_down_config`): 8; for D > 640 16 with 16-bit tokens
+    (8 spill there) and 8 with fp32 ones (16 spill 8-32 B); 4 for fp32 tokens at D <= 256 (8 spill
+    8-16 B on sm_90, ptxas holding them to 48-128 registers)."""
+    if D > 640:
+        return 8 if fp32_tokens else 16
+    return 4 if fp32_tokens and D <= 256 else 8
 
 
 def pooled_projection_config(D: int, gemm_dtype: torch.dtype, precision: str, dw_stride: int) -> LaunchConfig:
