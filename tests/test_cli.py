@@ -2,6 +2,9 @@
 ``error:`` line on stderr and a non-zero exit status, never a traceback."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -81,18 +84,35 @@ def test_bench_reports_medians_and_warns_on_a_wide_spread(tmp_path, capsys, fake
     assert "warning: timing spread (interquartile range / median) above 5%: reference 30.0%;" in out
 
 
-@pytest.mark.slow
-def test_check_default_run_passes(capsys):
-    """The real default `fastconformer check`: every check, on every backend that runs here (torch,
-    and triton under the interpreter), in float32 and float16. The expand row failed before
-    (to_float64 called .detach() on its ints H and W)."""
-    assert main(["check", "--device", "cpu"]) == 0
+def test_check_default_run_passes():
+    """The real default ``fastconformer check`` as a user on a CPU machine runs it (a fresh process
+    without TRITON_INTERPRET): every check on the torch backend, in float32 and float16. The expand
+    row failed before (to_float64 called .detach() on its ints H and W). The Triton rows of the same
+    checks run under the interpreter in :func:`test_check_runs_the_triton_rows_under_the_interpreter`
+    and, for every module and the whole model, in the module test files."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", "import sys; from fastconformer.cli import main; "
+                           "sys.exit(main(['check', '--device', 'cpu']))"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.endswith("  pass")]
+    assert len(rows) == len(CHECKS) * 2
+    assert {row.split()[-5] for row in rows} == {"torch"}
+    assert "FAIL" not in proc.stdout and proc.stdout.rstrip().endswith("all checks passed")
+
+
+@pytest.mark.skipif(not (dispatch.triton_available() and dispatch.interpreter_enabled()),
+                    reason="the Triton rows run on the CPU only under TRITON_INTERPRET=1")
+def test_check_runs_the_triton_rows_under_the_interpreter(capsys):
+    """Every module check but the whole model's (its Triton run is tests/test_fast_model.py's) on both
+    backends, float32 and float16, through the command line in this interpreter-enabled process."""
+    modules = [c for c in CHECKS if not c.name.startswith("whole model")]
+    for check in modules:
+        assert main(["check", "--device", "cpu", "--only", check.name]) == 0
     out = capsys.readouterr().out
-    backends = ["torch"] + (["triton"] if dispatch.triton_available() and dispatch.interpreter_enabled() else [])
     rows = [line for line in out.splitlines() if line.endswith("  pass")]
-    assert len(rows) == len(CHECKS) * len(backends) * 2
-    assert {row.split()[-5] for row in rows} == set(backends)
-    assert "FAIL" not in out and out.rstrip().endswith("all checks passed")
+    assert len(rows) == len(modules) * 2 * 2
+    assert {row.split()[-5] for row in rows} == {"torch", "triton"}
+    assert "FAIL" not in out
 
 
 def test_check_reports_a_pass_table(capsys):

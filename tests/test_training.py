@@ -219,8 +219,8 @@ def _max_rel(curve, expected):
     return max(abs(a - b) / abs(b) for a, b in zip(curve, expected))
 
 
-def _adamw_curves(depth: int, seed: int, hw: int) -> dict:
-    """{(name, dtype): loss curve} for the reference and the fast model in float64 and fp32, from
+def _adamw_curves(depth: int, seed: int, hw: int, dtypes=(torch.float64, torch.float32)) -> dict:
+    """{(name, dtype): loss curve} for the reference and the fast model in each of ``dtypes``, from
     the same initial weights and 8 images of hw x hw; each curve learns (last loss < 0.75 x first),
     float64 curves agree to 1e-9 and the fp32 curves start equal (<= MODEL_TOL)."""
     model, fast = _pair(seed=seed, randomize=False, depth=depth)
@@ -228,10 +228,11 @@ def _adamw_curves(depth: int, seed: int, hw: int) -> dict:
     with fastconformer.backend("torch"):
         curves = {(name, dtype): _adamw_curve(m, x, y, dtype)
                   for name, m in (("reference", model), ("fast", fast))
-                  for dtype in (torch.float64, torch.float32)}
+                  for dtype in dtypes}
     for curve in curves.values():
         assert curve[-1] < 0.75 * curve[0], f"did not learn: {curve}"
-    assert _max_rel(curves["fast", torch.float64], curves["reference", torch.float64]) <= 1e-9
+    if torch.float64 in dtypes:
+        assert _max_rel(curves["fast", torch.float64], curves["reference", torch.float64]) <= 1e-9
     assert _max_rel(curves["fast", torch.float32][:1], curves["reference", torch.float32][:1]) <= MODEL_TOL, \
         "same weights, same batch: the first losses differ"
     return curves
@@ -240,9 +241,9 @@ def _adamw_curves(depth: int, seed: int, hw: int) -> dict:
 def test_adamw_loss_curve_tracks_reference():
     """20 AdamW steps (8 images of 128x128, 10 classes, batch 4, train mode) from the same weights:
     the fast model's fp32 loss curve is within 1e-3 (relative) of the reference's at every step
-    (measured 3.0e-4; the fp32 reference itself is up to 4.3e-4 from its float64 curve), the
-    float64 curves agree to ~1e-15, and both learn."""
-    curves = _adamw_curves(depth=3, seed=15, hw=128)
+    (measured 3.0e-4; the fp32 reference itself is up to 4.3e-4 from its float64 curve), and both
+    learn. (The float64 curves' agreement is checked by the ill-conditioned test's.)"""
+    curves = _adamw_curves(depth=3, seed=15, hw=128, dtypes=(torch.float32,))
     difference = _max_rel(curves["fast", torch.float32], curves["reference", torch.float32])
     assert difference <= 1e-3, f"fp32 loss curves differ by up to {difference:.3g}"
 
