@@ -4,10 +4,17 @@
 Conformer-S/16 at 224x224; batch 8 fp32 on the CPU, batch 64 under bf16 autocast on a GPU. On
 the CPU the fast model also runs with oneDNN's fused linear epilogues switched off
 (``fast (no oneDNN)``), to show what they add.
+
+On the CPU, the engines a CPU user would pick run beside them (where installed, else skipped with
+the reason): ONNX Runtime and OpenVINO on both models' ONNX exports (``fastconformer.export_onnx``,
+static batch, verified at export), fp32 in the same group; and a bf16 group: the eager models under
+CPU autocast and OpenVINO with its bf16 inference precision hint (ONNX Runtime runs fp32 only).
+``fastconformer bench --engines`` times the same rows in interleaved rounds.
 """
 
 import contextlib
 import copy
+import functools
 
 import pytest
 import torch
@@ -15,6 +22,7 @@ import torch
 import fastconformer
 from benchmarks.conftest import HAS_CUDA, run_benchmark
 from fastconformer.dispatch import onednn
+from fastconformer.export import engine_runner, export_onnx, missing_engines, require_export_packages
 
 MODEL = "conformer_small_patch16"
 B = 64 if HAS_CUDA else 8
@@ -46,3 +54,50 @@ def test_model_inference(benchmark, models, device, impl):
     run()  # compile / warm up outside the timing
     run_benchmark(benchmark, run, group=f"{MODEL}[B={B},224,{'fp32' if AUTOCAST is None else 'amp-bf16'},eval]",
                   impl=impl, rounds=8, batch=B, images=B)
+
+
+ENGINE_ROWS = [(engine, model, precision) for engine in ("onnxruntime", "openvino")
+               for precision in (("fp32", "bf16") if engine == "openvino" else ("fp32",))
+               for model in ("reference", "fast")]
+
+
+@pytest.fixture(scope="module")
+def exports(models, tmp_path_factory):
+    """Both models as ONNX (batch B, 224x224, static batch), each verified at export."""
+    if HAS_CUDA:
+        pytest.skip("the engine rows run on the CPU")
+    try:
+        require_export_packages()
+    except ImportError as err:
+        pytest.skip(str(err))
+    folder = tmp_path_factory.mktemp("onnx")
+    paths = {label: folder / f"{label}.onnx" for label in ("reference", "fast")}
+    for label, path in paths.items():
+        export_onnx(models[label], path, input_shape=(B, 3, 224, 224), dynamic_batch=False)
+    return paths
+
+
+@pytest.mark.parametrize("engine, model, precision", ENGINE_ROWS)
+def test_engine_inference(benchmark, exports, engine, model, precision):
+    if engine in missing_engines():
+        pytest.skip(missing_engines()[engine])
+    run = functools.partial(engine_runner(engine, exports[model], precision=precision),
+                            torch.randn(B, 3, 224, 224, generator=torch.Generator().manual_seed(1)).numpy())
+    run()  # compile / warm up outside the timing
+    run_benchmark(benchmark, run, group=f"{MODEL}[B={B},224,{precision},eval]", impl=f"{engine}({model})",
+                  rounds=8, batch=B, images=B)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_model_inference_cpu_bf16(benchmark, models, device, impl):
+    """The eager models under CPU bf16 autocast: the group the OpenVINO bf16 rows join."""
+    if HAS_CUDA:
+        pytest.skip("the GPU rows already run bf16 autocast")
+    x = torch.randn(B, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return models[impl](x)
+
+    run()
+    run_benchmark(benchmark, run, group=f"{MODEL}[B={B},224,bf16,eval]", impl=impl, rounds=8, batch=B, images=B)

@@ -12,8 +12,9 @@ from .reference import Conformer
 from .convert import convert
 from .registry import VARIANTS, create_model, list_models, load_checkpoint
 from .hub import save_checkpoint, save_pretrained
+from .export import ExportError, export_onnx
 
 __version__ = "0.1.0"
 
-__all__ = ["Conformer", "VARIANTS", "__version__", "backend", "convert", "create_model", "data", "list_models",
-           "load_checkpoint", "save_checkpoint", "save_pretrained"]
+__all__ = ["Conformer", "ExportError", "VARIANTS", "__version__", "backend", "convert", "create_model", "data",
+           "export_onnx", "list_models", "load_checkpoint", "save_checkpoint", "save_pretrained"]

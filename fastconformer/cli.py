@@ -1,4 +1,4 @@
-"""The ``fastconformer`` command line: info, bench, check, predict.
+"""The ``fastconformer`` command line: info, bench, check, predict, export.
 
 Exit status: 0 on success; 1 when a command ran but something it checked failed (an equality
 check, an image that could not be read); 2 when the arguments or the files given are wrong, with
@@ -25,6 +25,7 @@ from .checkpoint import CheckpointMismatchError
 from .convert import convert
 from .dispatch import interpreter_enabled, onednn_available, triton_available
 from .environment import DTYPES, device_name
+from .export import ExportError, check_writable
 from .registry import VARIANTS, create_model, resolve_name
 from .testing import rel_error, tf32
 from .timing import Timing, time_interleaved
@@ -88,17 +89,6 @@ def _check_image_size(name: str, size: int) -> None:
         raise ValueError(f"--image-size must be a positive multiple of {name}'s patch size {patch}, got {size}")
 
 
-def _check_writable(path: str) -> None:
-    """Raise unless a file can be written at ``path`` (its folder exists and is writable)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"--json {path!r} is a folder; expected a file path")
-    if not os.path.isdir(folder):
-        raise ValueError(f"--json {path!r}: the folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise ValueError(f"--json {path!r}: no permission to write there")
-
-
 def _spread_warnings(timings: dict[str, Timing]) -> list[str]:
     rounds = len(next(iter(timings.values())).rounds)
     if rounds < MIN_ROUNDS:
@@ -120,7 +110,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     name = resolve_name(args.model)
     _check_image_size(name, args.image_size)
     if args.json:
-        _check_writable(args.json)
+        check_writable(args.json, "--json")
+    if args.engines:
+        return _bench_engines(args, name, device)
     torch.manual_seed(args.seed)
     _progress(f"building {name} (reference and fast, same weights) on {device_name(device)} ...")
     reference = create_model(name, pretrained=args.pretrained).eval()
@@ -164,6 +156,141 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            device=device_name(device), torch=torch.__version__, triton=_triton_version(),
                            rounds=rounds, spread_limit=SPREAD_LIMIT, warnings=warnings, results=rows), f, indent=2)
         _progress(f"wrote {args.json}")
+    return 0
+
+
+def _engine_candidates(reference: torch.nn.Module, fast: torch.nn.Module, x: torch.Tensor, folder: str
+                       ) -> tuple[dict[str, tuple[str, Callable[[], object]]], dict[str, str]]:
+    """The rows of ``bench --engines``: ({label: (precision, call)}, {what was skipped: why}).
+    Eager models and torch.compile run fp32 and bf16 (CPU autocast); each installed engine runs
+    both models' ONNX exports (static batch, verified at export), ONNX Runtime in fp32, OpenVINO in
+    fp32 and with its bf16 inference precision hint."""
+    from .export import ENGINES, engine_runner, export_onnx, missing_engines
+
+    def autocast(fn: Callable[[], object]) -> Callable[[], object]:
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn()
+        return run
+
+    models = {"reference": reference, "fast": fast, "compile(reference)": torch.compile(reference)}
+    rows = {}
+    for label, model in models.items():
+        rows[label] = ("fp32", functools.partial(model, x))
+        rows[f"{label} bf16"] = ("bf16", autocast(functools.partial(model, x)))
+    skipped = missing_engines()
+    paths = {}
+    try:
+        for label, model in (("reference", reference), ("fast", fast)) if len(skipped) < len(ENGINES) else ():
+            paths[label] = os.path.join(folder, f"{label}.onnx")
+            _progress(f"exporting the {label} model to ONNX and verifying it ...")
+            for verification in export_onnx(model, paths[label], input_shape=tuple(x.shape), dynamic_batch=False):
+                _progress(f"  {verification}")
+    except ImportError as err:  # onnx or onnxscript missing: no file for the engines to run
+        skipped, paths = {engine: str(err) for engine in ENGINES}, {}
+    for engine in ENGINES if paths else ():
+        if engine in skipped:
+            continue
+        for precision in ("fp32", "bf16") if engine == "openvino" else ("fp32",):
+            for label, path in paths.items():
+                runner = engine_runner(engine, path, precision=precision)
+                suffix = "" if precision == "fp32" else " bf16"
+                rows[f"{engine}({label}){suffix}"] = (precision, functools.partial(runner, x.numpy()))
+    if "onnxruntime" in ENGINES and "onnxruntime" not in skipped:
+        skipped["onnxruntime bf16"] = "ONNX Runtime's CPU provider runs this export in fp32 only"
+    return dict(sorted(rows.items(), key=lambda row: row[1][0] != "fp32")), skipped  # fp32 rows first
+
+
+def _bench_engines(args: argparse.Namespace, name: str, device: torch.device) -> int:
+    """``bench --engines``: eager reference and fast model, torch.compile(reference), ONNX Runtime and
+    OpenVINO on both models' exports, fp32 and bf16, in one interleaved run on the CPU."""
+    import tempfile
+
+    if device.type != "cpu":
+        raise ValueError("--engines compares CPU inference engines; use --device cpu")
+    torch.manual_seed(args.seed)
+    _progress(f"building {name} (reference and fast, same weights) on {device_name(device)} ...")
+    reference = create_model(name, pretrained=args.pretrained).eval()
+    fast = convert(copy.deepcopy(reference))
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    load = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory() as folder:
+        candidates, skipped = _engine_candidates(reference, fast, x, folder)
+        with torch.inference_mode():
+            timings, outputs = time_interleaved({label: call for label, (_, call) in candidates.items()},
+                                                args.iters, args.min_seconds, device=device, progress=_progress)
+    load.append(os.getloadavg()[0])
+    _progress("computing the reference in float64 for the error column ...")
+    exact = _exact_logits(reference, x)
+    base = timings["reference"].median
+    rows = [dict(impl=label, precision=candidates[label][0], seconds_per_batch=t.median, spread=t.spread,
+                 images_per_s=args.batch_size / t.median, speedup=base / t.median,
+                 rel_error_vs_float64=rel_error([torch.as_tensor(o) for o in outputs[label]], exact),
+                 seconds=list(t.rounds), warmup_seconds=list(t.warmup), warmup_settled=t.settled)
+            for label, t in timings.items()]
+    warnings = _spread_warnings(timings)
+    rounds = len(timings["reference"].rounds)
+    print(f"{name}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {device_name(device)}, "
+          f"torch {torch.__version__}; load average {load[0]:.2f} before, {load[1]:.2f} after")
+    print(f"{rounds} interleaved rounds after warm-up; latency: median; spread: interquartile range / median; "
+          "speedup vs the eager reference in fp32")
+    print("bf16: torch.autocast for eager and compiled models, OpenVINO's bf16 inference precision hint; "
+          "logits error relative to the reference computed in float64")
+    print(f"{'impl':<28}{'precision':>10}{'images/s':>11}{'latency ms':>12}{'spread':>8}{'speedup':>9}"
+          f"{'logits rel. err':>17}")
+    for row in rows:
+        print(f"{row['impl']:<28}{row['precision']:>10}{row['images_per_s']:>11.1f}"
+              f"{row['seconds_per_batch'] * 1e3:>12.1f}{row['spread']:>8.1%}{row['speedup']:>8.2f}x"
+              f"{row['rel_error_vs_float64']:>17.2e}")
+    for what, why in skipped.items():
+        print(f"skipped: {what}: {why}")
+    for warning in warnings:
+        print(f"warning: {warning}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(model=name, batch_size=args.batch_size, image_size=args.image_size, engines=True,
+                           device=device_name(device), threads=torch.get_num_threads(), torch=torch.__version__,
+                           versions=_engine_versions(), load_average=dict(before=load[0], after=load[1]),
+                           rounds=rounds, spread_limit=SPREAD_LIMIT, skipped=skipped, warnings=warnings,
+                           results=rows), f, indent=2)
+        _progress(f"wrote {args.json}")
+    return 0
+
+
+def _engine_versions() -> dict[str, str]:
+    """Versions of the export and engine packages installed here."""
+    from importlib import metadata
+
+    versions = {}
+    for package in ("onnx", "onnxscript", "onnxruntime", "openvino"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the reference (or with --fast the fast model) as ONNX and verify the file in ONNX
+    Runtime and OpenVINO against the model in float64."""
+    from .export import export_onnx, missing_engines, require_export_packages
+
+    name = resolve_name(args.model)
+    _check_image_size(name, args.image_size)
+    check_writable(args.output, "output")
+    require_export_packages()
+    model = create_model(name, pretrained=args.pretrained, fast=args.fast)
+    shape = (args.batch, 3, args.image_size, args.image_size)
+    kind = "fast" if args.fast else "reference"
+    _progress(f"exporting {name} ({kind}, {'batch ' + str(args.batch) if args.static_batch else 'dynamic batch'}, "
+              f"{args.image_size}x{args.image_size}) to {args.output} ...")
+    verifications = export_onnx(model, args.output, input_shape=shape, dynamic_batch=not args.static_batch)
+    print(f"wrote {args.output}: {name} ({kind}), input images (B, 3, {args.image_size}, {args.image_size}) with "
+          f"B {'= ' + str(args.batch) if args.static_batch else 'dynamic'}, outputs conv_logits and trans_logits")
+    for verification in verifications:
+        print(f"verified: {verification}")
+    for engine, why in missing_engines().items():
+        print(f"not verified in {engine}: {why}")
     return 0
 
 
@@ -300,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time each model at least this long in all (default 3)")
     bench.add_argument("--seed", type=_int_at_least(0), default=0)
     bench.add_argument("--json", default=None, help="write the results to this JSON file")
+    bench.add_argument("--engines", action="store_true",
+                       help="CPU: also torch.compile, ONNX Runtime and OpenVINO (where installed) on both models' "
+                            "ONNX exports, fp32 and bf16, in one interleaved run (--dtype is not used)")
     bench.set_defaults(func=cmd_bench)
 
     check = sub.add_parser("check", help="equality checks of every fused module and the whole model here")
@@ -318,6 +448,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=positive, default=16, help="images per forward pass (default 16)")
     predict.add_argument("--reference", action="store_true", help="use the reference model instead of the fast one")
     predict.set_defaults(func=cmd_predict)
+
+    export = sub.add_parser("export", help="ONNX file of a model, verified in ONNX Runtime and OpenVINO")
+    export.add_argument("model", help="variant, e.g. conformer_small_patch16")
+    export.add_argument("output", help="the .onnx file to write")
+    export.add_argument("--fast", action="store_true",
+                        help="export the fast model's algebra (pool-first squeeze, folded BatchNorm)")
+    export.add_argument("--pretrained", default=None,
+                        help="checkpoint path or hf-hub:ORG/REPO (default: random weights)")
+    export.add_argument("--image-size", type=positive, default=224, help="a multiple of the patch size (default 224)")
+    export.add_argument("--batch", type=positive, default=1, help="the batch size traced (default 1)")
+    export.add_argument("--static-batch", action="store_true", help="fix the batch size to --batch")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
@@ -331,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, CheckpointMismatchError, ImportError) as err:
         print(f"error: {_describe(err)}", file=sys.stderr)
         return 2
+    except ExportError as err:  # the export ran, and its file failed verification (or could not be made)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -33,8 +33,8 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["BACKENDS", "backend", "current_backend", "fused_op", "interpreter_enabled", "onednn", "onednn_available",
-           "triton_available", "use_onednn", "use_triton"]
+__all__ = ["BACKENDS", "backend", "current_backend", "exporting", "fused_op", "interpreter_enabled", "onednn",
+           "onednn_available", "triton_available", "use_onednn", "use_triton"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -148,6 +148,13 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         f"backend('triton') needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is "
         f"imported; got tensors on {sorted(devices)} with TRITON_INTERPRET="
         f"{os.environ.get('TRITON_INTERPRET', 'unset')} when fastconformer was imported")
+
+
+def exporting() -> bool:
+    """True while ``torch.export`` (and so ``torch.onnx.export(..., dynamo=True)``) traces the model:
+    the PyTorch implementations then take a branch of plain ops with the same algebra that the ONNX
+    exporter maps to standard operators (``fastconformer.export``)."""
+    return torch.compiler.is_exporting()
 
 
 @functools.cache

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..dispatch import fused_op
+from ..dispatch import exporting, fused_op
 from ..reference import Attention
 from .base import FusedModule, NotFusableError
 
@@ -51,9 +51,16 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     dtype, heads concatenated along the last dimension (the layout ``proj`` reads).
 
     This PyTorch implementation hands strided views of q, k and v (no copies) to
-    ``F.scaled_dot_product_attention`` with the given scale.
+    ``F.scaled_dot_product_attention`` with the given scale. While exporting (ONNX) it spells out
+    the reference's algebra instead, ``softmax((q @ kᵀ) · scale) @ v``, with q, k, v split off
+    the last dimension and k laid out as kᵀ by one transpose: MatMul, Mul, Softmax, MatMul, which
+    inference engines fuse, where SDPA exports as a scaled q, a scaled k and extra transposes.
     """
-    B, N, _ = qkv.shape
+    B, N, C3 = qkv.shape
+    if exporting():
+        q, k, v = (t.unflatten(-1, (num_heads, -1)) for t in qkv.split(C3 // 3, dim=-1))  # (B, N, H, Dh)
+        attn = ((q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * scale).softmax(dim=-1)  # (B, H, N, N)
+        return (attn @ v.transpose(1, 2)).transpose(1, 2).flatten(2)
     q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh) views
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return out.transpose(1, 2).reshape(B, N, -1)
