@@ -1,5 +1,6 @@
 """Run the benchmark suite, save its JSON under benchmarks/results/ named by device, and regenerate
-the README's performance table from every saved result.
+the README's performance table from every saved result, and its engines table from every
+``fastconformer bench --engines --json`` run saved under benchmarks/results/engines/.
 
     python -m benchmarks.report --run            # run the suite here, save, update README
     python -m benchmarks.report                  # only regenerate the README table
@@ -21,6 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 START, END = "<!-- performance-table:start -->", "<!-- performance-table:end -->"
+ENGINES_START, ENGINES_END = "<!-- engines-table:start -->", "<!-- engines-table:end -->"
 
 
 def run_suite(extra: list[str]) -> pathlib.Path:
@@ -68,16 +70,42 @@ def table(path: pathlib.Path) -> str:
     return "\n".join(lines)
 
 
+def engines_table(path: pathlib.Path) -> str:
+    """Markdown for one saved ``bench --engines`` run: each row's precision, median, speed vs the
+    eager reference in fp32 and logits error vs float64, and the conditions it ran under."""
+    data = json.loads(path.read_text())
+    load = data["load_average"]
+    versions = ", ".join(f"{package} {version}" for package, version in data["versions"].items())
+    lines = [f"**{data['device']}**, {data['model']}, batch {data['batch_size']}, {data['image_size']}x"
+             f"{data['image_size']}, {data['rounds']} interleaved rounds (torch {data['torch']}, {versions}; load "
+             f"average {load['before']:.2f} before, {load['after']:.2f} after; `{path.relative_to(ROOT)}`)", "",
+             "| impl | precision | median | vs eager reference fp32 | spread | logits rel. error vs float64 |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in data["results"]:
+        lines.append(f"| {r['impl']} | {r['precision']} | {r['seconds_per_batch'] * 1e3:.1f} ms | {r['speedup']:.2f}x "
+                     f"| {r['spread']:.1%} | {r['rel_error_vs_float64']:.1e} |")
+    lines += [f"\nSkipped: {what}: {why}." for what, why in data["skipped"].items()]
+    lines += [f"\nWarning: {warning}" for warning in data["warnings"]]
+    return "\n".join(lines)
+
+
+def _replace_between(text: str, start: str, end: str, body: str) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md lacks the {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 def update_readme() -> None:
     files = sorted(RESULTS.glob("*.json"))
     body = "\n\n".join(table(p) for p in files) if files else "_No saved benchmark results yet._"
-    text = README.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"README.md lacks the {START} ... {END} markers")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{body}\n{END}{tail}")
-    print(f"README.md performance table regenerated from {len(files)} result file(s)")
+    engine_files = sorted((RESULTS / "engines").glob("*.json"))
+    engines = ("\n\n".join(engines_table(p) for p in engine_files) if engine_files
+               else "_No saved `bench --engines` run yet._")
+    text = _replace_between(README.read_text(), START, END, body)
+    README.write_text(_replace_between(text, ENGINES_START, ENGINES_END, engines))
+    print(f"README.md tables regenerated from {len(files)} result file(s) and {len(engine_files)} engines run(s)")
 
 
 def main() -> None:

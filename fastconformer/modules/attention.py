@@ -52,15 +52,16 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
 
     This PyTorch implementation hands strided views of q, k and v (no copies) to
     ``F.scaled_dot_product_attention`` with the given scale. While exporting (ONNX) it spells out
-    the reference's algebra instead, ``softmax((q @ kᵀ) · scale) @ v``, with q, k, v split off
-    the last dimension and k laid out as kᵀ by one transpose: MatMul, Mul, Softmax, MatMul, which
-    inference engines fuse, where SDPA exports as a scaled q, a scaled k and extra transposes.
+    the reference's ops instead, ``softmax((q @ kᵀ) · scale) @ v`` on q, k, v taken from one
+    (3, B, heads, N, head_dim) permute: the pattern inference engines fuse (OpenVINO reads the
+    three slices in place), where SDPA exports as a scaled q, a scaled k and more transposes.
     """
-    B, N, C3 = qkv.shape
+    B, N, _ = qkv.shape
     if exporting():
-        q, k, v = (t.unflatten(-1, (num_heads, -1)) for t in qkv.split(C3 // 3, dim=-1))  # (B, N, H, Dh)
-        attn = ((q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * scale).softmax(dim=-1)  # (B, H, N, N)
-        return (attn @ v.transpose(1, 2)).transpose(1, 2).flatten(2)
+        qkv = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, Dh) each
+        attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)  # (B, H, N, N)
+        return (attn @ v).transpose(1, 2).reshape(B, N, -1)
     q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh) views
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return out.transpose(1, 2).reshape(B, N, -1)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..dispatch import exporting
 from ..reference import ConvTransBlock
 from .base import FusedModule, NotFusableError
-from .conv_block import FusedConvBlock
+from .conv_block import FusedConvBlock, conv_bn
 from .fcu_down import FusedFCUDown
 from .fcu_up import FusedFCUUp, batch_norm_scale_shift, bn_relu_add_upsampled, syncs_across_processes
 
@@ -67,6 +69,9 @@ class FusedConvTransBlock(FusedModule):
         the upsampling and the add fused: x (B, C, H, W), x_t_low (B, C/4, H/dw_stride, W/dw_stride)
         -> (B, C, H', W')."""
         fb = self.fusion_block
+        if exporting():  # plain ops (ONNX): bn1 folded into conv1 as in every CNN block, a nearest Resize added
+            h = F.relu(conv_bn(x, fb.conv1, fb.bn1)) + F.interpolate(x_t_low, scale_factor=self.dw_stride)
+            return fb.forward_from_conv2(h, x, return_x_2=False)
         h = fb.conv1(x)
         if syncs_across_processes(fb.bn1):
             h = fb.bn1(h)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..dispatch import fused_op
+from ..dispatch import exporting, fused_op
 from ..reference import FCUDown
 from .base import FusedModule, NotFusableError
 
@@ -61,9 +61,13 @@ def fcu_down(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias: to
     (D, C_in), bias / ln_weight / ln_bias (D,) -> (B, 1 + N, D), N = (H / dw_stride)(W / dw_stride):
     row 0 is x_t[:, 0], rows 1.. are GELU(LayerNorm_eps(avgpool(x2) projected + bias)) in token order
     (row-major over the pooled grid). With ``add_x_t`` it returns that + x_t. Same dtype as the
-    reference FCUDown (x_t's promoted with the tokens'), under autocast too."""
+    reference FCUDown (x_t's promoted with the tokens'), under autocast too. While exporting (ONNX)
+    the projection stays a 1x1 convolution (on the pooled map), as in the reference's graph."""
     pooled = F.avg_pool2d(x2, dw_stride) if dw_stride > 1 else x2
-    tokens = F.linear(pooled.flatten(2).transpose(1, 2), weight.flatten(1), bias)  # (B, N, D)
+    if exporting():
+        tokens = F.conv2d(pooled, weight.view(weight.shape[0], -1, 1, 1), bias).flatten(2).transpose(1, 2)
+    else:
+        tokens = F.linear(pooled.flatten(2).transpose(1, 2), weight.flatten(1), bias)  # (B, N, D)
     tokens = F.gelu(F.layer_norm(tokens, tokens.shape[-1:], ln_weight, ln_bias, eps))
     out = torch.cat([x_t[:, :1], tokens], dim=1)
     return out + x_t if add_x_t else out

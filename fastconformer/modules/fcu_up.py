@@ -124,12 +124,13 @@ def fcu_up_expand(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     and shift (C,) -> (B, C, H, W) in weight's dtype, channels_last:
     ``out[b, c, i, j] = act(scale[c] * sum_d weight[c, d] * x_t[b, 1 + i*W + j, d] + shift[c])``
     with act = ReLU when ``apply_relu``, else the identity; x_t rounded to weight's dtype first. While
-    exporting (ONNX): the grid rows times the weight with the scale folded in, + shift (MatMul, Add,
-    Relu), then one transpose."""
+    exporting (ONNX): the grid rows as a (B, D, H, W) map into one 1x1 convolution with the scale
+    folded into its weight and shift as its bias (the reference's conv + BatchNorm, folded), then ReLU."""
     C = weight.shape[0]
     if exporting():
-        y = F.linear(x_t[:, 1:], weight.flatten(1) * scale.view(C, 1), shift)  # (B, H*W, C)
-        return (y.relu() if apply_relu else y).transpose(1, 2).unflatten(2, (H, W))
+        grid = x_t[:, 1:].transpose(1, 2).unflatten(2, (H, W))  # (B, D, H, W)
+        y = F.conv2d(grid, weight.view(C, -1, 1, 1) * scale.view(C, 1, 1, 1), shift)
+        return y.relu() if apply_relu else y
     # fp32 GEMM (as the kernel accumulates; fp64 for fp64 inputs), one rounding at the end;
     # autocast must not recast it.
     # All rows, cls included, so that the strided tokens are not copied (but rounded, when wider).
@@ -151,11 +152,7 @@ def bn_relu_add_upsampled(x: torch.Tensor, scale: torch.Tensor, shift: torch.Ten
     folded), low (B, C, H / up, W / up) of x's dtype -> (B, C, H, W) in x's dtype and memory
     format. The Triton kernel reads low through the index map (i // up, j // up) and rounds once
     (fp32 math); this implementation rounds the normalised x to x's dtype before the add, as the
-    reference's bn1 does. While exporting (ONNX): the affine, Relu, and a nearest Resize of low
-    added."""
-    if exporting():
-        channel = (1, -1, 1, 1)
-        return F.relu(x * scale.view(channel) + shift.view(channel)) + F.interpolate(low, scale_factor=up)
+    reference's bn1 does."""
     # x * scale + shift in one pass: an eval-mode batch_norm with zero mean and unit variance.
     math = _math_dtype(x)
     scale, shift = scale.to(math), shift.to(math)
