@@ -206,8 +206,9 @@ def _bench_engines(args: argparse.Namespace, name: str, device: torch.device) ->
     OpenVINO on both models' exports, fp32 and bf16, in one interleaved run on the CPU."""
     import tempfile
 
-    if device.type != "cpu":
-        raise ValueError("--engines compares CPU inference engines; use --device cpu")
+    if device.type != "cpu" and args.device != "auto":
+        raise ValueError("--engines compares CPU inference engines; use --device cpu (or auto)")
+    device = torch.device("cpu")
     torch.manual_seed(args.seed)
     _progress(f"building {name} (reference and fast, same weights) on {device_name(device)} ...")
     reference = create_model(name, pretrained=args.pretrained).eval()
@@ -428,8 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=_int_at_least(0), default=0)
     bench.add_argument("--json", default=None, help="write the results to this JSON file")
     bench.add_argument("--engines", action="store_true",
-                       help="CPU: also torch.compile, ONNX Runtime and OpenVINO (where installed) on both models' "
-                            "ONNX exports, fp32 and bf16, in one interleaved run (--dtype is not used)")
+                       help="on the CPU: also torch.compile, ONNX Runtime and OpenVINO (where installed) on both "
+                            "models' ONNX exports, fp32 and bf16, in one interleaved run (--dtype is not used)")
     bench.set_defaults(func=cmd_bench)
 
     check = sub.add_parser("check", help="equality checks of every fused module and the whole model here")
