@@ -332,16 +332,17 @@ def fcu_down_config(D: int, gemm_dtype: torch.dtype, token_dtype: torch.dtype, p
     block_m = 64 if wgmma_tile else (16 if fp32_narrow or D > 640 else 32)
     return LaunchConfig(dict(DOT_PRECISION=precision, DW_STRIDE=dw_stride, BLOCK_M=block_m,
                              BLOCK_K=_block_k(dw_stride, gemm_dtype), BLOCK_D=block_d, BLOCK_D_TAIL=tail),
-                        num_warps=_fcu_down_warps(D, token_dtype == torch.float32), num_stages=2)
+                        num_warps=_fcu_down_warps(D, token_dtype == torch.float32, dw_stride), num_stages=2)
 
 
-def _fcu_down_warps(D: int, fp32_tokens: bool) -> int:
+def _fcu_down_warps(D: int, fp32_tokens: bool, dw_stride: int) -> int:
     """fcu_down_kernel's warps (see :func:`fcu_down_config`): 8; for D > 640 16 with 16-bit tokens
-    (8 spill there) and 8 with fp32 ones (16 spill 8-32 B); 4 for fp32 tokens at D <= 256 (8 spill
-    8-16 B on sm_90, ptxas holding them to 48-128 registers)."""
+    (8 spill there) and 8 with fp32 ones (16 spill 8-32 B); 4 for fp32 tokens at D <= 256 and
+    dw_stride <= 4 (8 spill 8-16 B on sm_90, ptxas holding them to 48-128 registers; at dw_stride 8
+    it is 4 that spills, 8 B in TF32 on sm_90)."""
     if D > 640:
         return 8 if fp32_tokens else 16
-    return 4 if fp32_tokens and D <= 256 else 8
+    return 4 if fp32_tokens and D <= 256 and dw_stride <= 4 else 8
 
 
 def pooled_projection_config(D: int, gemm_dtype: torch.dtype, precision: str, dw_stride: int) -> LaunchConfig:
