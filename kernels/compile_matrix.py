@@ -372,6 +372,19 @@ def _compile_job(job: tuple[CompileSpec, int]) -> CompileReport:
     return compile_spec(*job)
 
 
+def compiles_natively() -> bool:
+    """Whether triton compiles in this process: TRITON_INTERPRET was unset (or 0) when it was imported."""
+    return os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+def compile_specs_for(specs: Iterable[CompileSpec], arches, jobs: int | None = None) -> list[CompileReport]:
+    """Each spec built for each arch, in ``jobs`` processes (default: CPU count); needs
+    :func:`compiles_natively`."""
+    work = [(spec, arch) for spec in specs for arch in arches]
+    with concurrent.futures.ProcessPoolExecutor(jobs or os.cpu_count()) as pool:
+        return list(pool.map(_compile_job, work))
+
+
 def compile_matrix(arches=(80, 90), jobs: int | None = None,
                    include_all: bool = False) -> dict[tuple[str, int], CompileReport]:
     """Compile the suite's specs (every spec with ``include_all``) for every arch;
@@ -379,7 +392,7 @@ def compile_matrix(arches=(80, 90), jobs: int | None = None,
 
     Runs in this process when triton compiles natively, else (under TRITON_INTERPRET=1, as in the
     CPU test suite) in a child process without it (``python -m fastconformer.kernels``)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if not compiles_natively():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton >= 3.9 warns unless the (default) choice is explicit
         cmd = [sys.executable, "-m", __package__, "--arches", *map(str, arches)]
@@ -392,9 +405,7 @@ def compile_matrix(arches=(80, 90), jobs: int | None = None,
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
         reports = [CompileReport(**r) for r in json.loads(proc.stdout)]
     else:
-        work = [(spec, arch) for spec in compile_specs(include_all) for arch in arches]
-        with concurrent.futures.ProcessPoolExecutor(jobs or os.cpu_count()) as pool:
-            reports = list(pool.map(_compile_job, work))
+        reports = compile_specs_for(compile_specs(include_all), arches, jobs)
     return {(r.name, r.arch): r for r in reports}
 
 

@@ -33,18 +33,16 @@ Importing this module imports triton (through the compile matrix).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import inspect
 import math
-import os
 from typing import Callable, Iterable
 
 import torch
 import triton
 
 from . import Launch, record_launches
-from .compile_matrix import WORKLOADS, CompileReport, Workload, compile_spec, launches, spec_of
+from .compile_matrix import WORKLOADS, Workload, compile_specs_for, compiles_natively, launches, spec_of
 
 __all__ = ["COSTS", "H100", "HEADLINE", "Cost", "Device", "OpCall", "Prediction", "Resources", "TorchOp",
            "TORCH_BASELINES", "estimate_resources", "main", "model_report", "occupancy", "op_calls", "predict",
@@ -578,15 +576,6 @@ def predict(launch: Launch, resources: Resources | None = None, device: Device =
                       latency_s=rounds * cost.steps * device.dram_latency_s)
 
 
-def _build_job(spec) -> CompileReport:
-    return compile_spec(spec, 90)
-
-
-def _can_build() -> bool:
-    """Whether triton compiles natively in this process (not under TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-
-
 def _resources(made: Iterable[Launch], build: bool, jobs: int | None) -> dict[str, Resources]:
     """{spec name: Resources} of the sm_90 builds of the launches (empty without ``build``)."""
     if not build:
@@ -595,8 +584,7 @@ def _resources(made: Iterable[Launch], build: bool, jobs: int | None) -> dict[st
     for launch in made:
         spec = spec_of(launch)
         specs.setdefault(spec.name, spec)
-    with concurrent.futures.ProcessPoolExecutor(jobs or os.cpu_count()) as pool:
-        reports = list(pool.map(_build_job, specs.values()))
+    reports = compile_specs_for(specs.values(), (90,), jobs)
     return {r.name: Resources(r.registers, r.shared_bytes, "sm_90", r.uses_wgmma) for r in reports}
 
 
@@ -613,7 +601,7 @@ def predict_call(fn: Callable, *args, build: bool = False, **kwargs) -> list[Pre
     allocated; meta tensors work where the entry needs no autocast state."""
     with record_launches() as made, torch.no_grad():
         fn(*args, **kwargs)
-    return predictions(made, build=build and _can_build())
+    return predictions(made, build=build and compiles_natively())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -740,5 +728,5 @@ def main(argv: list[str] | None = None) -> None:
                         help="estimate registers and shared memory instead of building for sm_90")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     args = parser.parse_args(argv)
-    build = not args.no_build and _can_build()
+    build = not args.no_build and compiles_natively()
     print(model_report(args.workload or HEADLINE, build, args.jobs))
