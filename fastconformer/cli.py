@@ -103,6 +103,20 @@ def _spread_warnings(timings: dict[str, Timing]) -> list[str]:
             "more --iters / --min-seconds"]
 
 
+def _result_rows(timings: dict[str, Timing], outputs: dict[str, object], exact: list[torch.Tensor], batch_size: int,
+                 precisions: dict[str, str] | None = None) -> list[dict]:
+    """One result row per timed model (``bench``'s table and JSON): medians, spread, speed-up over the
+    ``"reference"`` row, the logits' relative error vs ``exact`` (float64; outputs may be arrays) and
+    every round; with ``precisions``, each row's precision after its label."""
+    base = timings["reference"].median
+    return [dict(impl=label, **({} if precisions is None else {"precision": precisions[label]}),
+                 seconds_per_batch=t.median, spread=t.spread, images_per_s=batch_size / t.median,
+                 speedup=base / t.median,
+                 rel_error_vs_float64=rel_error([torch.as_tensor(o) for o in outputs[label]], exact),
+                 seconds=list(t.rounds), warmup_seconds=list(t.warmup), warmup_settled=t.settled)
+            for label, t in timings.items()]
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Reference vs fast (and torch.compile(reference)) on the same weights and inputs, timed in
     interleaved rounds after each settled its warm-up."""
@@ -132,11 +146,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                             args.iters, args.min_seconds, device=device, progress=_progress)
     _progress("computing the reference in float64 for the error column ...")
     exact = _exact_logits(reference, x)
-    base = timings["reference"].median
-    rows = [dict(impl=label, seconds_per_batch=t.median, spread=t.spread, images_per_s=args.batch_size / t.median,
-                 speedup=base / t.median, rel_error_vs_float64=rel_error(outputs[label], exact),
-                 seconds=list(t.rounds), warmup_seconds=list(t.warmup), warmup_settled=t.settled)
-            for label, t in timings.items()]
+    rows = _result_rows(timings, outputs, exact, args.batch_size)
     warnings = _spread_warnings(timings)
     rounds = len(timings["reference"].rounds)
     print(f"{name}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.dtype}"
@@ -223,12 +233,8 @@ def _bench_engines(args: argparse.Namespace, name: str, device: torch.device) ->
     load.append(os.getloadavg()[0])
     _progress("computing the reference in float64 for the error column ...")
     exact = _exact_logits(reference, x)
-    base = timings["reference"].median
-    rows = [dict(impl=label, precision=candidates[label][0], seconds_per_batch=t.median, spread=t.spread,
-                 images_per_s=args.batch_size / t.median, speedup=base / t.median,
-                 rel_error_vs_float64=rel_error([torch.as_tensor(o) for o in outputs[label]], exact),
-                 seconds=list(t.rounds), warmup_seconds=list(t.warmup), warmup_settled=t.settled)
-            for label, t in timings.items()]
+    rows = _result_rows(timings, outputs, exact, args.batch_size,
+                        precisions={label: precision for label, (precision, _) in candidates.items()})
     warnings = _spread_warnings(timings)
     rounds = len(timings["reference"].rounds)
     print(f"{name}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {device_name(device)}, "

@@ -112,8 +112,9 @@ def engine_runner(engine: str, path: str | os.PathLike, *, precision: str = "fp3
     if precision not in ("fp32", "bf16") or (engine == "onnxruntime" and precision != "fp32"):
         raise ValueError(f"{engine} runs precision 'fp32'{' or bf16' if engine == 'openvino' else ''}, "
                          f"got {precision!r}")
-    if engine in missing_engines():
-        raise ImportError(missing_engines()[engine])
+    missing = missing_engines().get(engine)
+    if missing:
+        raise ImportError(missing)
     threads = threads or torch.get_num_threads()
     if engine == "onnxruntime":
         import onnxruntime as ort
