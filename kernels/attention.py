@@ -66,18 +66,20 @@ def _heads_shape(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int]
 # Conformer) is chosen with the performance model (kernels/PERF_MODEL.md) at Conformer's N = 197,
 # 50, 1051 and 4201: 64-row held blocks (wgmma's M; 128 rows pad no less and make half as many
 # programs), 3 stages (the streamed loop waits on half as many round trips as with 2), 4 warps; the
-# backward streams 32 (64 need 235 registers in dK/dV on sm_90 and spill 24 B in dQ on sm_80). Every
-# one compiles without spills for sm_80 and sm_90 under triton 3.9 (the compile matrix;
-# kernels/COMPILE_MATRIX.md for 3.6 to 3.8, measured before this choice).
+# backward streams 32 (64 need 235 registers in dK/dV on sm_90 and spill 24 B in dQ on sm_80). The
+# fp32 rows are the largest tiles that build without spills for sm_80 and sm_90 under every
+# triton from 3.6 to 3.9 (kernels/COMPILE_MATRIX.md): IEEE forwards on 8 warps (4 spill 8 B on sm_90
+# under 3.7), the TF32 dQ streams 16 keys (32 spill 8 B on sm_80 under 3.6), and at BLOCK_DH 128 the
+# IEEE forward streams 16 keys and dK/dV 16 queries on 4 warps (32 on 8 spill 8-120 B under 3.6).
 _CONFIGS = {
     ("fwd", "fp16/bf16"): ((64, (32, 64), 4, 3), (64, 32, 4, 3)),
     ("fwd", "tf32"): ((64, 32, 8, 2), (64, 32, 8, 2)),
-    ("fwd", "ieee"): ((32, 32, 4, 2), (32, 32, 8, 2)),
+    ("fwd", "ieee"): ((32, 32, 8, 2), (32, 16, 8, 2)),
     ("dkdv", "fp16/bf16"): ((64, 32, 4, 3), (32, 32, 4, 2)),
     ("dkdv", "tf32"): ((64, 32, 8, 1), (32, 32, 8, 2)),
-    ("dkdv", "ieee"): ((32, 16, 4, 2), (32, 32, 8, 2)),
+    ("dkdv", "ieee"): ((32, 16, 4, 2), (32, 16, 4, 2)),
     ("dq", "fp16/bf16"): ((64, 32, 4, 3), (32, 32, 4, 2)),
-    ("dq", "tf32"): ((64, 32, 8, 1), (32, 32, 8, 2)),
+    ("dq", "tf32"): ((64, 16, 8, 1), (32, 32, 8, 2)),
     ("dq", "ieee"): ((32, 16, 4, 2), (32, 32, 8, 2)),
 }
 _PADDING_SLACK = 1 / 16  # padding a wider streamed block may add over a narrower one

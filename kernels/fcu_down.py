@@ -336,13 +336,17 @@ def fcu_down_config(D: int, gemm_dtype: torch.dtype, token_dtype: torch.dtype, p
 
 
 def _fcu_down_warps(D: int, fp32_tokens: bool, dw_stride: int) -> int:
-    """fcu_down_kernel's warps (see :func:`fcu_down_config`): 8; for D > 640 16 with 16-bit tokens
-    (8 spill there) and 8 with fp32 ones (16 spill 8-32 B); 4 for fp32 tokens at D <= 256 and
-    dw_stride <= 4 (8 spill 8-16 B on sm_90, ptxas holding them to 48-128 registers; at dw_stride 8
-    it is 4 that spills, 8 B in TF32 on sm_90)."""
+    """fcu_down_kernel's warps (see :func:`fcu_down_config`), chosen with the compile matrix under
+    triton 3.6 to 3.9: 8; for D > 640 16 with 16-bit tokens (8 spill there) and 8 with fp32 ones (16
+    spill 8-32 B). fp32 tokens at dw_stride <= 4: 4 at D <= 256 (8 spill 8-16 B on sm_90, ptxas
+    holding them to 48-128 registers), 16 above (Conformer-S's 384 and Conformer-B's 576: on 8 warps
+    ptxas holds them to 128 registers on sm_90 and they spill 8 B under triton 3.7 and 3.8; 4 spill
+    48 B). At dw_stride 8 (64 window tiles a K step) 4 and 16 spill (8-264 B), 8 does not."""
     if D > 640:
         return 8 if fp32_tokens else 16
-    return 4 if fp32_tokens and D <= 256 and dw_stride <= 4 else 8
+    if fp32_tokens and dw_stride <= 4:
+        return 4 if D <= 256 else 16
+    return 8
 
 
 def pooled_projection_config(D: int, gemm_dtype: torch.dtype, precision: str, dw_stride: int) -> LaunchConfig:
