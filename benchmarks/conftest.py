@@ -1,6 +1,8 @@
 """Shared pieces of the pytest-benchmark suite.
 
-Run: ``pytest benchmarks --benchmark-enable [--benchmark-json=benchmarks/results/<device>.json]``.
+Run: ``pytest benchmarks --benchmark-enable -n0 [--benchmark-json=benchmarks/results/<device>.json]``
+(``-n0``: one process; pyproject's addopts run tests in one pytest-xdist worker per CPU, and
+timings taken side by side with other workers would measure the contention).
 Each benchmark belongs to a group (one op at one shape) and has an ``impl`` (``reference``,
 ``fused``, ...); the summary at the end prints every impl's speed relative to the group's
 ``reference``, measured side by side in the same run. pytest-benchmark times these (its timer and
@@ -19,6 +21,12 @@ from fastconformer.timing import synchronize
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_configure(config):
+    if config.getoption("benchmark_enable", False) and config.getoption("numprocesses", None):
+        raise pytest.UsageError("the benchmarks time one process at a time: add -n0 (the tests' default, "
+                                "pyproject's addopts, runs one pytest-xdist worker per CPU)")
 
 
 def device_name() -> str:

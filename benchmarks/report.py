@@ -28,7 +28,7 @@ ENGINES_START, ENGINES_END = "<!-- engines-table:start -->", "<!-- engines-table
 def run_suite(extra: list[str]) -> pathlib.Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{device_slug(DEVICE)}.json"
-    cmd = [sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "--benchmark-enable",
+    cmd = [sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "--benchmark-enable", "-n0",
            f"--benchmark-json={path}", "-q", "-p", "no:cacheprovider", *extra]
     print("running:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)

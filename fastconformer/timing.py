@@ -9,7 +9,7 @@ Which timer serves what:
   with the SDPA backends, in one call; each model row, whose first warm-up call is its first-call
   time, compilation included). On CUDA each call is timed by a pair of CUDA events around it; on
   the CPU by ``time.perf_counter`` around the call and :func:`synchronize`.
-- The benchmark suite (``pytest benchmarks --benchmark-enable``) keeps pytest-benchmark's timer and
+- The benchmark suite (``pytest benchmarks --benchmark-enable -n0``) keeps pytest-benchmark's timer and
   statistics, which its JSON results and comparisons across runs are made of; its adapter
   ``benchmarks.conftest.run_benchmark`` waits for the device with :func:`synchronize` from here.
 

@@ -11,10 +11,14 @@ argument goes through Triton's own launch-time specialisation (``native_speciali
 as ``JITFunction.run`` calls it): an int equal to 1 becomes a constant, ints and pointers that are
 multiples of 16 get a divisibility hint. So the matrix builds what the launchers launch.
 
-The test suite builds one spec per launch config (kernel, pointer dtypes, constexprs, warps,
-stages), with the specialisation of the first workload that launches it (Conformer-S at 224,
-batch 64, first); ``--all`` builds every specialisation.
-``python -m fastconformer.kernels [--all] [--summary]`` runs it.
+Three scopes, each inside the next (:data:`SCOPES`): "sample", one spec per kernel and pointer
+dtypes, fp16 and bf16 counted as one (:func:`dtype_class`: every kernel in every dtype combination
+it is launched with, at its first launch config: the test suite's, 68 builds); "configs", one spec
+per launch config (kernel, pointer dtypes, constexprs, warps, stages: every tile shape the
+launchers choose; 668 builds);
+"all", every specialisation. Each spec is built with the specialisation of the first workload that
+launches it (Conformer-S at 224, batch 64, first).
+``python -m fastconformer.kernels [--sample | --all] [--summary]`` runs it (default: "configs").
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ from triton.runtime.jit import JITFunction, native_specialize_impl
 
 from . import Launch, add_layer_norm, attention, fcu_down, fcu_up, record_launches
 
-__all__ = ["MODES", "PRECISIONS", "WORKLOADS", "CompileReport", "CompileSpec", "Workload", "compile_matrix",
-           "compile_spec", "compile_specs", "launches", "spec_of", "summary"]
+__all__ = ["MODES", "PRECISIONS", "SCOPES", "WORKLOADS", "CompileReport", "CompileSpec", "Workload", "compile_matrix",
+           "compile_spec", "compile_specs", "dtype_class", "launches", "spec_of", "summary"]
 
 # "fp32" (IEEE dots), "tf32": an fp32 model with torch's TF32 matmul switch off / on; "fp16",
 # "bf16": the model in that dtype; "amp-fp16", "amp-bf16": an fp32 model under CUDA autocast.
@@ -226,7 +230,7 @@ class CompileSpec:
     num_warps: int
     num_stages: int
     workload: str  # the first workload that launches it
-    in_suite: bool = True  # the test suite builds it (one spec per launch config)
+    scope: str = "all"  # the narrowest of SCOPES that builds it
 
 
 @functools.cache
@@ -255,7 +259,7 @@ def _runs(items: Iterable[str]) -> str:
 
 
 def spec_of(launch: Launch, workload: str = "") -> CompileSpec:
-    """The spec one recorded launch compiles to (``in_suite`` True; :func:`compile_specs` decides)."""
+    """The spec one recorded launch compiles to (its ``scope`` is :func:`compile_specs`'s to set)."""
     fn = _jit_function(launch.kernel)
     path = f"{fn.fn.__module__}:{fn.fn.__name__}"
     config = launch.config
@@ -297,6 +301,7 @@ def _build(spec: CompileSpec) -> tuple:
 def _all_specs() -> tuple[CompileSpec, ...]:
     specs: dict[str, CompileSpec] = {}
     first_of_config: dict[tuple, str] = {}  # (kernel, pointer dtypes, launcher's constexprs, warps, stages): spec
+    first_of_dtypes: dict[tuple, str] = {}  # (kernel, pointer dtypes' classes): spec
     seen = set()  # ids of the (cached) launches already turned into specs
     for w in WORKLOADS:
         for launch in launches(w):
@@ -310,14 +315,30 @@ def _all_specs() -> tuple[CompileSpec, ...]:
             config = launch.config
             first_of_config.setdefault((spec.kernel, pointers, tuple(config.constexprs.items()), config.num_warps,
                                         config.num_stages), spec.name)
-    suite = set(first_of_config.values())
-    return tuple(dataclasses.replace(s, in_suite=s.name in suite) for s in specs.values())
+            first_of_dtypes.setdefault((spec.kernel, tuple(map(dtype_class, pointers))), spec.name)
+    sample, configs = set(first_of_dtypes.values()), set(first_of_config.values())
+    return tuple(dataclasses.replace(s, scope="sample" if s.name in sample else "configs" if s.name in configs
+                                     else "all") for s in specs.values())
 
 
-def compile_specs(include_all: bool = False) -> list[CompileSpec]:
-    """The specs of every kernel launch :data:`WORKLOADS` make, in first-launch order: one per launch
-    config (the test suite's set), or with ``include_all`` every specialisation."""
-    return [s for s in _all_specs() if include_all or s.in_suite]
+# What the compile matrix builds, narrowest first; each scope holds the ones before it.
+SCOPES = ("sample", "configs", "all")
+
+
+def dtype_class(pointer: str) -> str:
+    """A pointer argument's type as the "sample" scope tells them apart: fp16 and bf16 are one
+    class (the same layouts, tiles and MMA shapes; their builds differ by a few registers, up to 20
+    in the expand's backward on sm_80), every other type its own."""
+    return "*16-bit float" if pointer in ("*fp16", "*bf16") else pointer
+
+
+def compile_specs(scope: str = "configs") -> list[CompileSpec]:
+    """The specs of the kernel launches :data:`WORKLOADS` make, in first-launch order, in ``scope``
+    (:data:`SCOPES`): one per kernel and pointer dtypes ("sample", the test suite's; fp16 and bf16 one
+    class), one per launch config ("configs") or every specialisation ("all")."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
+    return [s for s in _all_specs() if SCOPES.index(s.scope) <= SCOPES.index(scope)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,26 +407,23 @@ def compile_specs_for(specs: Iterable[CompileSpec], arches, jobs: int | None = N
 
 
 def compile_matrix(arches=(80, 90), jobs: int | None = None,
-                   include_all: bool = False) -> dict[tuple[str, int], CompileReport]:
-    """Compile the suite's specs (every spec with ``include_all``) for every arch;
-    {(spec name, arch): report}.
+                   scope: str = "configs") -> dict[tuple[str, int], CompileReport]:
+    """Compile the specs in ``scope`` (:func:`compile_specs`) for every arch; {(spec name, arch): report}.
 
     Runs in this process when triton compiles natively, else (under TRITON_INTERPRET=1, as in the
     CPU test suite) in a child process without it (``python -m fastconformer.kernels``)."""
     if not compiles_natively():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton >= 3.9 warns unless the (default) choice is explicit
-        cmd = [sys.executable, "-m", __package__, "--arches", *map(str, arches)]
+        cmd = [sys.executable, "-m", __package__, "--arches", *map(str, arches), "--scope", scope]
         if jobs:
             cmd += ["--jobs", str(jobs)]
-        if include_all:
-            cmd.append("--all")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
         reports = [CompileReport(**r) for r in json.loads(proc.stdout)]
     else:
-        reports = compile_specs_for(compile_specs(include_all), arches, jobs)
+        reports = compile_specs_for(compile_specs(scope), arches, jobs)
     return {(r.name, r.arch): r for r in reports}
 
 
@@ -435,11 +453,16 @@ def main(argv: list[str] | None = None) -> None:
         "needed), and print ptxas's reports as JSON."))
     parser.add_argument("--arches", type=int, nargs="+", default=[80, 90], help="SM versions, e.g. 80 90")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
-    parser.add_argument("--all", action="store_true",
-                        help="every specialisation the workloads launch, not one per launch config (the test suite's)")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--scope", choices=SCOPES, default="configs",
+                       help="sample: one variant per kernel and pointer dtypes (the test suite's); configs (default): "
+                            "one per launch config; all: every specialisation")
+    scope.add_argument("--all", dest="scope", action="store_const", const="all", help="the same as --scope all")
+    scope.add_argument("--sample", dest="scope", action="store_const", const="sample",
+                       help="the same as --scope sample")
     parser.add_argument("--summary", action="store_true", help="a Markdown summary per kernel instead of JSON")
     args = parser.parse_args(argv)
-    reports = compile_matrix(tuple(args.arches), jobs=args.jobs, include_all=args.all).values()
+    reports = compile_matrix(tuple(args.arches), jobs=args.jobs, scope=args.scope).values()
     if args.summary:
         print(f"triton {triton.__version__}, torch {torch.__version__}\n\n{summary(reports)}")
     else:

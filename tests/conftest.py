@@ -5,6 +5,7 @@ module (and so before fastconformer.kernels) is imported.
 """
 
 import os
+import pickle
 import types
 
 import torch
@@ -17,6 +18,12 @@ import pytest  # noqa: E402
 
 from fastconformer import dispatch, timing  # noqa: E402
 from fastconformer.testing import tf32  # noqa: E402
+
+# Under pytest-xdist (the suite's default, one worker per CPU) each worker takes its share of the
+# CPUs for torch's intra-op threads: by default every worker would take them all.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -35,6 +42,14 @@ def _tests_without_device(items) -> list[str]:
         item.nodeid.partition("[")[0] for item in items
         if "device" not in getattr(item, "fixturenames", ())
         and any(name in item.fixturenames for name in BACKEND_FIXTURES)))
+
+
+def pytest_addoption(parser):
+    # compile_matrix.SCOPES (not imported here: triton is a dependency on Linux only)
+    parser.addoption("--compile-scope", choices=("sample", "configs", "all"), default="sample",
+                     help="what tests/test_compile.py builds for sm_80 and sm_90: sample (default; every kernel in "
+                          "every pointer-dtype combination), configs (every launch config) or all (every "
+                          "specialisation); see fastconformer/kernels/compile_matrix.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -121,3 +136,26 @@ def fake_clock(monkeypatch):
         return clock
 
     return install
+
+
+@pytest.fixture(scope="session")
+def once_per_run(tmp_path_factory):
+    """``share(name, compute)``: ``compute()``'s value, computed once per test run. Under pytest-xdist
+    (one worker per CPU) every worker has its own session and module fixtures, so an expensive one
+    (the compile matrix, the ONNX exports) would be built by each: the first worker to ask computes
+    and pickles the value into the run's temporary directory, the others wait for it and load it."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return lambda name, compute: compute()
+    import fcntl  # POSIX; xdist's workers share the run's basetemp's parent
+
+    root = tmp_path_factory.getbasetemp().parent  # one per run: the workers' basetemps are in it
+
+    def share(name, compute):
+        path = root / f"{name}.pickle"
+        with open(root / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.exists():
+                path.write_bytes(pickle.dumps(compute()))
+        return pickle.loads(path.read_bytes())
+
+    return share

@@ -1,8 +1,10 @@
-"""The compile matrix: every kernel variant the launchers launch for the real workloads, built for
-sm_80 and sm_90 with no GPU present (one per launch config here; ``python -m fastconformer.kernels
---all`` builds every specialisation). Registers, shared memory and spills are printed (run with
--s); spills fail. Also: the specs are derived from what the launchers launch, through Triton's own
-launch-time specialisation, with the kernels' own argument names."""
+"""The compile matrix: the Triton kernel variants the launchers launch for the real workloads, built
+for sm_80 and sm_90 with no GPU present. The suite builds the "sample" scope (every kernel in every
+pointer-dtype combination it is launched with, at its first launch config); ``--compile-scope
+configs`` builds one variant per launch config (every tile shape; ``python -m fastconformer.kernels``
+does the same outside pytest, ``--all`` every specialisation). Registers, shared memory and spills
+are printed (run with -s); spills fail. Also: the specs are derived from what the launchers launch,
+through Triton's own launch-time specialisation, with the kernels' own argument names."""
 
 import dataclasses
 import importlib
@@ -15,27 +17,41 @@ pytest.importorskip("triton")
 
 from fastconformer.kernels import KERNEL_MODULES, LaunchConfig, attention, compile_matrix, fcu_down  # noqa: E402
 from fastconformer.kernels import record_launches  # noqa: E402
-from fastconformer.kernels.compile_matrix import WORKLOADS, compile_specs, spec_of  # noqa: E402
+from fastconformer.kernels.compile_matrix import SCOPES, WORKLOADS, compile_specs, dtype_class, spec_of  # noqa: E402
 from fastconformer.registry import VARIANTS  # noqa: E402
 
 ARCHES = (80, 90)
-SPECS = compile_specs()
-ALL_SPECS = compile_specs(include_all=True)
+# Every @triton.jit kernel of the package, "module:function" (cheap: the specs, derived from 972
+# workloads, are computed once, by the fixtures below, not at collection in every xdist worker).
+KERNELS = sorted(f"fastconformer.kernels.{m}:{name}" for m in KERNEL_MODULES
+                 for name, obj in vars(importlib.import_module(f"fastconformer.kernels.{m}")).items()
+                 if name.endswith("_kernel") and hasattr(obj, "fn"))
 
 
 @pytest.fixture(scope="session")
-def reports():
-    return compile_matrix.compile_matrix(ARCHES)
+def all_specs(once_per_run):
+    return once_per_run("compile_specs_all", lambda: compile_specs("all"))
+
+
+@pytest.fixture(scope="session")
+def reports(pytestconfig, once_per_run):
+    scope = pytestconfig.getoption("compile_scope")
+    return once_per_run(f"compile_matrix_{scope}", lambda: compile_matrix.compile_matrix(ARCHES, scope=scope))
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("arch", ARCHES)
-@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
-def test_compiles_without_spills(reports, spec, arch):
-    report = reports[(spec.name, arch)]
-    print(f"sm_{arch} {spec.name}: {report.registers} regs, {report.shared_bytes} B shared, "
-          f"{report.spill_bytes} B spilled, wgmma={report.uses_wgmma}")
-    assert report.spill_bytes == 0, f"{spec.name} ({spec.workload}) spills {report.spill_bytes} bytes on sm_{arch}"
+@pytest.mark.parametrize("arch", ARCHES, ids=lambda arch: f"sm_{arch}")
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda kernel: kernel.rpartition(":")[2])
+def test_compiles_without_spills(reports, kernel, arch):
+    """Every variant of ``kernel`` in the --compile-scope builds for sm_<arch> without spills."""
+    built = [r for (name, a), r in reports.items() if a == arch and name.partition("[")[0] + "_kernel" ==
+             kernel.rpartition(":")[2]]
+    for r in built:
+        print(f"sm_{arch} {r.name}: {r.registers} regs, {r.shared_bytes} B shared, {r.spill_bytes} B spilled, "
+              f"wgmma={r.uses_wgmma}")
+    assert built, f"the compile matrix built no variant of {kernel}"
+    spilling = [f"{r.name}: {r.spill_bytes} B" for r in built if r.spill_bytes]
+    assert not spilling, f"{len(spilling)} of {len(built)} variants spill on sm_{arch}:\n" + "\n".join(spilling)
 
 
 def _jit(spec):
@@ -44,10 +60,10 @@ def _jit(spec):
     return getattr(fn, "fn", fn)  # the Python function (an InterpretedFunction under TRITON_INTERPRET keeps it in .fn)
 
 
-def test_signatures_are_the_kernels_own():
+def test_signatures_are_the_kernels_own(all_specs):
     """Each spec's signature names the kernel's parameters in order, constexpr exactly where the kernel
     declares one or Triton specialised an int equal to 1: renaming an argument cannot desync them."""
-    for spec in ALL_SPECS:
+    for spec in all_specs:
         params = inspect.signature(_jit(spec)).parameters
         assert list(spec.signature) == list(params), spec.name
         for name, kind in spec.signature.items():
@@ -64,14 +80,15 @@ def test_launcher_and_spec_must_agree_on_constexprs():
         spec_of(wrong)
 
 
-def test_attention_forward_builds_the_launchers_config():
+def test_attention_forward_builds_the_launchers_config(all_specs):
     """The suite builds the forward exactly as its launcher runs it at Conformer's head_dim 64 in
     fp16/bf16 (64-query tiles, 4 warps, 3 stages; 32-key blocks at N = 197, 64 at N = 50, 1051 and
     4201), not with the backward's tiles."""
     chosen = attention.attention_fwd_config(197, 64, torch.float16, "ieee")
     assert (chosen.constexprs["BLOCK_M"], chosen.constexprs["BLOCK_N"], chosen.num_warps, chosen.num_stages) == (
         64, 32, 4, 3)
-    forwards = [s for s in SPECS if s.kernel.endswith(":attention_fwd_kernel") and s.signature["qkv_ptr"] == "*fp16"
+    forwards = [s for s in all_specs if s.scope != "all" and s.kernel.endswith(":attention_fwd_kernel")
+                and s.signature["qkv_ptr"] == "*fp16"
                 and s.constexprs["BLOCK_DH"] == 64]
     assert sorted((s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps, s.num_stages) for s in forwards) == [
         (64, 32, 4, 3), (64, 64, 4, 3)]
@@ -105,23 +122,27 @@ def test_specs_carry_the_launch_time_specialisation():
     assert strided.constexprs["DW_STRIDE"] == 2 and strided.name != spec.name
 
 
-def test_every_kernel_is_in_the_matrix():
-    kernels = {f"fastconformer.kernels.{m}:{name}" for m in KERNEL_MODULES
-               for name, obj in vars(importlib.import_module(f"fastconformer.kernels.{m}")).items()
-               if name.endswith("_kernel") and hasattr(obj, "fn")}
-    assert kernels == {s.kernel for s in SPECS}
+def test_every_kernel_is_in_the_matrix(all_specs):
+    assert set(KERNELS) == {s.kernel for s in all_specs if s.scope == "sample"}
 
 
-def test_suite_builds_each_launch_config_once():
-    configs = {}
-    for spec in ALL_SPECS:
+def test_scopes_build_each_launch_config_and_each_dtype_combination_once(all_specs):
+    """"configs" holds one spec per launch config (kernel, pointer dtypes, the launcher's constexprs,
+    warps, stages), "sample" one per kernel and pointer dtypes (fp16 and bf16 one class), each scope
+    inside the next."""
+    configs, dtypes = {}, {}
+    for spec in all_specs:
         chosen = {k: v for k, v in spec.constexprs.items()
                   if "constexpr" in str(inspect.signature(_jit(spec)).parameters[k].annotation)}
-        key = (spec.kernel, tuple(t for t in spec.signature.values() if t.startswith("*")), tuple(chosen.items()),
-               spec.num_warps, spec.num_stages)
-        configs.setdefault(key, []).append(spec.in_suite)
-    assert all(flags.count(True) == 1 for flags in configs.values())
-    assert len(SPECS) == len(configs)
+        pointers = tuple(t for t in spec.signature.values() if t.startswith("*"))
+        configs.setdefault((spec.kernel, pointers, tuple(chosen.items()), spec.num_warps, spec.num_stages),
+                           []).append(spec.scope)
+        dtypes.setdefault((spec.kernel, tuple(map(dtype_class, pointers))), []).append(spec.scope)
+    assert all(scopes.count("sample") + scopes.count("configs") == 1 for scopes in configs.values())
+    assert all(scopes.count("sample") == 1 for scopes in dtypes.values())
+    assert [len(compile_specs(scope)) for scope in SCOPES] == [len(dtypes), len(configs), len(all_specs)]
+    with pytest.raises(ValueError, match="scope"):
+        compile_specs("every")
 
 
 def test_workloads_are_the_registered_variants():

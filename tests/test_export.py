@@ -43,10 +43,14 @@ def _tf32_state():
 
 
 @pytest.fixture(scope="module")
-def exports(models, tmp_path_factory):
+def exports(models, tmp_path_factory, once_per_run):
     """{name: the export of each EXPORTS entry}; each model is in train mode before its export,
-    which must restore that and the TF32 settings."""
-    folder = tmp_path_factory.mktemp("onnx")
+    which must restore that and the TF32 settings. Made once per run (and shared by pytest-xdist's
+    workers), with the models in it."""
+    return once_per_run("onnx_exports", lambda: _export_all(models, tmp_path_factory.mktemp("onnx")))
+
+
+def _export_all(models, folder):
     made = {}
     for name, (kind, shape, dynamic) in EXPORTS.items():
         model = models[kind]

@@ -32,13 +32,16 @@ def _numbers(obj):
 
 
 @pytest.fixture(scope="module")
-def cpu_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_report")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_report", "--device", "cpu", "--quick",
-                           "--out", str(out), "--budget", "20"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+def cpu_run(tmp_path_factory, once_per_run):
+    def run():
+        out = tmp_path_factory.mktemp("gpu_report")
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_report", "--device", "cpu", "--quick",
+                               "--out", str(out), "--budget", "20"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return out, proc
+
+    return once_per_run("gpu_report_cpu_run", run)
 
 
 def test_cpu_quick_run_writes_json_and_markdown(cpu_run):
