@@ -36,7 +36,7 @@ def cpu_run(tmp_path_factory, once_per_run):
     def run():
         out = tmp_path_factory.mktemp("gpu_report")
         proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_report", "--device", "cpu", "--quick",
-                               "--out", str(out), "--budget", "20"], cwd=ROOT, capture_output=True, text=True,
+                               "--out", str(out), "--budget", "8"], cwd=ROOT, capture_output=True, text=True,
                               timeout=120, check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return out, proc
