@@ -449,7 +449,7 @@ def summary(reports: Iterable[CompileReport]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastconformer.kernels", description=(
-        "Compile every kernel variant the launchers launch for the real workloads, ahead of time (no GPU "
+        "Compile the kernel variants the launchers launch for the real workloads (--scope), ahead of time (no GPU "
         "needed), and print ptxas's reports as JSON."))
     parser.add_argument("--arches", type=int, nargs="+", default=[80, 90], help="SM versions, e.g. 80 90")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
