@@ -3,7 +3,7 @@ for sm_80 and sm_90 with no GPU present. The suite builds the "sample" scope (ev
 pointer-dtype combination it is launched with, at its first launch config); ``--compile-scope
 configs`` builds one variant per launch config (every tile shape; ``python -m fastconformer.kernels``
 does the same outside pytest, ``--all`` every specialisation). Registers, shared memory and spills
-are printed (run with -s); spills fail. Also: the specs are derived from what the launchers launch,
+are printed (run with -n0 -s); spills fail. Also: the specs are derived from what the launchers launch,
 through Triton's own launch-time specialisation, with the kernels' own argument names."""
 
 import dataclasses
