@@ -1,6 +1,6 @@
 """The compile matrix: the Triton kernel variants the launchers launch for the real workloads, built
 for sm_80 and sm_90 with no GPU present. The suite builds the "sample" scope (every kernel in every
-pointer-dtype combination it is launched with, at its first launch config); ``--compile-scope
+pointer-dtype combination it is launched with, fp16 and bf16 one class, at its first launch config); ``--compile-scope
 configs`` builds one variant per launch config (every tile shape; ``python -m fastconformer.kernels``
 does the same outside pytest, ``--all`` every specialisation). Registers, shared memory and spills
 are printed (run with -n0 -s); spills fail. Also: the specs are derived from what the launchers launch,
