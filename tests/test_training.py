@@ -227,8 +227,9 @@ def _max_rel(curve, expected):
 def test_adamw_loss_curve_tracks_float64(depth, seed, hw):
     """20 AdamW steps (8 images of hw x hw, 10 classes, batch 4, train mode) from the same weights,
     each model in float64 and fp32: both learn (last loss < 0.75 x first), the float64 curves agree
-    to 1e-9, the fp32 curves start equal (<= MODEL_TOL), and the fast fp32 curve deviates from the float64 one by at most twice what the fp32
-    reference's does (+1e-3): the equality policy's rule, applied to a training run.
+    to 1e-9, the fp32 curves start equal (<= MODEL_TOL), and the fast fp32 curve deviates from the
+    float64 one by at most twice what the fp32 reference's does (+1e-3): the equality policy's rule,
+    applied to a training run.
 
     fp32 training drifts from float64 by rounding alone, and how far depends on the machine (oneDNN's
     kernels, thread count): at depth 3 on 128x128 images, 2 threads on an AVX-512 EPYC, the fp32
