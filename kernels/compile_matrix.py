@@ -17,7 +17,8 @@ it is launched with, at its first launch config: the test suite's, 68 builds); "
 per launch config (kernel, pointer dtypes, constexprs, warps, stages: every tile shape the
 launchers choose; 668 builds); "all", every specialisation. Each spec is built with the
 specialisation of the first workload that launches it (Conformer-S at 224, batch 64, first).
-``python -m fastconformer.kernels [--sample | --all] [--summary]`` runs it (default: "configs").
+``python -m fastconformer.kernels [--sample | --all] [--summary]`` runs it (default: "configs");
+``--list`` prints a scope's specs as JSON and ``--specs FILE`` builds those of such a list.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from triton.runtime.jit import JITFunction, native_specialize_impl
 from . import Launch, add_layer_norm, attention, fcu_down, fcu_up, record_launches
 
 __all__ = ["MODES", "PRECISIONS", "SCOPES", "WORKLOADS", "CompileReport", "CompileSpec", "Workload", "compile_matrix",
-           "compile_spec", "compile_specs", "dtype_class", "launches", "spec_of", "summary"]
+           "compile_spec", "compile_specs", "dtype_class", "in_scope", "launches", "read_specs", "spec_of", "summary"]
 
 # "fp32" (IEEE dots), "tf32": an fp32 model with torch's TF32 matmul switch off / on; "fp16",
 # "bf16": the model in that dtype; "amp-fp16", "amp-bf16": an fp32 model under CUDA autocast.
@@ -331,13 +332,18 @@ def dtype_class(pointer: str) -> str:
     return "*16-bit float" if pointer in ("*fp16", "*bf16") else pointer
 
 
+def in_scope(specs: Iterable[CompileSpec], scope: str) -> list[CompileSpec]:
+    """The ``specs`` (:func:`compile_specs`'s, of any scope) that ``scope`` (:data:`SCOPES`) builds."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
+    return [s for s in specs if SCOPES.index(s.scope) <= SCOPES.index(scope)]
+
+
 def compile_specs(scope: str = "configs") -> list[CompileSpec]:
     """The specs of the kernel launches :data:`WORKLOADS` make, in first-launch order, in ``scope``
     (:data:`SCOPES`): one per kernel and pointer dtypes ("sample", the test suite's; fp16 and bf16 one
     class), one per launch config ("configs") or every specialisation ("all")."""
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, not {scope!r}")
-    return [s for s in _all_specs() if SCOPES.index(s.scope) <= SCOPES.index(scope)]
+    return in_scope(_all_specs(), scope)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,25 +411,35 @@ def compile_specs_for(specs: Iterable[CompileSpec], arches, jobs: int | None = N
         return list(pool.map(_compile_job, work))
 
 
-def compile_matrix(arches=(80, 90), jobs: int | None = None,
-                   scope: str = "configs") -> dict[tuple[str, int], CompileReport]:
-    """Compile the specs in ``scope`` (:func:`compile_specs`) for every arch; {(spec name, arch): report}.
+def compile_matrix(arches=(80, 90), jobs: int | None = None, scope: str = "configs",
+                   specs: Iterable[CompileSpec] | None = None) -> dict[tuple[str, int], CompileReport]:
+    """Compile ``specs`` (default: :func:`compile_specs` of ``scope``) for every arch; {(spec name, arch): report}.
 
     Runs in this process when triton compiles natively, else (under TRITON_INTERPRET=1, as in the
-    CPU test suite) in a child process without it (``python -m fastconformer.kernels``)."""
-    if not compiles_natively():
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton >= 3.9 warns unless the (default) choice is explicit
-        cmd = [sys.executable, "-m", __package__, "--arches", *map(str, arches), "--scope", scope]
+    CPU test suite) in a child process without it (``python -m fastconformer.kernels --specs FILE``:
+    the specs derived here, not again there)."""
+    specs = compile_specs(scope) if specs is None else list(specs)
+    if compiles_natively():
+        reports = compile_specs_for(specs, arches, jobs)
+        return {(r.name, r.arch): r for r in reports}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton >= 3.9 warns unless the (default) choice is explicit
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as listed:
+        json.dump([dataclasses.asdict(s) for s in specs], listed)
+        listed.flush()
+        cmd = [sys.executable, "-m", __package__, "--arches", *map(str, arches), "--specs", listed.name]
         if jobs:
             cmd += ["--jobs", str(jobs)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-        reports = [CompileReport(**r) for r in json.loads(proc.stdout)]
-    else:
-        reports = compile_specs_for(compile_specs(scope), arches, jobs)
-    return {(r.name, r.arch): r for r in reports}
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+    return {(r["name"], r["arch"]): CompileReport(**r) for r in json.loads(proc.stdout)}
+
+
+def read_specs(path: str) -> list[CompileSpec]:
+    """The specs in a JSON file as ``python -m fastconformer.kernels --list`` writes it."""
+    with open(path) as f:
+        return [CompileSpec(**s) for s in json.load(f)]
 
 
 def summary(reports: Iterable[CompileReport]) -> str:
@@ -459,9 +475,22 @@ def main(argv: list[str] | None = None) -> None:
     scope.add_argument("--all", dest="scope", action="store_const", const="all", help="the same as --scope all")
     scope.add_argument("--sample", dest="scope", action="store_const", const="sample",
                        help="the same as --scope sample")
+    scope.add_argument("--specs", metavar="FILE",
+                       help="build the specs in FILE (a JSON list as --list prints it, e.g. filtered) instead")
+    parser.add_argument("--list", action="store_true", help="print the scope's specs as JSON, build nothing")
     parser.add_argument("--summary", action="store_true", help="a Markdown summary per kernel instead of JSON")
     args = parser.parse_args(argv)
-    reports = compile_matrix(tuple(args.arches), jobs=args.jobs, scope=args.scope).values()
+    if args.specs:
+        try:
+            specs = read_specs(args.specs)
+        except (OSError, ValueError, TypeError) as e:
+            parser.error(f"--specs {args.specs}: not a JSON list of specs as --list prints them ({e})")
+    else:
+        specs = compile_specs(args.scope)
+    if args.list:
+        print(json.dumps([dataclasses.asdict(s) for s in specs]))
+        return
+    reports = compile_matrix(tuple(args.arches), jobs=args.jobs, specs=specs).values()
     if args.summary:
         print(f"triton {triton.__version__}, torch {torch.__version__}\n\n{summary(reports)}")
     else:

@@ -159,3 +159,11 @@ def once_per_run(tmp_path_factory):
         return pickle.loads(path.read_bytes())
 
     return share
+
+
+@pytest.fixture(scope="session")
+def all_specs(once_per_run):
+    """The compile matrix's specs, every scope (``compile_specs("all")``): derived once per run (~20 s)."""
+    from fastconformer.kernels.compile_matrix import compile_specs  # imports triton: a dependency on Linux only
+
+    return once_per_run("compile_specs_all", lambda: compile_specs("all"))

@@ -9,6 +9,7 @@ through Triton's own launch-time specialisation, with the kernels' own argument 
 import dataclasses
 import importlib
 import inspect
+import json
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ pytest.importorskip("triton")
 
 from fastconformer.kernels import KERNEL_MODULES, LaunchConfig, attention, compile_matrix, fcu_down  # noqa: E402
 from fastconformer.kernels import record_launches  # noqa: E402
-from fastconformer.kernels.compile_matrix import SCOPES, WORKLOADS, compile_specs, dtype_class, spec_of  # noqa: E402
+from fastconformer.kernels.compile_matrix import (SCOPES, WORKLOADS, CompileSpec, dtype_class, in_scope,  # noqa: E402
+                                                  spec_of)
 from fastconformer.registry import VARIANTS  # noqa: E402
 
 ARCHES = (80, 90)
@@ -29,14 +31,10 @@ KERNELS = sorted(f"fastconformer.kernels.{m}:{name}" for m in KERNEL_MODULES
 
 
 @pytest.fixture(scope="session")
-def all_specs(once_per_run):
-    return once_per_run("compile_specs_all", lambda: compile_specs("all"))
-
-
-@pytest.fixture(scope="session")
-def reports(pytestconfig, once_per_run):
+def reports(pytestconfig, once_per_run, all_specs):
     scope = pytestconfig.getoption("compile_scope")
-    return once_per_run(f"compile_matrix_{scope}", lambda: compile_matrix.compile_matrix(ARCHES, scope=scope))
+    return once_per_run(f"compile_matrix_{scope}",
+                        lambda: compile_matrix.compile_matrix(ARCHES, specs=in_scope(all_specs, scope)))
 
 
 @pytest.mark.compile
@@ -141,9 +139,9 @@ def test_scopes_build_each_launch_config_and_each_dtype_combination_once(all_spe
         dtypes.setdefault((spec.kernel, tuple(map(dtype_class, pointers))), []).append(spec.scope)
     assert all(scopes.count("sample") + scopes.count("configs") == 1 for scopes in configs.values())
     assert all(scopes.count("sample") == 1 for scopes in dtypes.values())
-    assert [len(compile_specs(scope)) for scope in SCOPES] == [len(dtypes), len(configs), len(all_specs)]
+    assert [len(in_scope(all_specs, scope)) for scope in SCOPES] == [len(dtypes), len(configs), len(all_specs)]
     with pytest.raises(ValueError, match="scope"):
-        compile_specs("every")
+        in_scope(all_specs, "every")
 
 
 def test_workloads_are_the_registered_variants():
@@ -156,3 +154,16 @@ def test_workloads_are_the_registered_variants():
     assert {(w.height, w.width) for w in real} == {(224, 224), (800, 1344)}
     assert {w.batch for w in real} == {1, 64, 128}
     assert len(real) == len(VARIANTS) * 2 * 3 * len(compile_matrix.PRECISIONS) * 2 * len(compile_matrix.MODES)
+
+
+def test_specs_round_trip_through_the_command_line(all_specs, tmp_path, capsys):
+    """``--list`` prints specs as JSON that ``--specs FILE`` reads back unchanged (the suite's build
+    child gets its specs that way); a file that is not such a list is a one-line usage error."""
+    listed = tmp_path / "specs.json"
+    listed.write_text(json.dumps([dataclasses.asdict(s) for s in in_scope(all_specs, "sample")]))
+    compile_matrix.main(["--specs", str(listed), "--list"])
+    assert [CompileSpec(**s) for s in json.loads(capsys.readouterr().out)] == in_scope(all_specs, "sample")
+    listed.write_text('{"name": "fcu_down"}')
+    with pytest.raises(SystemExit) as exit_:
+        compile_matrix.main(["--specs", str(listed)])
+    assert exit_.value.code == 2 and "not a JSON list of specs" in capsys.readouterr().err

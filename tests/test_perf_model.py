@@ -63,8 +63,8 @@ def test_occupancy_by_hand():
     assert H100.in_flight_needed == pytest.approx(3.35e12 * 700e-9 / 132)
 
 
-def test_every_launched_kernel_has_a_model_and_a_torch_counterpart():
-    kernels = {s.kernel.rpartition(":")[2] for s in compile_matrix.compile_specs()}
+def test_every_launched_kernel_has_a_model_and_a_torch_counterpart(all_specs):
+    kernels = {s.kernel.rpartition(":")[2] for s in all_specs}
     assert kernels == set(perf_model.COSTS) == set(perf_model.TORCH_BASELINES)
 
 
