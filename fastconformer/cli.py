@@ -126,7 +126,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         check_writable(args.json, "--json")
     if args.engines:
+        if args.dtype is not None or args.compile:
+            raise ValueError("--engines runs fp32 and bf16 and torch.compile(reference) itself; drop "
+                             f"{'--dtype' if args.dtype is not None else '--compile'}")
         return _bench_engines(args, name, device)
+    args.dtype = args.dtype or "fp32"
     torch.manual_seed(args.seed)
     _progress(f"building {name} (reference and fast, same weights) on {device_name(device)} ...")
     reference = create_model(name, pretrained=args.pretrained).eval()
@@ -423,8 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=positive, default=8)
     bench.add_argument("--image-size", type=positive, default=224, help="a multiple of the patch size (default 224)")
     bench.add_argument("--device", choices=devices, default="auto")
-    bench.add_argument("--dtype", choices=list(DTYPES), default="fp32",
-                       help="fp16/bf16 run under torch.autocast, as the official evaluation did")
+    bench.add_argument("--dtype", choices=list(DTYPES), default=None,
+                       help="fp32 (default); fp16/bf16 run under torch.autocast, as the official evaluation did")
     bench.add_argument("--compile", action="store_true", help="also time torch.compile(reference)")
     bench.add_argument("--pretrained", default=None,
                        help="checkpoint path or hf-hub:ORG/REPO (default: random weights)")
@@ -436,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="write the results to this JSON file")
     bench.add_argument("--engines", action="store_true",
                        help="on the CPU: also torch.compile, ONNX Runtime and OpenVINO (where installed) on both "
-                            "models' ONNX exports, fp32 and bf16, in one interleaved run (--dtype is not used)")
+                            "models' ONNX exports, fp32 and bf16, in one interleaved run (so without --dtype and --compile)")
     bench.set_defaults(func=cmd_bench)
 
     check = sub.add_parser("check", help="equality checks of every fused module and the whole model here")
