@@ -300,7 +300,8 @@ def _build(spec: CompileSpec) -> tuple:
 @functools.cache
 def _all_specs() -> tuple[CompileSpec, ...]:
     specs: dict[str, CompileSpec] = {}
-    first_of_config: dict[tuple, str] = {}  # (kernel, pointer dtypes, launcher's constexprs, warps, stages): spec
+    # (kernel, pointer dtypes, launcher's constexprs, warps, stages, arguments specialised to 1): spec
+    first_of_config: dict[tuple, str] = {}
     first_of_dtypes: dict[tuple, str] = {}  # (kernel, pointer dtypes' classes): spec
     seen = set()  # ids of the (cached) launches already turned into specs
     for w in WORKLOADS:
@@ -313,8 +314,9 @@ def _all_specs() -> tuple[CompileSpec, ...]:
                 raise RuntimeError(f"two different kernel variants are both named {spec.name}")
             pointers = tuple(t for t in spec.signature.values() if t.startswith("*"))
             config = launch.config
+            ones = tuple(k for k in spec.constexprs if k not in config.constexprs)
             first_of_config.setdefault((spec.kernel, pointers, tuple(config.constexprs.items()), config.num_warps,
-                                        config.num_stages), spec.name)
+                                        config.num_stages, ones), spec.name)
             first_of_dtypes.setdefault((spec.kernel, tuple(map(dtype_class, pointers))), spec.name)
     sample, configs = set(first_of_dtypes.values()), set(first_of_config.values())
     return tuple(dataclasses.replace(s, scope="sample" if s.name in sample else "configs" if s.name in configs

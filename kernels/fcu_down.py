@@ -303,21 +303,24 @@ def column_blocks(D: int) -> tuple[int, int]:
     return head, (max(_MIN_BLOCK, triton.next_power_of_2(D - head)) if D > head else 0)
 
 
-def _block_k(dw_stride: int, gemm_dtype: torch.dtype) -> int:
-    """K step of the forward and the recompute for 16-bit x2: 64 channels per load without pooling,
-    32 at dw_stride 2, 16 (the smallest tl.dot K that triton 3.6 compiles) from 4 up, so that the
-    DW_STRIDE^2 window loads of a K step stay at or above 8 KB per 64 tokens; fp32 x2: 16 (its
-    bytes per K step are twice as many, its registers the limit)."""
-    if gemm_dtype == torch.float32:
+def _block_k(dw_stride: int, gemm_dtype: torch.dtype, channels_last: bool) -> int:
+    """K step of the forward and the recompute for 16-bit channels_last x2: 64 channels per load
+    without pooling, 32 at dw_stride 2, 16 (the smallest tl.dot K that triton 3.6 compiles) from 4
+    up, so that the DW_STRIDE^2 window loads of a K step stay at or above 8 KB per 64 tokens; fp32
+    x2: 16 (its bytes per K step are twice as many, its registers the limit). x2 whose channels are
+    not its innermost dimension (NCHW): 16, since no load along K is vectorised there and each element
+    holds its own 64-bit address (64 and 32 spill 8-120 B on sm_80 and sm_90)."""
+    if gemm_dtype == torch.float32 or not channels_last:
         return _MIN_BLOCK
     return {1: 64, 2: 32}.get(dw_stride, _MIN_BLOCK)
 
 
 def fcu_down_config(D: int, gemm_dtype: torch.dtype, token_dtype: torch.dtype, precision: str,
-                    dw_stride: int) -> LaunchConfig:
-    """fcu_down_kernel's config for token rows of D elements pooled over dw_stride windows: all of
-    D in two column blocks (:func:`column_blocks`), K steps of :func:`_block_k`, the K loop in two
-    stages (the next step's window loads in flight, as cp.async copies, during this one's MMAs).
+                    dw_stride: int, channels_last: bool) -> LaunchConfig:
+    """fcu_down_kernel's config for token rows of D elements pooled over dw_stride windows of an x2
+    whose channels are (``channels_last``) or are not its innermost dimension: all of D in two column
+    blocks (:func:`column_blocks`), K steps of :func:`_block_k`, the K loop in two stages (the next
+    step's window loads in flight, as cp.async copies, during this one's MMAs).
     Tokens and warps, chosen with the compile matrix (kernels/COMPILE_MATRIX.md): 16-bit tokens
     with D <= 512 and dw_stride <= 4 take BLOCK_M = 64 (one wgmma tile on sm_90) on 8 warps (the
     64 x 384 fp32 accumulators are 96 registers a thread); fp32 tokens (fp32 x2, or autocast's fp32
@@ -325,13 +328,18 @@ def fcu_down_config(D: int, gemm_dtype: torch.dtype, token_dtype: torch.dtype, p
     warps too) and take 32 tokens (mma.sync); fp32 tokens take 16
     unless D has a tail block and D <= 512 (Conformer-Ti/S's 384): Conformer-B's 576 spills 16-80 B
     at 32 tokens on 8 or 16 warps, a power-of-two D of 256 8-16 B on sm_90; D > 640 (the 1024-wide
-    edge model) takes 16 (32 spill 160-336 B). Warps: :func:`_fcu_down_warps`."""
+    edge model) takes 16 (32 spill 160-336 B). An NCHW x2 at dw_stride >= 4 takes half the tokens
+    (at least 16): its DW_STRIDE^2 gathered window loads spill 8-32 B on sm_90 at 64 and 32 tokens.
+    Warps: :func:`_fcu_down_warps`."""
     block_d, tail = column_blocks(D)
     wgmma_tile = token_dtype != torch.float32 and D <= 512 and dw_stride <= 4
     fp32_narrow = token_dtype == torch.float32 and not (tail and D <= 512)  # the 16-token cases below
     block_m = 64 if wgmma_tile else (16 if fp32_narrow or D > 640 else 32)
+    if not channels_last and dw_stride >= 4:
+        block_m = max(_MIN_BLOCK, block_m // 2)
     return LaunchConfig(dict(DOT_PRECISION=precision, DW_STRIDE=dw_stride, BLOCK_M=block_m,
-                             BLOCK_K=_block_k(dw_stride, gemm_dtype), BLOCK_D=block_d, BLOCK_D_TAIL=tail),
+                             BLOCK_K=_block_k(dw_stride, gemm_dtype, channels_last), BLOCK_D=block_d,
+                             BLOCK_D_TAIL=tail),
                         num_warps=_fcu_down_warps(D, token_dtype == torch.float32, dw_stride), num_stages=2)
 
 
@@ -349,12 +357,15 @@ def _fcu_down_warps(D: int, fp32_tokens: bool, dw_stride: int) -> int:
     return 8
 
 
-def pooled_projection_config(D: int, gemm_dtype: torch.dtype, precision: str, dw_stride: int) -> LaunchConfig:
+def pooled_projection_config(D: int, gemm_dtype: torch.dtype, precision: str, dw_stride: int,
+                             channels_last: bool) -> LaunchConfig:
     """pooled_projection_kernel's config: the forward's token tiles (of x2's dtype), window means,
-    K step (its rounding) and stages, over column blocks of _RECOMPUTE_BLOCK_D; 4 warps, 8 for fp32."""
-    forward = fcu_down_config(D, gemm_dtype, gemm_dtype, precision, dw_stride).constexprs
+    K step (its rounding) and stages, over column blocks of _RECOMPUTE_BLOCK_D; 4 warps, 8 for fp32
+    and for an NCHW x2 at dw_stride 8 (4 spill 648-680 B on sm_90)."""
+    forward = fcu_down_config(D, gemm_dtype, gemm_dtype, precision, dw_stride, channels_last).constexprs
     constexprs = {k: forward[k] for k in ("DOT_PRECISION", "DW_STRIDE", "BLOCK_M", "BLOCK_K")}
-    num_warps = 2 * _RECOMPUTE_WARPS if gemm_dtype == torch.float32 else _RECOMPUTE_WARPS  # fp32 spills at 4
+    wide = gemm_dtype == torch.float32 or (not channels_last and dw_stride >= 8)
+    num_warps = 2 * _RECOMPUTE_WARPS if wide else _RECOMPUTE_WARPS
     return LaunchConfig({**constexprs, "BLOCK_D": _RECOMPUTE_BLOCK_D}, num_warps=num_warps, num_stages=2)
 
 
@@ -389,7 +400,7 @@ def fcu_down_op(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias:
     out = torch.empty((B, N + 1, D), device=x2.device, dtype=x_t.dtype)
     if B == 0:
         return out
-    config = fcu_down_config(D, x2.dtype, x_t.dtype, dot_precision(x2.dtype), dw_stride)
+    config = fcu_down_config(D, x2.dtype, x_t.dtype, dot_precision(x2.dtype), dw_stride, x2.stride(1) == 1)
     launch(wrap_triton(fcu_down_kernel), (triton.cdiv(B * N, config.constexprs["BLOCK_M"]),), (
         x2, weight, bias, ln_weight, ln_bias, x_t, out, B * N, N, n_w, C, D, eps, int(add_x_t),
         *x2.stride()), config)
@@ -424,7 +435,7 @@ def fcu_down_backward_op(grad_out: torch.Tensor, x2: torch.Tensor, weight: torch
     partials = [torch.zeros((programs, D), device=dev, dtype=torch.float32) for _ in range(3)]
     if M > 0:
         z = torch.empty((M, D), device=dev, dtype=torch.float32)
-        config = pooled_projection_config(D, x2.dtype, dot_precision(x2.dtype), s)
+        config = pooled_projection_config(D, x2.dtype, dot_precision(x2.dtype), s, x2.stride(1) == 1)
         launch(wrap_triton(pooled_projection_kernel),
                (triton.cdiv(M, config.constexprs["BLOCK_M"]), triton.cdiv(D, _RECOMPUTE_BLOCK_D)),
                (x2, weight, bias, pooled, z, M, N, n_w, C, D, *x2.stride()), config)

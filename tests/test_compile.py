@@ -121,20 +121,41 @@ def test_specs_carry_the_launch_time_specialisation():
     assert strided.constexprs["DW_STRIDE"] == 2 and strided.name != spec.name
 
 
+@pytest.mark.parametrize("dw_stride, block_m, block_k", [(2, (64, 64), (32, 16)), (4, (64, 32), (16, 16))])
+def test_squeeze_config_follows_x2_layout(dw_stride, block_m, block_k):
+    """An fp16 x2 in NCHW (channels strided) takes 16-channel K steps and, at dw_stride >= 4, half the
+    tokens (its gathered window loads spill at the channels_last tiles); the backward's recompute takes
+    the forward's K steps (its rounding) in either layout."""
+    for layout, (m, k) in zip((torch.channels_last, torch.contiguous_format), zip(block_m, block_k)):
+        x2 = torch.empty(64, 64, 56, 56, dtype=torch.float16, device="meta", memory_format=layout)
+        n = (56 // dw_stride) ** 2
+        x_t = torch.empty(64, 1 + n, 384, dtype=torch.float16, device="meta")
+        weight, vec = torch.empty(384, 64, dtype=torch.float16, device="meta"), torch.empty(384, device="meta",
+                                                                                          dtype=torch.float16)
+        with record_launches() as launches:
+            fcu_down.fcu_down_op(x2, x_t, weight, vec, vec, vec, dw_stride, 1e-6, True)
+            fcu_down.fcu_down_backward_op(x_t, x2, weight, vec, vec, vec, dw_stride, 1e-6)
+        forward, recompute = (spec_of(launch).constexprs for launch in launches[:2])
+        assert (forward["BLOCK_M"], forward["BLOCK_K"]) == (m, k), layout
+        assert recompute["BLOCK_K"] == k and recompute["BLOCK_M"] == m
+
+
 def test_every_kernel_is_in_the_matrix(all_specs):
     assert set(KERNELS) == {s.kernel for s in all_specs if s.scope == "sample"}
 
 
 def test_scopes_build_each_launch_config_and_each_dtype_combination_once(all_specs):
     """"configs" holds one spec per launch config (kernel, pointer dtypes, the launcher's constexprs,
-    warps, stages), "sample" one per kernel and pointer dtypes (fp16 and bf16 one class), each scope
-    inside the next."""
+    warps, stages) and set of arguments Triton specialised to 1 (the layout's unit stride, add_x_t:
+    the NCHW squeeze spills where the channels_last one does not), "sample" one per kernel and
+    pointer dtypes (fp16 and bf16 one class), each scope inside the next."""
     configs, dtypes = {}, {}
     for spec in all_specs:
-        chosen = {k: v for k, v in spec.constexprs.items()
-                  if "constexpr" in str(inspect.signature(_jit(spec)).parameters[k].annotation)}
+        declared = inspect.signature(_jit(spec)).parameters
+        chosen = {k: v for k, v in spec.constexprs.items() if "constexpr" in str(declared[k].annotation)}
+        ones = tuple(k for k in spec.constexprs if k not in chosen)
         pointers = tuple(t for t in spec.signature.values() if t.startswith("*"))
-        configs.setdefault((spec.kernel, pointers, tuple(chosen.items()), spec.num_warps, spec.num_stages),
+        configs.setdefault((spec.kernel, pointers, tuple(chosen.items()), spec.num_warps, spec.num_stages, ones),
                            []).append(spec.scope)
         dtypes.setdefault((spec.kernel, tuple(map(dtype_class, pointers))), []).append(spec.scope)
     assert all(scopes.count("sample") + scopes.count("configs") == 1 for scopes in configs.values())
