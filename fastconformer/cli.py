@@ -440,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="write the results to this JSON file")
     bench.add_argument("--engines", action="store_true",
                        help="on the CPU: also torch.compile, ONNX Runtime and OpenVINO (where installed) on both "
-                            "models' ONNX exports, fp32 and bf16, in one interleaved run (so without --dtype and --compile)")
+                            "models' ONNX exports, fp32 and bf16, in one interleaved run (so without --dtype and "
+                            "--compile)")
     bench.set_defaults(func=cmd_bench)
 
     check = sub.add_parser("check", help="equality checks of every fused module and the whole model here")
