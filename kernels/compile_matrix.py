@@ -15,7 +15,8 @@ Three scopes, each inside the next (:data:`SCOPES`): "sample", one spec per kern
 dtypes, fp16 and bf16 counted as one (:func:`dtype_class`: every kernel in every dtype combination
 it is launched with, at its first launch config: the test suite's, 68 builds); "configs", one spec
 per launch config (kernel, pointer dtypes, constexprs, warps, stages: every tile shape the
-launchers choose; 668 builds); "all", every specialisation. Each spec is built with the
+launchers choose) and set of arguments specialised to 1 (the layout's unit stride, add_x_t; 1440
+builds); "all", every specialisation. Each spec is built with the
 specialisation of the first workload that launches it (Conformer-S at 224, batch 64, first).
 ``python -m fastconformer.kernels [--sample | --all] [--summary]`` runs it (default: "configs");
 ``--list`` prints a scope's specs as JSON and ``--specs FILE`` builds those of such a list.
@@ -50,7 +51,8 @@ from triton.runtime.jit import JITFunction, native_specialize_impl
 from . import Launch, add_layer_norm, attention, fcu_down, fcu_up, record_launches
 
 __all__ = ["MODES", "PRECISIONS", "SCOPES", "WORKLOADS", "CompileReport", "CompileSpec", "Workload", "compile_matrix",
-           "compile_spec", "compile_specs", "dtype_class", "in_scope", "launches", "read_specs", "spec_of", "summary"]
+           "compile_spec", "compile_specs", "dtype_class", "in_scope", "launches", "read_specs", "spec_of",
+           "specs_json", "summary"]
 
 # "fp32" (IEEE dots), "tf32": an fp32 model with torch's TF32 matmul switch off / on; "fp16",
 # "bf16": the model in that dtype; "amp-fp16", "amp-bf16": an fp32 model under CUDA autocast.
@@ -344,7 +346,7 @@ def in_scope(specs: Iterable[CompileSpec], scope: str) -> list[CompileSpec]:
 def compile_specs(scope: str = "configs") -> list[CompileSpec]:
     """The specs of the kernel launches :data:`WORKLOADS` make, in first-launch order, in ``scope``
     (:data:`SCOPES`): one per kernel and pointer dtypes ("sample", the test suite's; fp16 and bf16 one
-    class), one per launch config ("configs") or every specialisation ("all")."""
+    class), one per launch config and layout ("configs") or every specialisation ("all")."""
     return in_scope(_all_specs(), scope)
 
 
@@ -421,13 +423,15 @@ def compile_matrix(arches=(80, 90), jobs: int | None = None, scope: str = "confi
     CPU test suite) in a child process without it (``python -m fastconformer.kernels --specs FILE``:
     the specs derived here, not again there)."""
     specs = compile_specs(scope) if specs is None else list(specs)
-    if compiles_natively():
-        reports = compile_specs_for(specs, arches, jobs)
-        return {(r.name, r.arch): r for r in reports}
+    reports = compile_specs_for(specs, arches, jobs) if compiles_natively() else _compile_in_child(specs, arches, jobs)
+    return {(r.name, r.arch): r for r in reports}
+
+
+def _compile_in_child(specs: list[CompileSpec], arches, jobs: int | None) -> list[CompileReport]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton >= 3.9 warns unless the (default) choice is explicit
     with tempfile.NamedTemporaryFile("w", suffix=".json") as listed:
-        json.dump([dataclasses.asdict(s) for s in specs], listed)
+        listed.write(specs_json(specs))
         listed.flush()
         cmd = [sys.executable, "-m", __package__, "--arches", *map(str, arches), "--specs", listed.name]
         if jobs:
@@ -435,11 +439,16 @@ def compile_matrix(arches=(80, 90), jobs: int | None = None, scope: str = "confi
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-    return {(r["name"], r["arch"]): CompileReport(**r) for r in json.loads(proc.stdout)}
+    return [CompileReport(**r) for r in json.loads(proc.stdout)]
+
+
+def specs_json(specs: Iterable[CompileSpec]) -> str:
+    """``specs`` as the JSON list ``python -m fastconformer.kernels --list`` prints (:func:`read_specs` reads it)."""
+    return json.dumps([dataclasses.asdict(s) for s in specs])
 
 
 def read_specs(path: str) -> list[CompileSpec]:
-    """The specs in a JSON file as ``python -m fastconformer.kernels --list`` writes it."""
+    """The specs in a JSON file as :func:`specs_json` writes it."""
     with open(path) as f:
         return [CompileSpec(**s) for s in json.load(f)]
 
@@ -473,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("--scope", choices=SCOPES, default="configs",
                        help="sample: one variant per kernel and pointer dtypes (the test suite's); configs (default): "
-                            "one per launch config; all: every specialisation")
+                            "one per launch config and layout; all: every specialisation")
     scope.add_argument("--all", dest="scope", action="store_const", const="all", help="the same as --scope all")
     scope.add_argument("--sample", dest="scope", action="store_const", const="sample",
                        help="the same as --scope sample")
@@ -490,7 +499,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         specs = compile_specs(args.scope)
     if args.list:
-        print(json.dumps([dataclasses.asdict(s) for s in specs]))
+        print(specs_json(specs))
         return
     reports = compile_matrix(tuple(args.arches), jobs=args.jobs, specs=specs).values()
     if args.summary:

@@ -181,7 +181,7 @@ def test_specs_round_trip_through_the_command_line(all_specs, tmp_path, capsys):
     """``--list`` prints specs as JSON that ``--specs FILE`` reads back unchanged (the suite's build
     child gets its specs that way); a file that is not such a list is a one-line usage error."""
     listed = tmp_path / "specs.json"
-    listed.write_text(json.dumps([dataclasses.asdict(s) for s in in_scope(all_specs, "sample")]))
+    listed.write_text(compile_matrix.specs_json(in_scope(all_specs, "sample")))
     compile_matrix.main(["--specs", str(listed), "--list"])
     assert [CompileSpec(**s) for s in json.loads(capsys.readouterr().out)] == in_scope(all_specs, "sample")
     listed.write_text('{"name": "fcu_down"}')
