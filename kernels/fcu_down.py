@@ -16,7 +16,8 @@ accumulators: D is held as two power-of-two column blocks, D = BLOCK_D + BLOCK_D
 of the tail (384 = 256 + 128, 576 = 512 + 64), not padded to the next power of two. x2 is read
 once, the tokens written once.
 
-Shapes: x2 (B, C_in, H, W) with any strides (NCHW, channels_last, views), weight (D, C_in)
+Shapes: x2 (B, C_in, H, W) with unit channel stride (channels_last or a view of it: the ops copy
+an NCHW x2 to channels_last first, :func:`_channels_innermost`), weight (D, C_in)
 contiguous, bias / LayerNorm weight and bias (D,) contiguous, x_t and out (B, 1 + N, D) contiguous
 (one offset per element serves both). D <= 1024.
 Dtypes: x2 and weight share the GEMM dtype (fp32, fp16 or bf16); bias, LayerNorm parameters, x_t
@@ -92,7 +93,7 @@ def _biased(acc, bias_ptr, col_mask, cols_c):
 
 @triton.jit
 def _layer_norm_gelu_store(centred, rstd, cols, col_mask, ln_w_ptr, ln_b_ptr, xt_ptr, out_ptr, rows, row_mask,
-                           add_x_t):
+                           ADD_X_T: tl.constexpr):
     """GELU(centred * rstd * ln_w + ln_b) (+ x_t) for one column block (cols, col_mask) of the token
     rows starting at element offsets rows (BLOCK_M,) int64 of x_t and out (both contiguous
     (B, 1 + N, D)). Contiguous, masked column indices here (not clamped ones): they keep the x_t
@@ -102,7 +103,7 @@ def _layer_norm_gelu_store(centred, rstd, cols, col_mask, ln_w_ptr, ln_b_ptr, xt
     y = centred * (rstd[:, None] * ln_w[None, :]) + ln_b[None, :]
     y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
     mask = row_mask[:, None] & col_mask[None, :]
-    if add_x_t != 0:
+    if ADD_X_T:
         y += tl.load(xt_ptr + rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows[:, None] + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -110,10 +111,10 @@ def _layer_norm_gelu_store(centred, rstd, cols, col_mask, ln_w_ptr, ln_b_ptr, xt
 @triton.jit
 def fcu_down_kernel(
     x_ptr, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, xt_ptr, out_ptr,
-    M, N, n_w, C, D, eps, add_x_t,
+    M, N, n_w, C, D, eps,
     stride_xb, stride_xc, stride_xh, stride_xw,
-    DOT_PRECISION: tl.constexpr, DW_STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_D_TAIL: tl.constexpr,
+    ADD_X_T: tl.constexpr, DOT_PRECISION: tl.constexpr, DW_STRIDE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_TAIL: tl.constexpr,
 ):
     """One program per BLOCK_M tokens of the B * N (:func:`_token_tile`), all D columns: the head
     block of BLOCK_D columns and, when BLOCK_D_TAIL > 0, the tail block of columns BLOCK_D ..
@@ -134,7 +135,7 @@ def fcu_down_kernel(
             cls_cols, cls_mask, _ = _columns(c0, D, BLOCK_D)
             cls_offsets = image * (N + 1) * D + cls_cols
             cls = tl.load(xt_ptr + cls_offsets, mask=cls_mask)
-            if add_x_t != 0:
+            if ADD_X_T:
                 cls += cls
             tl.store(out_ptr + cls_offsets, cls, mask=cls_mask)
 
@@ -174,10 +175,10 @@ def fcu_down_kernel(
     rstd = 1.0 / tl.sqrt(squares / D + eps)
     rows = (b64 * (N + 1) + t + 1) * D  # the tokens' rows in x_t and out
     _layer_norm_gelu_store(centred, rstd, cols, col_mask, ln_w_ptr, ln_b_ptr, xt_ptr, out_ptr, rows, row_mask,
-                           add_x_t)
+                           ADD_X_T)
     if BLOCK_D_TAIL > 0:
         _layer_norm_gelu_store(centred_tail, rstd, tail_cols, tail_mask, ln_w_ptr, ln_b_ptr, xt_ptr, out_ptr, rows,
-                               row_mask, add_x_t)
+                               row_mask, ADD_X_T)
 
 
 @triton.jit
@@ -303,24 +304,22 @@ def column_blocks(D: int) -> tuple[int, int]:
     return head, (max(_MIN_BLOCK, triton.next_power_of_2(D - head)) if D > head else 0)
 
 
-def _block_k(dw_stride: int, gemm_dtype: torch.dtype, channels_last: bool) -> int:
-    """K step of the forward and the recompute for 16-bit channels_last x2: 64 channels per load
-    without pooling, 32 at dw_stride 2, 16 (the smallest tl.dot K that triton 3.6 compiles) from 4
-    up, so that the DW_STRIDE^2 window loads of a K step stay at or above 8 KB per 64 tokens; fp32
-    x2: 16 (its bytes per K step are twice as many, its registers the limit). x2 whose channels are
-    not its innermost dimension (NCHW): 16, since no load along K is vectorised there and each element
-    holds its own 64-bit address (64 and 32 spill 8-120 B on sm_80 and sm_90)."""
-    if gemm_dtype == torch.float32 or not channels_last:
+def _block_k(dw_stride: int, gemm_dtype: torch.dtype) -> int:
+    """K step of the forward and the recompute for 16-bit x2: 64 channels per load without pooling,
+    32 at dw_stride 2, 16 (the smallest tl.dot K that triton 3.6 compiles) from 4 up, so that the
+    DW_STRIDE^2 window loads of a K step stay at or above 8 KB per 64 tokens; fp32 x2: 16 (its
+    bytes per K step are twice as many, its registers the limit)."""
+    if gemm_dtype == torch.float32:
         return _MIN_BLOCK
     return {1: 64, 2: 32}.get(dw_stride, _MIN_BLOCK)
 
 
 def fcu_down_config(D: int, gemm_dtype: torch.dtype, token_dtype: torch.dtype, precision: str,
-                    dw_stride: int, channels_last: bool) -> LaunchConfig:
-    """fcu_down_kernel's config for token rows of D elements pooled over dw_stride windows of an x2
-    whose channels are (``channels_last``) or are not its innermost dimension: all of D in two column
-    blocks (:func:`column_blocks`), K steps of :func:`_block_k`, the K loop in two stages (the next
-    step's window loads in flight, as cp.async copies, during this one's MMAs).
+                    dw_stride: int, add_x_t: bool) -> LaunchConfig:
+    """fcu_down_kernel's config for token rows of D elements pooled over dw_stride windows of a
+    channels-innermost x2 (:func:`_channels_innermost`), with or without + x_t: all of D in two
+    column blocks (:func:`column_blocks`), K steps of :func:`_block_k`, the K loop in two stages (the
+    next step's window loads in flight, as cp.async copies, during this one's MMAs).
     Tokens and warps, chosen with the compile matrix (kernels/COMPILE_MATRIX.md): 16-bit tokens
     with D <= 512 and dw_stride <= 4 take BLOCK_M = 64 (one wgmma tile on sm_90) on 8 warps (the
     64 x 384 fp32 accumulators are 96 registers a thread); fp32 tokens (fp32 x2, or autocast's fp32
@@ -328,18 +327,13 @@ def fcu_down_config(D: int, gemm_dtype: torch.dtype, token_dtype: torch.dtype, p
     warps too) and take 32 tokens (mma.sync); fp32 tokens take 16
     unless D has a tail block and D <= 512 (Conformer-Ti/S's 384): Conformer-B's 576 spills 16-80 B
     at 32 tokens on 8 or 16 warps, a power-of-two D of 256 8-16 B on sm_90; D > 640 (the 1024-wide
-    edge model) takes 16 (32 spill 160-336 B). An NCHW x2 at dw_stride >= 4 takes half the tokens
-    (at least 16): its DW_STRIDE^2 gathered window loads spill 8-32 B on sm_90 at 64 and 32 tokens.
-    Warps: :func:`_fcu_down_warps`."""
+    edge model) takes 16 (32 spill 160-336 B). Warps: :func:`_fcu_down_warps`."""
     block_d, tail = column_blocks(D)
     wgmma_tile = token_dtype != torch.float32 and D <= 512 and dw_stride <= 4
     fp32_narrow = token_dtype == torch.float32 and not (tail and D <= 512)  # the 16-token cases below
     block_m = 64 if wgmma_tile else (16 if fp32_narrow or D > 640 else 32)
-    if not channels_last and dw_stride >= 4:
-        block_m = max(_MIN_BLOCK, block_m // 2)
-    return LaunchConfig(dict(DOT_PRECISION=precision, DW_STRIDE=dw_stride, BLOCK_M=block_m,
-                             BLOCK_K=_block_k(dw_stride, gemm_dtype, channels_last), BLOCK_D=block_d,
-                             BLOCK_D_TAIL=tail),
+    return LaunchConfig(dict(ADD_X_T=add_x_t, DOT_PRECISION=precision, DW_STRIDE=dw_stride, BLOCK_M=block_m,
+                             BLOCK_K=_block_k(dw_stride, gemm_dtype), BLOCK_D=block_d, BLOCK_D_TAIL=tail),
                         num_warps=_fcu_down_warps(D, token_dtype == torch.float32, dw_stride), num_stages=2)
 
 
@@ -357,15 +351,12 @@ def _fcu_down_warps(D: int, fp32_tokens: bool, dw_stride: int) -> int:
     return 8
 
 
-def pooled_projection_config(D: int, gemm_dtype: torch.dtype, precision: str, dw_stride: int,
-                             channels_last: bool) -> LaunchConfig:
+def pooled_projection_config(D: int, gemm_dtype: torch.dtype, precision: str, dw_stride: int) -> LaunchConfig:
     """pooled_projection_kernel's config: the forward's token tiles (of x2's dtype), window means,
-    K step (its rounding) and stages, over column blocks of _RECOMPUTE_BLOCK_D; 4 warps, 8 for fp32
-    and for an NCHW x2 at dw_stride 8 (4 spill 648-680 B on sm_90)."""
-    forward = fcu_down_config(D, gemm_dtype, gemm_dtype, precision, dw_stride, channels_last).constexprs
+    K step (its rounding) and stages, over column blocks of _RECOMPUTE_BLOCK_D; 4 warps, 8 for fp32."""
+    forward = fcu_down_config(D, gemm_dtype, gemm_dtype, precision, dw_stride, True).constexprs
     constexprs = {k: forward[k] for k in ("DOT_PRECISION", "DW_STRIDE", "BLOCK_M", "BLOCK_K")}
-    wide = gemm_dtype == torch.float32 or (not channels_last and dw_stride >= 8)
-    num_warps = 2 * _RECOMPUTE_WARPS if wide else _RECOMPUTE_WARPS
+    num_warps = 2 * _RECOMPUTE_WARPS if gemm_dtype == torch.float32 else _RECOMPUTE_WARPS  # fp32 spills at 4
     return LaunchConfig({**constexprs, "BLOCK_D": _RECOMPUTE_BLOCK_D}, num_warps=num_warps, num_stages=2)
 
 
@@ -387,12 +378,21 @@ def avg_pool_backward_config(C: int, channels_last: bool) -> LaunchConfig:
                         num_warps=_POOL_BACKWARD_WARPS, num_stages=1)
 
 
+def _channels_innermost(x2: torch.Tensor) -> torch.Tensor:
+    """x2 as the kernels read it, its channels the innermost dimension (stride 1: channels_last, or
+    a view of it), so that a K step's loads are contiguous: an x2 whose channels are strided (NCHW)
+    is copied to channels_last (one read and write of x2; the kernels' gathered NCHW loads took 16
+    channels a step and still spilled up to 64 B, kernels/COMPILE_MATRIX.md)."""
+    return x2 if x2.stride(1) == 1 else x2.contiguous(memory_format=torch.channels_last)
+
+
 @triton_op("fastconformer::fcu_down", mutates_args=())
 def fcu_down_op(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 ln_weight: torch.Tensor, ln_bias: torch.Tensor, dw_stride: int, eps: float,
                 add_x_t: bool) -> torch.Tensor:
-    """x2 (B, C, H, W) any strides, x_t (B, 1+N, D) contiguous, weight (D, C) and
-    bias / ln_weight / ln_bias (D,) contiguous -> (B, 1+N, D) contiguous in x_t's dtype."""
+    """x2 (B, C, H, W) any strides (read channels-innermost: :func:`_channels_innermost`), x_t
+    (B, 1+N, D) contiguous, weight (D, C) and bias / ln_weight / ln_bias (D,) contiguous ->
+    (B, 1+N, D) contiguous in x_t's dtype."""
     B, C, H, W = x2.shape
     D = weight.shape[0]
     n_w = W // dw_stride
@@ -400,10 +400,10 @@ def fcu_down_op(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias:
     out = torch.empty((B, N + 1, D), device=x2.device, dtype=x_t.dtype)
     if B == 0:
         return out
-    config = fcu_down_config(D, x2.dtype, x_t.dtype, dot_precision(x2.dtype), dw_stride, x2.stride(1) == 1)
+    x2 = _channels_innermost(x2)
+    config = fcu_down_config(D, x2.dtype, x_t.dtype, dot_precision(x2.dtype), dw_stride, add_x_t)
     launch(wrap_triton(fcu_down_kernel), (triton.cdiv(B * N, config.constexprs["BLOCK_M"]),), (
-        x2, weight, bias, ln_weight, ln_bias, x_t, out, B * N, N, n_w, C, D, eps, int(add_x_t),
-        *x2.stride()), config)
+        x2, weight, bias, ln_weight, ln_bias, x_t, out, B * N, N, n_w, C, D, eps, *x2.stride()), config)
     return out
 
 
@@ -412,7 +412,8 @@ def fcu_down_backward_op(grad_out: torch.Tensor, x2: torch.Tensor, weight: torch
                          ln_weight: torch.Tensor, ln_bias: torch.Tensor, dw_stride: int,
                          eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """grad_out (B, 1+N, D) in the token dtype with unit stride along D, the forward's x2 (any
-    strides), weight (D, C) and bias / ln_weight / ln_bias (D,) -> (grad x2 (B, C, H, W) in x2's
+    strides; an NCHW one is copied to channels_last again for the recompute, not kept from the
+    forward), weight (D, C) and bias / ln_weight / ln_bias (D,) -> (grad x2 (B, C, H, W) in x2's
     dtype, channels_last when x2 is, else contiguous; grad weight (D, C) in weight's dtype; grad
     bias, grad ln_weight, grad ln_bias (D,) fp32). The cls row's gradient is not handled here.
 
@@ -435,10 +436,11 @@ def fcu_down_backward_op(grad_out: torch.Tensor, x2: torch.Tensor, weight: torch
     partials = [torch.zeros((programs, D), device=dev, dtype=torch.float32) for _ in range(3)]
     if M > 0:
         z = torch.empty((M, D), device=dev, dtype=torch.float32)
-        config = pooled_projection_config(D, x2.dtype, dot_precision(x2.dtype), s, x2.stride(1) == 1)
+        x2_read = _channels_innermost(x2)
+        config = pooled_projection_config(D, x2.dtype, dot_precision(x2.dtype), s)
         launch(wrap_triton(pooled_projection_kernel),
                (triton.cdiv(M, config.constexprs["BLOCK_M"]), triton.cdiv(D, _RECOMPUTE_BLOCK_D)),
-               (x2, weight, bias, pooled, z, M, N, n_w, C, D, *x2.stride()), config)
+               (x2_read, weight, bias, pooled, z, M, N, n_w, C, D, *x2_read.stride()), config)
         launch(wrap_triton(layer_norm_gelu_backward_kernel), (programs,), (
             z, grad_out, ln_weight, ln_bias, grad_z, *partials, M, N, D, eps, grad_out.stride(0), grad_out.stride(1),
             rows_per_program), row_config)

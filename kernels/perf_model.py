@@ -191,7 +191,7 @@ def _fcu_down(c: _Call) -> Cost:
     N = c["N"]
     x2, flops, useful, steps, in_flight, staged = _pooled_gemm(c)
     columns = c["BLOCK_D"] + c["BLOCK_D_TAIL"]
-    x_t = B * D * tok + (B * N * D * tok if c["add_x_t"] else 0)
+    x_t = B * D * tok + (B * N * D * tok if c["ADD_X_T"] else 0)
     params = c.nbytes("w_ptr") + 3 * D * tok
     return Cost(read=x2 + x_t + params, written=B * (1 + N) * D * tok, flops=flops, useful_flops=useful,
                 kind=_dot_kind(c["x_ptr"].dtype, c["DOT_PRECISION"]), sfu=c.programs * c["BLOCK_M"] * columns,
@@ -383,7 +383,7 @@ def _fcu_down_torch(c: _Call) -> list[TorchOp]:
             TorchOp("layer_norm", tokens * (es + tok) + 8 * B * N, 8 * tokens),
             TorchOp("gelu", 2 * tokens * tok, 20 * tokens, sfu=tokens),
             TorchOp("cat (cls row)", (2 * tokens + 2 * B * D) * tok)]
-    return ops + ([TorchOp("+ x_t", 3 * (tokens + B * D) * tok)] if c["add_x_t"] else [])
+    return ops + ([TorchOp("+ x_t", 3 * (tokens + B * D) * tok)] if c["ADD_X_T"] else [])
 
 
 def _fcu_down_backward_torch(c: _Call) -> list[TorchOp]:

@@ -93,51 +93,47 @@ def test_attention_forward_builds_the_launchers_config(all_specs):
         (64, 32, 4, 3), (64, 64, 4, 3)]
 
 
-def _fcu_down_spec(dw_stride, channels_last):
-    """The spec of the fcu_down forward launch for a (3, 64, 28, 28) x2 at ``dw_stride``."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x2 = torch.empty(3, 64, 28, 28, device="meta", memory_format=fmt)
-    n = (28 // dw_stride) ** 2
-    x_t, weight, vec = (torch.empty(3, 1 + n, 384, device="meta"), torch.empty(384, 64, device="meta"),
-                        torch.empty(384, device="meta"))
+def _squeeze_launches(dw_stride, layout, add_x_t=True, dtype=torch.float32, B=3, H=28, D=384):
+    """The kernel launches of the fcu_down forward and backward for a (B, 64, H, H) x2 at
+    ``dw_stride`` in ``layout``: [forward, recompute, LayerNorm-GELU backward, pool adjoint]."""
+    x2 = torch.empty(B, 64, H, H, dtype=dtype, device="meta", memory_format=layout)
+    n = (H // dw_stride) ** 2
+    x_t, weight, vec = (torch.empty(B, 1 + n, D, dtype=dtype, device="meta"),
+                        torch.empty(D, 64, dtype=dtype, device="meta"), torch.empty(D, dtype=dtype, device="meta"))
     with record_launches() as launches:
-        fcu_down.fcu_down_op(x2, x_t, weight, vec, vec, vec, dw_stride, 1e-6, True)
-    (launch,) = launches
-    return spec_of(launch)
+        fcu_down.fcu_down_op(x2, x_t, weight, vec, vec, vec, dw_stride, 1e-6, add_x_t)
+        fcu_down.fcu_down_backward_op(x_t, x2, weight, vec, vec, vec, dw_stride, 1e-6)
+    return launches
 
 
 def test_specs_carry_the_launch_time_specialisation():
-    """Ints equal to 1 become constants (the unit stride of the layout, add_x_t True), multiples of
-    16 and fresh pointers get divisibility hints, others neither; as Triton does at launch. dw_stride
-    is a constexpr of the launcher's config (the window loop unrolls)."""
-    spec = _fcu_down_spec(1, channels_last=False)
-    assert spec.signature["stride_xw"] == spec.signature["add_x_t"] == "constexpr"
-    assert spec.constexprs["stride_xw"] == 1 and spec.constexprs["DW_STRIDE"] == 1
-    assert {"x_ptr", "out_ptr", "N", "C", "D", "stride_xb"} <= set(spec.attrs)  # N = 28 * 28 tokens
+    """Ints equal to 1 become constants (the unit channel stride), multiples of 16 and fresh
+    pointers get divisibility hints, others neither; as Triton does at launch. dw_stride and
+    add_x_t are constexprs of the launcher's config (the window loop unrolls, the + x_t compiles
+    away)."""
+    spec = spec_of(_squeeze_launches(1, torch.channels_last)[0])
+    assert spec.signature["stride_xc"] == "constexpr" and spec.constexprs["stride_xc"] == 1
+    assert spec.constexprs["DW_STRIDE"] == 1 and spec.constexprs["ADD_X_T"] is True
+    assert {"x_ptr", "out_ptr", "N", "C", "D", "stride_xb", "stride_xw"} <= set(spec.attrs)  # N = 28 * 28
     assert spec.signature["n_w"] == "i32" and "n_w" not in spec.attrs  # 28
     assert spec.signature["eps"] == "fp32" and "eps" not in spec.attrs
-    strided = _fcu_down_spec(2, channels_last=True)
-    assert strided.signature["stride_xc"] == "constexpr" and strided.signature["stride_xw"] == "i32"
-    assert strided.constexprs["DW_STRIDE"] == 2 and strided.name != spec.name
+    strided = spec_of(_squeeze_launches(2, torch.channels_last, add_x_t=False)[0])
+    assert strided.constexprs["DW_STRIDE"] == 2 and strided.constexprs["ADD_X_T"] is False
+    assert strided.name != spec.name
 
 
-@pytest.mark.parametrize("dw_stride, block_m, block_k", [(2, (64, 64), (32, 16)), (4, (64, 32), (16, 16))])
-def test_squeeze_config_follows_x2_layout(dw_stride, block_m, block_k):
-    """An fp16 x2 in NCHW (channels strided) takes 16-channel K steps and, at dw_stride >= 4, half the
-    tokens (its gathered window loads spill at the channels_last tiles); the backward's recompute takes
-    the forward's K steps (its rounding) in either layout."""
-    for layout, (m, k) in zip((torch.channels_last, torch.contiguous_format), zip(block_m, block_k)):
-        x2 = torch.empty(64, 64, 56, 56, dtype=torch.float16, device="meta", memory_format=layout)
-        n = (56 // dw_stride) ** 2
-        x_t = torch.empty(64, 1 + n, 384, dtype=torch.float16, device="meta")
-        weight, vec = torch.empty(384, 64, dtype=torch.float16, device="meta"), torch.empty(384, device="meta",
-                                                                                          dtype=torch.float16)
-        with record_launches() as launches:
-            fcu_down.fcu_down_op(x2, x_t, weight, vec, vec, vec, dw_stride, 1e-6, True)
-            fcu_down.fcu_down_backward_op(x_t, x2, weight, vec, vec, vec, dw_stride, 1e-6)
-        forward, recompute = (spec_of(launch).constexprs for launch in launches[:2])
-        assert (forward["BLOCK_M"], forward["BLOCK_K"]) == (m, k), layout
-        assert recompute["BLOCK_K"] == k and recompute["BLOCK_M"] == m
+@pytest.mark.parametrize("dw_stride", [1, 2, 4, 8])
+def test_squeeze_reads_nchw_x2_channels_last(dw_stride):
+    """An NCHW x2 (channels strided) reaches the forward and the backward's recompute as a
+    channels_last copy, so they launch exactly the channels_last variants (the gathered NCHW loads
+    spilled, kernels/COMPILE_MATRIX.md), while the pool adjoint writes grad x2 in x2's own layout."""
+    specs = {layout: [spec_of(launch) for launch in _squeeze_launches(dw_stride, layout, dtype=torch.float16, B=64,
+                                                                      H=56)]
+             for layout in (torch.channels_last, torch.contiguous_format)}
+    (nhwc_forward, nhwc_recompute, *_, nhwc_pool), (forward, recompute, *_, pool) = specs.values()
+    assert (forward.name, recompute.name) == (nhwc_forward.name, nhwc_recompute.name)
+    assert forward.constexprs["stride_xc"] == recompute.constexprs["stride_xc"] == 1
+    assert pool.constexprs["CHANNELS_LAST"] is False and nhwc_pool.constexprs["CHANNELS_LAST"] is True
 
 
 def test_every_kernel_is_in_the_matrix(all_specs):
@@ -146,8 +142,7 @@ def test_every_kernel_is_in_the_matrix(all_specs):
 
 def test_scopes_build_each_launch_config_and_each_dtype_combination_once(all_specs):
     """"configs" holds one spec per launch config (kernel, pointer dtypes, the launcher's constexprs,
-    warps, stages) and set of arguments Triton specialised to 1 (the layout's unit stride, add_x_t:
-    the NCHW squeeze spills where the channels_last one does not), "sample" one per kernel and
+    warps, stages) and set of arguments Triton specialised to 1 (a layout's unit stride), "sample" one per kernel and
     pointer dtypes (fp16 and bf16 one class), each scope inside the next."""
     configs, dtypes = {}, {}
     for spec in all_specs:
