@@ -15,8 +15,8 @@ Three scopes, each inside the next (:data:`SCOPES`): "sample", one spec per kern
 dtypes, fp16 and bf16 counted as one (:func:`dtype_class`: every kernel in every dtype combination
 it is launched with, at its first launch config: the test suite's, 68 builds); "configs", one spec
 per launch config (kernel, pointer dtypes, constexprs, warps, stages: every tile shape the
-launchers choose) and set of arguments specialised to 1 (the layout's unit stride, add_x_t; 1440
-builds); "all", every specialisation. Each spec is built with the
+launchers choose) and set of arguments specialised to 1 (a layout's unit stride; 960 builds);
+"all", every specialisation (1480 builds). Each spec is built with the
 specialisation of the first workload that launches it (Conformer-S at 224, batch 64, first).
 ``python -m fastconformer.kernels [--sample | --all] [--summary]`` runs it (default: "configs");
 ``--list`` prints a scope's specs as JSON and ``--specs FILE`` builds those of such a list.
