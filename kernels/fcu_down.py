@@ -334,20 +334,26 @@ def fcu_down_config(D: int, gemm_dtype: torch.dtype, token_dtype: torch.dtype, p
     block_m = 64 if wgmma_tile else (16 if fp32_narrow or D > 640 else 32)
     return LaunchConfig(dict(ADD_X_T=add_x_t, DOT_PRECISION=precision, DW_STRIDE=dw_stride, BLOCK_M=block_m,
                              BLOCK_K=_block_k(dw_stride, gemm_dtype), BLOCK_D=block_d, BLOCK_D_TAIL=tail),
-                        num_warps=_fcu_down_warps(D, token_dtype == torch.float32, dw_stride), num_stages=2)
+                        num_warps=_fcu_down_warps(D, token_dtype == torch.float32, dw_stride, add_x_t),
+                        num_stages=2)
 
 
-def _fcu_down_warps(D: int, fp32_tokens: bool, dw_stride: int) -> int:
+def _fcu_down_warps(D: int, fp32_tokens: bool, dw_stride: int, add_x_t: bool) -> int:
     """fcu_down_kernel's warps (see :func:`fcu_down_config`), chosen with the compile matrix under
     triton 3.6 to 3.9: 8; for D > 640 16 with 16-bit tokens (8 spill there) and 8 with fp32 ones (16
     spill 8-32 B). fp32 tokens at dw_stride <= 4: 4 at D <= 256 (8 spill 8-16 B on sm_90, ptxas
     holding them to 48-128 registers), 16 above (Conformer-S's 384 and Conformer-B's 576: on 8 warps
     ptxas holds them to 128 registers on sm_90 and they spill 8 B under triton 3.7 and 3.8; 4 spill
-    48 B). At dw_stride 8 (64 window tiles a K step) 4 and 16 spill (8-264 B), 8 does not."""
+    48 B). Without + x_t (the standalone squeeze) ptxas allocates differently: at D 256 and 576 it
+    holds 4 warps to 80 and 16 warps to 64 registers and spills 8-16 B under triton 3.6, so those take
+    8 (no spill under 3.6 to 3.9); at D 384 8 warps spill 16 B under 3.6 and 16 do not. At
+    dw_stride 8 (64 window tiles a K step) 4 and 16 spill (8-264 B), 8 does not."""
     if D > 640:
         return 8 if fp32_tokens else 16
     if fp32_tokens and dw_stride <= 4:
-        return 4 if D <= 256 else 16
+        if D <= 128 or (add_x_t and D <= 256):
+            return 4
+        return 16 if add_x_t or 256 < D <= 512 else 8
     return 8
 
 
