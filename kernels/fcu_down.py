@@ -344,9 +344,10 @@ def _fcu_down_warps(D: int, fp32_tokens: bool, dw_stride: int, add_x_t: bool) ->
     spill 8-32 B). fp32 tokens at dw_stride <= 4: 4 at D <= 256 (8 spill 8-16 B on sm_90, ptxas
     holding them to 48-128 registers), 16 above (Conformer-S's 384 and Conformer-B's 576: on 8 warps
     ptxas holds them to 128 registers on sm_90 and they spill 8 B under triton 3.7 and 3.8; 4 spill
-    48 B). Without + x_t (the standalone squeeze) ptxas allocates differently: at D 256 and 576 it
-    holds 4 warps to 80 and 16 warps to 64 registers and spills 8-16 B under triton 3.6, so those take
-    8 (no spill under 3.6 to 3.9); at D 384 8 warps spill 16 B under 3.6 and 16 do not. At
+    48 B). Without + x_t (the standalone squeeze) ptxas allocates differently: at D 256 and 576 (the
+    workloads' D in 128 < D <= 256 and 512 < D <= 640, which take the rule) it holds 4 warps to 80
+    and 16 warps to 64 registers and spills 8-16 B under triton 3.6, so those take 8 (no spill under
+    3.6 to 3.9); at D 384 8 warps spill 16 B under 3.6 and 16 do not. At
     dw_stride 8 (64 window tiles a K step) 4 and 16 spill (8-264 B), 8 does not."""
     if D > 640:
         return 8 if fp32_tokens else 16
@@ -360,7 +361,7 @@ def _fcu_down_warps(D: int, fp32_tokens: bool, dw_stride: int, add_x_t: bool) ->
 def pooled_projection_config(D: int, gemm_dtype: torch.dtype, precision: str, dw_stride: int) -> LaunchConfig:
     """pooled_projection_kernel's config: the forward's token tiles (of x2's dtype), window means,
     K step (its rounding) and stages, over column blocks of _RECOMPUTE_BLOCK_D; 4 warps, 8 for fp32."""
-    forward = fcu_down_config(D, gemm_dtype, gemm_dtype, precision, dw_stride, True).constexprs
+    forward = fcu_down_config(D, gemm_dtype, gemm_dtype, precision, dw_stride, add_x_t=True).constexprs  # not warps
     constexprs = {k: forward[k] for k in ("DOT_PRECISION", "DW_STRIDE", "BLOCK_M", "BLOCK_K")}
     num_warps = 2 * _RECOMPUTE_WARPS if gemm_dtype == torch.float32 else _RECOMPUTE_WARPS  # fp32 spills at 4
     return LaunchConfig({**constexprs, "BLOCK_D": _RECOMPUTE_BLOCK_D}, num_warps=num_warps, num_stages=2)

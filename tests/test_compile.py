@@ -136,14 +136,28 @@ def test_squeeze_reads_nchw_x2_channels_last(dw_stride):
     assert pool.constexprs["CHANNELS_LAST"] is False and nhwc_pool.constexprs["CHANNELS_LAST"] is True
 
 
+@pytest.mark.parametrize("D, warps_with_x_t, warps_without", [(128, 4, 4), (256, 4, 8), (384, 16, 16), (576, 16, 8),
+                                                              (1024, 8, 8)])
+def test_squeeze_warps_with_and_without_x_t(D, warps_with_x_t, warps_without):
+    """fp32 tokens at dw_stride <= 4: ptxas holds the squeeze without + x_t to fewer registers than the
+    one with it and spilled 8-16 B at D 256 (4 warps) and 576 (16) under triton 3.6, so those take 8;
+    dw_stride 8 takes 8 either way (kernels/COMPILE_MATRIX.md)."""
+    for dw_stride in (1, 2, 4):
+        warps = [fcu_down.fcu_down_config(D, torch.float32, torch.float32, "ieee", dw_stride, add_x_t).num_warps
+                 for add_x_t in (True, False)]
+        assert warps == [warps_with_x_t, warps_without], dw_stride
+    assert {fcu_down.fcu_down_config(D, torch.float32, torch.float32, "ieee", 8, add_x_t).num_warps
+            for add_x_t in (True, False)} == {8}
+
+
 def test_every_kernel_is_in_the_matrix(all_specs):
     assert set(KERNELS) == {s.kernel for s in all_specs if s.scope == "sample"}
 
 
 def test_scopes_build_each_launch_config_and_each_dtype_combination_once(all_specs):
     """"configs" holds one spec per launch config (kernel, pointer dtypes, the launcher's constexprs,
-    warps, stages) and set of arguments Triton specialised to 1 (a layout's unit stride), "sample" one per kernel and
-    pointer dtypes (fp16 and bf16 one class), each scope inside the next."""
+    warps, stages) and set of arguments Triton specialised to 1 (a layout's unit stride), "sample" one
+    per kernel and pointer dtypes (fp16 and bf16 one class), each scope inside the next."""
     configs, dtypes = {}, {}
     for spec in all_specs:
         declared = inspect.signature(_jit(spec)).parameters

@@ -72,7 +72,9 @@ def test_matches_reference_at_model_shapes(backend_name, device, gen, case):
 
 @pytest.mark.parametrize("add_x_t", [False, True])
 def test_layouts_and_views(backend_name, device, gen, add_x_t):
-    """Odd batch, channels_last and non-contiguous x2, x_t as a slice and as a transposed view."""
+    """Odd batch; x2 channels_last, strided along its channels (NCHW-like: the ops read a channels_last
+    copy) and a channels_last view that is not dense (unit channel stride: read in place); x_t as a
+    slice, a transposed view and contiguous."""
     C, s, D, H, W = 32, 2, 384, 28, 28
     ref, fused = _modules(C, D, s, gen, device)
     x2, x_t = _inputs(3, C, D, s, H, W, gen, device)
@@ -81,10 +83,16 @@ def test_layouts_and_views(backend_name, device, gen, add_x_t):
     wide[:, 1::2, :, 3:3 + W] = x2
     padded = torch.randn(5, x_t.shape[1], D + 8, generator=gen).to(device)
     padded[1:4, :, 4:4 + D] = x_t
-    x2_views = {"channels_last": x2.to(memory_format=torch.channels_last), "strided": wide[:, 1::2, :, 3:3 + W]}
-    x_t_views = {"slice": padded[1:4, :, 4:4 + D], "transposed": x_t.transpose(1, 2).contiguous().transpose(1, 2)}
+    wide_nhwc = torch.randn(3, 2 * C, H, W + 6, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+    wide_nhwc[:, C:, :, 3:3 + W] = x2
+    x2_views = {"channels_last": x2.to(memory_format=torch.channels_last), "strided": wide[:, 1::2, :, 3:3 + W],
+                "channels_last view": wide_nhwc[:, C:, :, 3:3 + W]}
+    x_t_views = {"slice": padded[1:4, :, 4:4 + D], "transposed": x_t.transpose(1, 2).contiguous().transpose(1, 2),
+                 "contiguous": x_t}
+    view = x2_views["channels_last view"]
+    assert view.stride(1) == 1 and not view.is_contiguous(memory_format=torch.channels_last)
     for (x2_name, x2_view), (x_t_name, x_t_view) in zip(x2_views.items(), x_t_views.items()):
-        assert not x2_view.is_contiguous() and not x_t_view.is_contiguous()
+        assert not x2_view.is_contiguous()
         out = fused(x2_view, x_t_view, add_x_t=add_x_t)
         assert_matches(out, want, name=f"{x2_name} x2, {x_t_name} x_t")
 
@@ -289,3 +297,24 @@ def test_tf32_follows_torch_setting(gen):
             assert_matches(fused(x2, x_t), want)
         with tf32(True):
             assert_matches(fused(x2, x_t), want, fp32_tol=5e-3)
+
+
+@pytest.mark.gpu
+def test_compiled_training_step_nchw(triton_backend, device, gen):
+    """torch.compile(fullgraph=True) traces the squeeze's triton_ops, forward and backward, with the
+    channels_last copy of an NCHW x2 inside them, and gives eager's gradients (grad x2 in NCHW)."""
+    C, s, D, H, W = 64, 4, 384, 56, 56
+    _, fused = _modules(C, D, s, gen, device)
+    x2, x_t = _inputs(2, C, D, s, H, W, gen, device)
+
+    def grads(fn):
+        leaves = x2.clone().requires_grad_(), x_t.clone().requires_grad_()
+        fn(*leaves).square().sum().backward()
+        return [t.grad for t in leaves]
+
+    expected = grads(lambda a, b: fused(a, b, add_x_t=True))
+    torch.compiler.reset()
+    got = grads(torch.compile(lambda a, b: fused(a, b, add_x_t=True), fullgraph=True))
+    assert got[0].is_contiguous()
+    for name, g, e in zip(("x2", "x_t"), got, expected):
+        assert_matches(g, e, name=f"grad {name}")
