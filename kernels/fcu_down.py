@@ -327,35 +327,47 @@ def fcu_down_config(D: int, gemm_dtype: torch.dtype, token_dtype: torch.dtype, p
     warps too) and take 32 tokens (mma.sync); fp32 tokens take 16
     unless D has a tail block and D <= 512 (Conformer-Ti/S's 384): Conformer-B's 576 spills 16-80 B
     at 32 tokens on 8 or 16 warps, a power-of-two D of 256 8-16 B on sm_90; D > 640 (the 1024-wide
-    edge model) takes 16 (32 spill 160-336 B). Warps: :func:`_fcu_down_warps`."""
+    edge model) takes 16 (32 spill 160-336 B). Warps: :func:`_fcu_down_warps`; the squeeze without
+    + x_t in some fp32-token configs: 16 warps and one stage (:func:`_unpipelined_alone`)."""
     block_d, tail = column_blocks(D)
     wgmma_tile = token_dtype != torch.float32 and D <= 512 and dw_stride <= 4
     fp32_narrow = token_dtype == torch.float32 and not (tail and D <= 512)  # the 16-token cases below
     block_m = 64 if wgmma_tile else (16 if fp32_narrow or D > 640 else 32)
+    alone = not add_x_t and token_dtype == torch.float32 and _unpipelined_alone(D, gemm_dtype, precision, dw_stride)
     return LaunchConfig(dict(ADD_X_T=add_x_t, DOT_PRECISION=precision, DW_STRIDE=dw_stride, BLOCK_M=block_m,
                              BLOCK_K=_block_k(dw_stride, gemm_dtype), BLOCK_D=block_d, BLOCK_D_TAIL=tail),
-                        num_warps=_fcu_down_warps(D, token_dtype == torch.float32, dw_stride, add_x_t),
-                        num_stages=2)
+                        num_warps=16 if alone else _fcu_down_warps(D, token_dtype == torch.float32, dw_stride),
+                        num_stages=1 if alone else 2)
 
 
-def _fcu_down_warps(D: int, fp32_tokens: bool, dw_stride: int, add_x_t: bool) -> int:
+def _fcu_down_warps(D: int, fp32_tokens: bool, dw_stride: int) -> int:
     """fcu_down_kernel's warps (see :func:`fcu_down_config`), chosen with the compile matrix under
     triton 3.6 to 3.9: 8; for D > 640 16 with 16-bit tokens (8 spill there) and 8 with fp32 ones (16
     spill 8-32 B). fp32 tokens at dw_stride <= 4: 4 at D <= 256 (8 spill 8-16 B on sm_90, ptxas
     holding them to 48-128 registers), 16 above (Conformer-S's 384 and Conformer-B's 576: on 8 warps
     ptxas holds them to 128 registers on sm_90 and they spill 8 B under triton 3.7 and 3.8; 4 spill
-    48 B). Without + x_t (the standalone squeeze) ptxas allocates differently: at D 256 and 576 (the
-    workloads' D in 128 < D <= 256 and 512 < D <= 640, which take the rule) it holds 4 warps to 80
-    and 16 warps to 64 registers and spills 8-16 B under triton 3.6, so those take 8 (no spill under
-    3.6 to 3.9); at D 384 8 warps spill 16 B under 3.6 and 16 do not. At
-    dw_stride 8 (64 window tiles a K step) 4 and 16 spill (8-264 B), 8 does not."""
+    48 B). At dw_stride 8 (64 window tiles a K step) 4 and 16 spill (8-264 B), 8 does not. The
+    squeeze without + x_t deviates: :func:`_unpipelined_alone`."""
     if D > 640:
         return 8 if fp32_tokens else 16
     if fp32_tokens and dw_stride <= 4:
-        if D <= 128 or (add_x_t and D <= 256):
-            return 4
-        return 16 if add_x_t or 256 < D <= 512 else 8
+        return 4 if D <= 256 else 16
     return 8
+
+
+def _unpipelined_alone(D: int, gemm_dtype: torch.dtype, precision: str, dw_stride: int) -> bool:
+    """Whether the squeeze without + x_t (the module alone) with fp32 tokens runs on 16 warps with its
+    K loop in one stage instead of :func:`_fcu_down_warps` and two. Without the x_t tile ptxas
+    trades 8-16 B of spills for occupancy (holding 4 to 16 warps to 32-128 registers), in different
+    configs under each of triton 3.6 to 3.9; among the configs built under all four (every
+    specialisation the workloads launch, kernels/COMPILE_MATRIX.md), these are clean where the
+    default is not: 128 < D <= 256; 512 < D <= 640 with TF32 dots; D <= 128 with a 16-bit x2
+    (autocast) at dw_stride 4. (A .maxnreg of one CTA's register share also cleans all of them, but
+    torch.compile's wrap_triton does not pass Triton's ``maxnreg`` launch option on.)"""
+    if dw_stride > 4:
+        return False
+    return (128 < D <= 256 or (512 < D <= 640 and precision == "tf32")
+            or (D <= 128 and gemm_dtype != torch.float32 and dw_stride == 4))
 
 
 def pooled_projection_config(D: int, gemm_dtype: torch.dtype, precision: str, dw_stride: int) -> LaunchConfig:

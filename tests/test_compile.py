@@ -136,18 +136,19 @@ def test_squeeze_reads_nchw_x2_channels_last(dw_stride):
     assert pool.constexprs["CHANNELS_LAST"] is False and nhwc_pool.constexprs["CHANNELS_LAST"] is True
 
 
-@pytest.mark.parametrize("D, warps_with_x_t, warps_without", [(128, 4, 4), (256, 4, 8), (384, 16, 16), (576, 16, 8),
-                                                              (1024, 8, 8)])
-def test_squeeze_warps_with_and_without_x_t(D, warps_with_x_t, warps_without):
-    """fp32 tokens at dw_stride <= 4: ptxas holds the squeeze without + x_t to fewer registers than the
-    one with it and spilled 8-16 B at D 256 (4 warps) and 576 (16) under triton 3.6, so those take 8;
-    dw_stride 8 takes 8 either way (kernels/COMPILE_MATRIX.md)."""
-    for dw_stride in (1, 2, 4):
-        warps = [fcu_down.fcu_down_config(D, torch.float32, torch.float32, "ieee", dw_stride, add_x_t).num_warps
-                 for add_x_t in (True, False)]
-        assert warps == [warps_with_x_t, warps_without], dw_stride
-    assert {fcu_down.fcu_down_config(D, torch.float32, torch.float32, "ieee", 8, add_x_t).num_warps
-            for add_x_t in (True, False)} == {8}
+@pytest.mark.parametrize("D, precision, x2_dtype, dw_stride, with_x_t, alone", [
+    (384, "ieee", torch.float32, 2, (16, 2), (16, 2)), (576, "ieee", torch.float32, 1, (16, 2), (16, 2)),
+    (576, "tf32", torch.float32, 1, (16, 2), (16, 1)), (256, "ieee", torch.float32, 4, (4, 2), (16, 1)),
+    (256, "ieee", torch.bfloat16, 2, (4, 2), (16, 1)), (128, "ieee", torch.float16, 4, (4, 2), (16, 1)),
+    (128, "ieee", torch.float16, 2, (4, 2), (4, 2)), (128, "tf32", torch.float32, 4, (4, 2), (4, 2)),
+    (256, "ieee", torch.float32, 8, (8, 2), (8, 2)), (1024, "tf32", torch.float32, 1, (8, 2), (8, 2))])
+def test_squeeze_config_with_and_without_x_t(D, precision, x2_dtype, dw_stride, with_x_t, alone):
+    """(warps, stages) of the squeeze with fp32 tokens, with + x_t and without (the module alone:
+    where ptxas spilled 8-16 B under one of triton 3.6-3.9, 16 warps and an unpipelined K loop)."""
+    got = [fcu_down.fcu_down_config(D, x2_dtype, torch.float32, precision, dw_stride, add_x_t)
+           for add_x_t in (True, False)]
+    assert [(c.num_warps, c.num_stages) for c in got] == [with_x_t, alone]
+    assert [c.constexprs["ADD_X_T"] for c in got] == [True, False]
 
 
 def test_every_kernel_is_in_the_matrix(all_specs):
