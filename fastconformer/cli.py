@@ -127,7 +127,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_writable(args.json, "--json")
     if args.engines:
         if args.dtype is not None or args.compile:
-            raise ValueError("--engines runs fp32 and bf16 and torch.compile(reference) itself; drop "
+            raise ValueError("--engines runs fp32 and bf16 and torch.compile of both models itself; drop "
                              f"{'--dtype' if args.dtype is not None else '--compile'}")
         return _bench_engines(args, name, device)
     args.dtype = args.dtype or "fp32"
@@ -187,7 +187,8 @@ def _engine_candidates(reference: torch.nn.Module, fast: torch.nn.Module, x: tor
                 return fn()
         return run
 
-    models = {"reference": reference, "fast": fast, "compile(reference)": torch.compile(reference)}
+    models = {"reference": reference, "fast": fast, "compile(reference)": torch.compile(reference),
+              "compile(fast)": torch.compile(fast)}
     rows = {}
     for label, model in models.items():
         rows[label] = ("fp32", functools.partial(model, x))
@@ -216,7 +217,7 @@ def _engine_candidates(reference: torch.nn.Module, fast: torch.nn.Module, x: tor
 
 
 def _bench_engines(args: argparse.Namespace, name: str, device: torch.device) -> int:
-    """``bench --engines``: eager reference and fast model, torch.compile(reference), ONNX Runtime and
+    """``bench --engines``: eager reference and fast model, torch.compile of each, ONNX Runtime and
     OpenVINO on both models' exports, fp32 and bf16, in one interleaved run on the CPU."""
     import tempfile
 
@@ -439,9 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=_int_at_least(0), default=0)
     bench.add_argument("--json", default=None, help="write the results to this JSON file")
     bench.add_argument("--engines", action="store_true",
-                       help="on the CPU: also torch.compile, ONNX Runtime and OpenVINO (where installed) on both "
-                            "models' ONNX exports, fp32 and bf16, in one interleaved run (so without --dtype and "
-                            "--compile)")
+                       help="on the CPU: also torch.compile of both models, and ONNX Runtime and OpenVINO (where "
+                            "installed) on both models' ONNX exports, fp32 and bf16, in one interleaved run (so "
+                            "without --dtype and --compile)")
     bench.set_defaults(func=cmd_bench)
 
     check = sub.add_parser("check", help="equality checks of every fused module and the whole model here")

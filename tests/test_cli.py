@@ -145,7 +145,7 @@ def test_testing_helpers_take_non_tensor_inputs():
     (["bench", "--model", "conformer_small_patch32", "--image-size", "240"], "patch size 32, got 240"),
     (["bench", "--dtype", "fp64"], "argument --dtype: invalid choice: 'fp64'"),
     (["bench", "--model", "resnet50"], "unknown model 'resnet50'"),
-    (["bench", "--engines", "--dtype", "bf16"], "--engines runs fp32 and bf16 and torch.compile(reference) itself; "
+    (["bench", "--engines", "--dtype", "bf16"], "--engines runs fp32 and bf16 and torch.compile of both models itself; "
                                                 "drop --dtype"),
     (["bench", "--engines", "--compile"], "drop --compile"),
     (["bench", "--json", "{tmp}/missing/bench.json"], "the folder '{tmp}/missing' does not exist"),
