@@ -491,6 +491,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--list", action="store_true", help="print the scope's specs as JSON, build nothing")
     parser.add_argument("--summary", action="store_true", help="a Markdown summary per kernel instead of JSON")
     args = parser.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs: expected an integer >= 1, got {args.jobs}")
     if args.specs:
         try:
             specs = read_specs(args.specs)

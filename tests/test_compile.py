@@ -198,3 +198,10 @@ def test_specs_round_trip_through_the_command_line(all_specs, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         compile_matrix.main(["--specs", str(listed)])
     assert exit_.value.code == 2 and "not a JSON list of specs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("jobs", ["0", "-2"])
+def test_jobs_below_one_is_a_usage_error(jobs, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        compile_matrix.main(["--sample", "--list", "--jobs", jobs])
+    assert exit_.value.code == 2 and f"--jobs: expected an integer >= 1, got {jobs}" in capsys.readouterr().err
