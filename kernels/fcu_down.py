@@ -373,7 +373,8 @@ def _unpipelined_alone(D: int, gemm_dtype: torch.dtype, precision: str, dw_strid
 def pooled_projection_config(D: int, gemm_dtype: torch.dtype, precision: str, dw_stride: int) -> LaunchConfig:
     """pooled_projection_kernel's config: the forward's token tiles (of x2's dtype), window means,
     K step (its rounding) and stages, over column blocks of _RECOMPUTE_BLOCK_D; 4 warps, 8 for fp32."""
-    forward = fcu_down_config(D, gemm_dtype, gemm_dtype, precision, dw_stride, add_x_t=True).constexprs  # not warps
+    # The forward's tiles and K step; its warps and stages (which depend on add_x_t) are not taken.
+    forward = fcu_down_config(D, gemm_dtype, gemm_dtype, precision, dw_stride, add_x_t=True).constexprs
     constexprs = {k: forward[k] for k in ("DOT_PRECISION", "DW_STRIDE", "BLOCK_M", "BLOCK_K")}
     num_warps = 2 * _RECOMPUTE_WARPS if gemm_dtype == torch.float32 else _RECOMPUTE_WARPS  # fp32 spills at 4
     return LaunchConfig({**constexprs, "BLOCK_D": _RECOMPUTE_BLOCK_D}, num_warps=num_warps, num_stages=2)
