@@ -3,7 +3,8 @@
 
 Conformer-S/16 at 224x224; batch 8 fp32 on the CPU, batch 64 under bf16 autocast on a GPU. On
 the CPU the fast model also runs with oneDNN's fused linear epilogues switched off
-(``fast (no oneDNN)``), to show what they add.
+(``fast (no oneDNN)``), to show what they add, and with its linear weights prepacked for oneDNN
+(``fast prepacked``, :func:`fastconformer.prepack_weights`).
 
 On the CPU, the engines a CPU user would pick run beside them (where installed, else skipped with
 the reason): ONNX Runtime and OpenVINO on both models' ONNX exports (``fastconformer.export_onnx``,
@@ -27,7 +28,7 @@ from fastconformer.export import engine_runner, export_onnx, missing_engines, re
 MODEL = "conformer_small_patch16"
 B = 64 if HAS_CUDA else 8
 AUTOCAST = torch.bfloat16 if HAS_CUDA else None
-IMPLS = ["reference", "fast", "compile(reference)"] + ([] if HAS_CUDA else ["fast (no oneDNN)"])
+IMPLS = ["reference", "fast", "compile(reference)"] + ([] if HAS_CUDA else ["fast (no oneDNN)", "fast prepacked"])
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def models(device):
     fast = fastconformer.convert(copy.deepcopy(reference)).to(device)
     reference = reference.to(device)
     return {"reference": reference, "fast": fast, "compile(reference)": torch.compile(reference),
-            "fast (no oneDNN)": fast}
+            "fast (no oneDNN)": fast, "fast prepacked": fastconformer.prepack_weights(copy.deepcopy(fast))}
 
 
 @pytest.mark.parametrize("impl", IMPLS)

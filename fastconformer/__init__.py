@@ -13,8 +13,9 @@ from .convert import convert
 from .registry import VARIANTS, create_model, list_models, load_checkpoint
 from .hub import save_checkpoint, save_pretrained
 from .export import ExportError, export_onnx
+from .modules.prepack import prepack_weights
 
 __version__ = "0.1.0"
 
 __all__ = ["Conformer", "ExportError", "VARIANTS", "__version__", "backend", "convert", "create_model", "data",
-           "export_onnx", "list_models", "load_checkpoint", "save_checkpoint", "save_pretrained"]
+           "export_onnx", "list_models", "load_checkpoint", "prepack_weights", "save_checkpoint", "save_pretrained"]

@@ -26,6 +26,7 @@ from .convert import convert
 from .dispatch import interpreter_enabled, onednn_available, triton_available
 from .environment import DTYPES, device_name
 from .export import ExportError, check_writable
+from .modules.prepack import prepack_weights
 from .registry import VARIANTS, create_model, resolve_name
 from .testing import rel_error, tf32
 from .timing import Timing, time_interleaved
@@ -176,7 +177,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _engine_candidates(reference: torch.nn.Module, fast: torch.nn.Module, x: torch.Tensor, folder: str
                        ) -> tuple[dict[str, tuple[str, Callable[[], object]]], dict[str, str]]:
     """The rows of ``bench --engines``: ({label: (precision, call)}, {what was skipped: why}).
-    Eager models and torch.compile run fp32 and bf16 (CPU autocast); each installed engine runs
+    Eager models and torch.compile run fp32 and bf16 (CPU autocast), the fast model with prepacked
+    weights (:func:`~fastconformer.prepack_weights`) fp32; each installed engine runs
     both models' ONNX exports (static batch, verified at export), ONNX Runtime in fp32, OpenVINO in
     fp32 and with its bf16 inference precision hint."""
     from .export import ENGINES, engine_runner, export_onnx, missing_engines
@@ -193,6 +195,8 @@ def _engine_candidates(reference: torch.nn.Module, fast: torch.nn.Module, x: tor
     for label, model in models.items():
         rows[label] = ("fp32", functools.partial(model, x))
         rows[f"{label} bf16"] = ("bf16", autocast(functools.partial(model, x)))
+        if label == "fast":  # fp32 only: packed weights serve float32 inference (a copy: packing is per parameter)
+            rows["fast prepacked"] = ("fp32", functools.partial(prepack_weights(copy.deepcopy(fast)), x))
     skipped = missing_engines()
     paths = {}
     try:

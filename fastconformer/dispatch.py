@@ -34,7 +34,8 @@ from typing import Callable, Iterator
 import torch
 
 __all__ = ["BACKENDS", "backend", "current_backend", "exporting", "fused_op", "interpreter_enabled", "onednn",
-           "onednn_available", "triton_available", "use_onednn", "use_triton"]
+           "onednn_autocast_bf16", "onednn_available", "onednn_bf16_available", "triton_available", "use_onednn",
+           "use_triton"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -165,13 +166,46 @@ def onednn_available() -> bool:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False
     x, w, b = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, 0.25], [1.0, 1.0]]), torch.tensor([0.1, 0.2])
-    linear = torch.nn.functional.linear(x, w, b)
+    with torch.autocast("cpu", enabled=False):  # the probe is float32, whatever context it is first asked in
+        linear = torch.nn.functional.linear(x, w, b)
+        try:
+            gelu = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
+            added = torch.ops.mkldnn._linear_pointwise.binary(x, linear, w, b, "add")
+        except RuntimeError:
+            return False
+    return torch.allclose(gelu, torch.nn.functional.gelu(linear)) and torch.allclose(added, 2 * linear)
+
+
+@functools.cache
+def onednn_bf16_available() -> bool:
+    """True when oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX), as torch reports it,
+    and its fused linear primitive computes linear + GELU in bfloat16 correctly here (a tiny probe,
+    run once)."""
+    if not (onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    x, w, b = (torch.tensor(v, dtype=torch.bfloat16) for v in ([[1.0, -2.0]], [[0.5, 0.25], [1.0, 1.0]], [0.25, 0.5]))
     try:
         gelu = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
-        added = torch.ops.mkldnn._linear_pointwise.binary(x, linear, w, b, "add")
     except RuntimeError:
         return False
-    return torch.allclose(gelu, torch.nn.functional.gelu(linear)) and torch.allclose(added, 2 * linear)
+    expected = torch.nn.functional.gelu(x.float() @ w.float().T + b.float())
+    return gelu.dtype == torch.bfloat16 and torch.allclose(gelu.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+def onednn_autocast_bf16(*tensors: torch.Tensor) -> bool:
+    """Whether the PyTorch path may run ``tensors`` through oneDNN's fused inference primitives in
+    bfloat16: CPU autocast to bfloat16 is on, oneDNN has native bfloat16 here, and the rest is as
+    :func:`use_onednn` (the switch, no Triton, no torch.compile, no autograd graph), for CPU
+    tensors of float32 (parameters, autocast's inputs) or bfloat16 (autocast's outputs)."""
+    if not _onednn_enabled() or torch.compiler.is_compiling() or use_triton(*tensors):
+        return False
+    if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return False
+    if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return onednn_bf16_available()
 
 
 def use_onednn(*tensors: torch.Tensor) -> bool:

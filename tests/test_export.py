@@ -206,7 +206,8 @@ def test_bench_engines_rows(shallow_models, monkeypatch, tmp_path, capsys):
     assert status == 0, err
     result = json.loads(path.read_text())
     rows = {r["impl"]: r for r in result["results"]}
-    assert list(rows) == ["reference", "fast", "compile(reference)", "compile(fast)", "onnxruntime(reference)",
+    assert list(rows) == ["reference", "fast", "fast prepacked", "compile(reference)", "compile(fast)",
+                          "onnxruntime(reference)",
                           "onnxruntime(fast)", "openvino(reference)", "openvino(fast)", "reference bf16", "fast bf16",
                           "compile(reference) bf16", "compile(fast) bf16", "openvino(reference) bf16",
                           "openvino(fast) bf16"]

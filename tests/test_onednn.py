@@ -1,10 +1,13 @@
 """CPU inference through oneDNN's fused linear primitive: when :func:`use_onednn` allows it, the
-fused transformer Block equals the float64 reference (with the switch on and off), and the whole
-model really takes the path under ``no_grad`` and leaves it when autograd, autocast or another
-dtype needs the plain ops. Also the eval-mode CNN modules around it (FusedConvBlock with BN
-folding, the ConvTransBlock fusion path) against float64, in both memory formats."""
+fused transformer Block and the FCU squeeze and expand equal the float64 reference (with the switch
+on and off), and the whole model really takes the path under ``no_grad`` and leaves it when
+autograd, autocast or another dtype needs the plain ops. Prepacked weights (:func:`prepack_weights`)
+give the same results, are rebuilt after every change PyTorch tracks and never reach autograd. Also
+the eval-mode CNN modules around it (FusedConvBlock with BN folding, the ConvTransBlock fusion path)
+against float64, in both memory formats."""
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -16,8 +19,13 @@ from fastconformer import reference as ref
 from fastconformer.dispatch import onednn, use_onednn
 from fastconformer.modules.conv_block import FusedConvBlock
 from fastconformer.modules.conv_trans_block import FusedConvTransBlock
+from fastconformer.modules.fcu_down import FusedFCUDown
+from fastconformer.modules.fcu_up import FusedFCUUp
+from fastconformer.modules.onednn import onednn_linear
+from fastconformer.modules.prepack import prepack_weights, prepacked_weights
 from fastconformer.modules.transformer import FusedBlock
-from fastconformer.testing import MODEL_TOL, assert_matches, onednn_calls, randomize_module, reference_and_fast
+from fastconformer.testing import (HALF_FACTOR, HALF_SLACK, MODEL_TOL, assert_matches, onednn_calls, randomize_module,
+                                   reference_and_fast, rel_error)
 
 pytestmark = pytest.mark.skipif(not dispatch.onednn_available(), reason="this torch has no working oneDNN fused linear")
 SWITCH = pytest.mark.parametrize("enabled", [True, False], ids=["onednn", "plain"])
@@ -66,6 +74,101 @@ def test_fused_block_eval(enabled, B, N, strided, gen):
         calls = onednn_calls(lambda: fused(x))
         assert_matches(fused(x), expected_block(x.double()), name=f"FusedBlock B={B} N={N}")
     assert calls == (4 if enabled else 0)
+
+
+@SWITCH
+@pytest.mark.parametrize("dw_stride, channels_last, add_x_t", [(4, True, True), (2, False, False), (1, True, False)])
+def test_fused_fcu_down_eval(enabled, dw_stride, channels_last, add_x_t, gen):
+    squeeze = ref.FCUDown(256, 384, dw_stride)
+    expected_squeeze, fused = _eval_pair(squeeze, FusedFCUDown.from_reference, gen)
+    H, W = 8 * dw_stride, 5 * dw_stride
+    x2 = torch.randn(3, 256, H, W, generator=gen)
+    if channels_last:
+        x2 = x2.contiguous(memory_format=torch.channels_last)
+    x_t = torch.randn(3, 1 + 40, 384, generator=gen)
+    with torch.no_grad(), onednn(enabled):
+        calls = onednn_calls(lambda: fused(x2, x_t, add_x_t))
+        expected = expected_squeeze(x2.double(), x_t.double()) + (x_t.double() if add_x_t else 0)
+        assert_matches(fused(x2, x_t, add_x_t), expected, name=f"FCUDown dw_stride={dw_stride}")
+    assert calls == (1 if enabled else 0)
+
+
+@SWITCH
+@pytest.mark.parametrize("up_stride", [4, 1])
+def test_fused_fcu_up_eval(enabled, up_stride, gen):
+    expand = ref.FCUUp(384, 64, up_stride)
+    expected_expand, fused = _eval_pair(expand, FusedFCUUp.from_reference, gen)
+    x_t = torch.randn(17, 3, 384, generator=gen).transpose(0, 1)  # (3, 1 + 4*4, 384), strided
+    with torch.no_grad(), onednn(enabled):
+        calls = onednn_calls(lambda: fused.forward_low_res(x_t, 4, 4))
+        low = fused.forward_low_res(x_t, 4, 4)
+        assert_matches(fused(x_t, 4, 4), expected_expand(x_t.double(), 4, 4), name=f"FCUUp up_stride={up_stride}")
+    assert calls == (1 if enabled else 0)
+    assert low.shape == (3, 64, 4, 4) and low.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_onednn_linear_checks_its_activation():
+    with pytest.raises(ValueError, match="activation"):
+        onednn_linear(torch.randn(2, 4), torch.randn(3, 4), None, activation="tanh")
+
+
+needs_bf16 = pytest.mark.skipif(not dispatch.onednn_bf16_available(), reason="oneDNN has no native bfloat16 here")
+
+
+def test_onednn_autocast_bf16_gates():
+    x, w = torch.randn(3, 4), torch.randn(4, 4, requires_grad=True)
+    with torch.no_grad():
+        assert not dispatch.onednn_autocast_bf16(x, w), "only under autocast"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert dispatch.onednn_autocast_bf16(x, w) == dispatch.onednn_bf16_available()
+            assert dispatch.onednn_autocast_bf16(x.bfloat16(), w) == dispatch.onednn_bf16_available()
+            assert not dispatch.onednn_autocast_bf16(x.half(), w) and not dispatch.onednn_autocast_bf16(x.double())
+            with onednn(False):
+                assert not dispatch.onednn_autocast_bf16(x, w)
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert not dispatch.onednn_autocast_bf16(x, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not dispatch.onednn_autocast_bf16(x, w), "autograd needs the plain ops"
+
+
+@needs_bf16
+@SWITCH
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32-stream", "bf16-stream"])
+def test_fused_block_eval_under_bf16_autocast(enabled, x_dtype, gen):
+    """Within 2x the reference Block's own error under the same autocast (+1e-6), in the dtype
+    autocast gives the output; one bfloat16 oneDNN call per linear layer."""
+    block = ref.Block(384, 6, qkv_bias=True)
+    expected_block, fused = _eval_pair(block, FusedBlock.from_reference, gen)
+    plain = copy.deepcopy(block).eval()
+    x = torch.randn(3, 197, 384, generator=gen).to(x_dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), onednn(enabled):
+        calls = onednn_calls(lambda: fused(x))
+        out, baseline = fused(x), plain(x)
+    expected = expected_block(x.double())
+    assert out.dtype == baseline.dtype
+    error, bound = rel_error(out, expected), HALF_FACTOR * rel_error(baseline, expected) + HALF_SLACK
+    assert error <= bound, (error, bound)
+    assert calls == (4 if enabled else 0)
+
+
+@needs_bf16
+def test_whole_model_under_bf16_autocast_with_prepacked_weights():
+    model, fast = reference_and_fast("conformer_tiny_patch16", depth=3)
+    fast.eval()
+    plain = copy.deepcopy(model).eval()
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    expected = copy.deepcopy(model).double().eval()(x.double())
+    prepack_weights(fast)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _reorders(lambda: fast(x)) == 3 * 4, "the Blocks' weights packed in bfloat16 on first use"
+        calls = onednn_calls(lambda: fast(x))
+        out, baseline = fast(x), plain(x)
+    assert calls == 3 * 4
+    for o, b, e in zip(out, baseline, expected):
+        assert rel_error(o, e) <= HALF_FACTOR * rel_error(b, e) + HALF_SLACK
+    with torch.inference_mode():  # float32 next to the bfloat16 copies: packed on first use too
+        assert _reorders(lambda: fast(x)) == 3 * 4 + 2
+        assert_matches(fast(x), expected, fp32_tol=MODEL_TOL, name="fp32 after bf16")
 
 
 CONV_BLOCKS = [  # inplanes, outplanes, stride, res_conv, with x_t, input (B, H, W)
@@ -118,7 +221,8 @@ def test_whole_model_takes_the_path_only_without_autograd():
     with torch.no_grad():
         calls = onednn_calls(lambda: fast(x))
         assert_matches(fast(x), expected, fp32_tol=MODEL_TOL, name="no_grad logits")
-    assert calls == 12 * 4  # 12 Blocks x (qkv, proj + residual, fc1 + GELU, fc2 + residual)
+    # 12 Blocks x (qkv, proj + residual, fc1 + GELU, fc2 + residual), the 11 FCU squeezes and expands
+    assert calls == 12 * 4 + 11 * 2
     assert onednn_calls(lambda: fast(x)) == 0, "with autograd on, the plain ops must run"
     with torch.inference_mode():
         assert onednn_calls(lambda: fast(x)) == calls
@@ -135,3 +239,68 @@ def test_torch_compile_traces_around_it():
         torch.compiler.reset()
         out = torch.compile(fast, fullgraph=True, backend="aot_eager")(x)
     assert_matches(out, [e.double() for e in expected], name="compiled eval logits")
+
+
+def _reorders(fn) -> int:
+    """How many weight reorders into oneDNN's packed layout ``fn()`` makes."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_reorder_linear_weight")
+
+
+def test_prepacked_weights_give_the_same_model_and_follow_every_tracked_change():
+    model, fast = reference_and_fast("conformer_tiny_patch16", depth=3)
+    fast.eval()
+    x = torch.randn(3, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    assert prepack_weights(fast) is fast and prepacked_weights(fast) == 3 * 4 + 2  # 3 Blocks, 2 squeezes
+    with torch.inference_mode():
+        assert _reorders(lambda: fast(x)) == 3 * 4 + 2, "each registered weight is packed on first use"
+        assert _reorders(lambda: fast(x)) == 0, "and then read packed"
+        expected = copy.deepcopy(model).double().eval()(x.double())
+        assert_matches(fast(x), expected, fp32_tol=MODEL_TOL, name="prepacked logits")
+        with onednn(False):
+            assert _reorders(lambda: fast(x)) == 0
+
+    # load_state_dict (copy_ into the parameters) and an in-place update under no_grad are both seen
+    other, _ = reference_and_fast("conformer_tiny_patch16", seed=5, depth=3)
+    fast.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        fast.trans_1.mlp.fc1.weight.mul_(1.5)
+        other.trans_1.mlp.fc1.weight.mul_(1.5)
+    with torch.inference_mode():
+        assert _reorders(lambda: fast(x)) == 3 * 4 + 2
+        assert_matches(fast(x), copy.deepcopy(other).double().eval()(x.double()), fp32_tol=MODEL_TOL,
+                       name="after load_state_dict")
+
+    # a replaced Parameter is not registered: read as it is; prepack_weights again registers it
+    block = fast.conv_trans_2.trans_block.attn.qkv
+    block.weight = nn.Parameter(block.weight.detach() * 0.5)
+    assert prepacked_weights(fast) == 3 * 4 + 1
+    prepack_weights(fast)
+    assert prepacked_weights(fast) == 3 * 4 + 2
+
+    # copies start unpacked (packed copies cannot be pickled or deep-copied)
+    clone = copy.deepcopy(fast)
+    assert prepacked_weights(clone) == 0
+    pickle.loads(pickle.dumps(fast))
+    assert prepack_weights(fast, enabled=False) is fast and prepacked_weights(fast) == 0
+
+
+def test_prepacked_weights_never_reach_autograd():
+    _, fast = reference_and_fast("conformer_tiny_patch16", depth=3)
+    prepack_weights(fast.eval())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fast(x)  # packs
+    out = fast(x)
+    sum(o.sum() for o in out).backward()
+    for name, p in fast.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert fast.trans_1.attn.qkv.weight.grad.norm() > 0
+
+
+def test_prepack_weights_checks_its_arguments():
+    with pytest.raises(TypeError, match="nn.Module"):
+        prepack_weights("model")
+    with pytest.raises(TypeError, match="bool"):
+        prepack_weights(nn.Linear(2, 2), enabled="yes")

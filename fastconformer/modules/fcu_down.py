@@ -12,9 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..dispatch import exporting, fused_op
+from ..dispatch import exporting, fused_op, use_onednn
 from ..reference import FCUDown
 from .base import FusedModule, NotFusableError
+from .onednn import onednn_linear
 
 __all__ = ["FusedFCUDown", "check_fcu_down_inputs", "fcu_down"]
 
@@ -62,10 +63,13 @@ def fcu_down(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias: to
     row 0 is x_t[:, 0], rows 1.. are GELU(LayerNorm_eps(avgpool(x2) projected + bias)) in token order
     (row-major over the pooled grid). With ``add_x_t`` it returns that + x_t. Same dtype as the
     reference FCUDown (x_t's promoted with the tokens'), under autocast too. While exporting (ONNX)
-    the projection stays a 1x1 convolution (on the pooled map), as in the reference's graph."""
+    the projection stays a 1x1 convolution (on the pooled map), as in the reference's graph; in CPU
+    inference where :func:`~fastconformer.dispatch.use_onednn` allows, it runs as oneDNN's inner product."""
     pooled = F.avg_pool2d(x2, dw_stride) if dw_stride > 1 else x2
     if exporting():
         tokens = F.conv2d(pooled, weight.view(weight.shape[0], -1, 1, 1), bias).flatten(2).transpose(1, 2)
+    elif use_onednn(x2, x_t, weight, bias, ln_weight, ln_bias):
+        tokens = onednn_linear(pooled.flatten(2).transpose(1, 2), weight, bias)
     else:
         tokens = F.linear(pooled.flatten(2).transpose(1, 2), weight.flatten(1), bias)  # (B, N, D)
     tokens = F.gelu(F.layer_norm(tokens, tokens.shape[-1:], ln_weight, ln_bias, eps))

@@ -46,9 +46,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..dispatch import exporting, fused_op
+from ..dispatch import exporting, fused_op, use_onednn
 from ..reference import FCUUp
 from .base import FusedModule, NotFusableError
+from .onednn import onednn_linear
 
 __all__ = ["FusedFCUUp", "batch_norm_scale_shift", "bn_relu_add_upsampled", "check_bn_relu_add_upsampled_args",
            "check_expand_args", "fcu_up_expand", "syncs_across_processes", "uses_batch_stats"]
@@ -125,12 +126,17 @@ def fcu_up_expand(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     ``out[b, c, i, j] = act(scale[c] * sum_d weight[c, d] * x_t[b, 1 + i*W + j, d] + shift[c])``
     with act = ReLU when ``apply_relu``, else the identity; x_t rounded to weight's dtype first. While
     exporting (ONNX): the grid rows as a (B, D, H, W) map into one 1x1 convolution with the scale
-    folded into its weight and shift as its bias (the reference's conv + BatchNorm, folded), then ReLU."""
+    folded into its weight and shift as its bias (the reference's conv + BatchNorm, folded), then ReLU.
+    In CPU float32 inference where :func:`~fastconformer.dispatch.use_onednn` allows: the same folding,
+    as one oneDNN inner product with the ReLU fused."""
     C = weight.shape[0]
     if exporting():
         grid = x_t[:, 1:].transpose(1, 2).unflatten(2, (H, W))  # (B, D, H, W)
         y = F.conv2d(grid, weight.view(C, -1, 1, 1) * scale.view(C, 1, 1, 1), shift)
         return y.relu() if apply_relu else y
+    if use_onednn(x_t, weight, scale, shift):  # scale folded into the weight, shift as the bias, the ReLU fused
+        y = onednn_linear(x_t, weight.flatten(1) * scale.view(C, 1), shift, activation="relu" if apply_relu else "none")
+        return y[:, 1:].transpose(1, 2).unflatten(2, (H, W)).contiguous(memory_format=torch.channels_last)
     # fp32 GEMM (as the kernel accumulates; fp64 for fp64 inputs), one rounding at the end;
     # autocast must not recast it.
     # All rows, cls included, so that the strided tokens are not copied (but rounded, when wider).

@@ -1,8 +1,9 @@
 """The fused transformer Block (the residual add after attention fused with norm2:
 :func:`fastconformer.modules.add_layer_norm.add_layer_norm`).
 
-``onednn_linear``: CPU inference only; a linear layer with its exact GELU or its residual add in
-one oneDNN primitive (what it buys: the ``fast (no oneDNN)`` rows of ``benchmarks/bench_model.py``).
+CPU inference runs each linear layer with what follows it as one oneDNN primitive
+(:func:`fastconformer.modules.onednn.onednn_linear`; what it buys: the ``fast (no oneDNN)`` rows of
+``benchmarks/bench_model.py``).
 """
 
 from __future__ import annotations
@@ -10,25 +11,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..dispatch import use_onednn
-from .add_layer_norm import add_layer_norm
+from ..dispatch import onednn_autocast_bf16, use_onednn
 from ..reference import Block
+from .add_layer_norm import add_layer_norm
 from .attention import FusedAttention, attention, check_tokens
 from .base import FusedModule
+from .onednn import onednn_linear
 
-__all__ = ["FusedBlock", "onednn_linear"]
-
-
-def onednn_linear(x: torch.Tensor, linear: nn.Linear, *, gelu: bool = False,
-                  residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``linear(x)``, then exact GELU (``gelu``) or ``+ residual``, as one oneDNN inner product.
-
-    x (..., in_features) float32 on the CPU -> (..., out_features); ``residual`` has the output's
-    shape. No autograd: call it only where :func:`fastconformer.dispatch.use_onednn` allows."""
-    pointwise = torch.ops.mkldnn._linear_pointwise
-    if residual is not None:
-        return pointwise.binary(x, residual, linear.weight, linear.bias, "add")
-    return pointwise(x, linear.weight, linear.bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+__all__ = ["FusedBlock"]
 
 
 class FusedBlock(FusedModule):
@@ -40,7 +30,9 @@ class FusedBlock(FusedModule):
     straight out of the fused squeeze.) CPU inference in eval mode instead fuses each linear layer
     with what follows it (:func:`onednn_linear`): qkv; proj + residual; fc1 + GELU; fc2 + residual;
     only where no autograd graph can pass through (the input and every parameter are checked, so
-    fine-tuning some parameters of a model in eval mode keeps their gradients).
+    fine-tuning some parameters of a model in eval mode keeps their gradients). Under CPU autocast
+    to bfloat16 the same inference runs each linear layer as a bfloat16 oneDNN inner product (fc1
+    with its GELU; the residual adds stay in the dtype autocast gives them).
     """
 
     reference = Block
@@ -54,19 +46,36 @@ class FusedBlock(FusedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and use_onednn(x, *self.parameters()):
             return self._forward_onednn(x)
+        if not self.training and onednn_autocast_bf16(x, *self.parameters()):
+            return self._forward_onednn_bf16(x)
         attn = self.drop_path(self.attn(self.norm1(x)))
         x, h = add_layer_norm(x, attn, self.norm2.weight, self.norm2.bias, self.norm2.eps)
         return x + self.drop_path(self.mlp(h))
+
+    def _forward_onednn_bf16(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval mode under CPU autocast to bfloat16: each linear layer a bfloat16 oneDNN inner
+        product as autocast would run it, fc1 with its GELU; the residual adds and LayerNorms as in
+        :meth:`forward`, in the dtypes autocast gives them."""
+        attn, mlp, bf16 = self.attn, self.mlp, torch.bfloat16
+        check_tokens(x, attn.qkv.in_features, "FusedBlock")
+        qkv = onednn_linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias, dtype=bf16)
+        a = onednn_linear(attention(qkv, attn.num_heads, attn.scale), attn.proj.weight, attn.proj.bias, dtype=bf16)
+        x, h = add_layer_norm(x, a, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        if type(mlp.act) is nn.GELU and mlp.act.approximate == "none":
+            h = onednn_linear(h, mlp.fc1.weight, mlp.fc1.bias, activation="gelu", dtype=bf16)
+        else:
+            h = mlp.act(onednn_linear(h, mlp.fc1.weight, mlp.fc1.bias, dtype=bf16))
+        return x + onednn_linear(h, mlp.fc2.weight, mlp.fc2.bias, dtype=bf16)
 
     def _forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
         """Eval mode (dropout and drop-path are identities) through :func:`onednn_linear`."""
         attn, mlp = self.attn, self.mlp
         check_tokens(x, attn.qkv.in_features, "FusedBlock")
-        qkv = onednn_linear(self.norm1(x), attn.qkv)
-        x = onednn_linear(attention(qkv, attn.num_heads, attn.scale), attn.proj, residual=x)
+        qkv = onednn_linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias)
+        x = onednn_linear(attention(qkv, attn.num_heads, attn.scale), attn.proj.weight, attn.proj.bias, residual=x)
         h = self.norm2(x)
         if type(mlp.act) is nn.GELU and mlp.act.approximate == "none":
-            h = onednn_linear(h, mlp.fc1, gelu=True)
+            h = onednn_linear(h, mlp.fc1.weight, mlp.fc1.bias, activation="gelu")
         else:
-            h = mlp.act(onednn_linear(h, mlp.fc1))
-        return onednn_linear(h, mlp.fc2, residual=x)
+            h = mlp.act(onednn_linear(h, mlp.fc1.weight, mlp.fc1.bias))
+        return onednn_linear(h, mlp.fc2.weight, mlp.fc2.bias, residual=x)

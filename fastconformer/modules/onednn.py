@@ -1,0 +1,83 @@
+"""oneDNN's fused inner product for CPU inference, and the prepacked weights it can read.
+
+``onednn_linear``: a linear layer with its activation (exact GELU, ReLU) or its residual add in one
+call of ``mkldnn::_linear_pointwise`` (the primitive inductor's CPU backend emits). On the CPU, no
+autograd: callers take it only where :func:`fastconformer.dispatch.use_onednn` (float32) or
+:func:`fastconformer.dispatch.onednn_autocast_bf16` (bfloat16 under CPU autocast) allows.
+Unlike ``F.linear`` (``aten::addmm``, which calls the BLAS torch was built with: MKL, whose code
+path on AMD CPUs is about half as fast at these shapes) it runs oneDNN's own kernels.
+
+Packed weights (opt-in: :func:`fastconformer.modules.prepack.prepack_weights` registers a model's):
+the primitive otherwise reorders the weight into its blocked layout on every call; a registered
+weight is reordered once (``mkldnn::_reorder_linear_weight``) and the copy kept beside the
+parameter, which stays as it is (same state_dict). A packed copy is rebuilt on first use after its
+parameter changed through PyTorch (optimizer steps, ``load_state_dict``, in-place ops in
+``no_grad``: all bump the parameter's version counter); another tensor put in the parameter's place
+is not registered and is read as it is. Writes that bypass the version counter (through
+``param.data``, a NumPy view or the storage) are not seen: register the weights again after those.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["onednn_linear", "register_for_packing", "registered_for_packing"]
+
+ACTIVATIONS = ("none", "gelu", "relu")
+
+# parameter -> (its version and data pointer when packed, {dtype: packed weight}), empty before first use
+_PACKED = WeakIdKeyDictionary()
+
+
+def _packed(weight: torch.Tensor, dtype: torch.dtype, rows: int) -> torch.Tensor | None:
+    """The packed ``dtype`` copy of a parameter registered by :func:`register_for_packing`, (re)built
+    when the parameter's version or storage changed; None for any other tensor."""
+    entry = _PACKED.get(weight)
+    if entry is None:
+        return None
+    stamp, copies = entry
+    now = (weight._version, weight.data_ptr())
+    if stamp != now:
+        copies = {}
+        _PACKED[weight] = (now, copies)
+    if dtype not in copies:
+        copies[dtype] = torch.ops.mkldnn._reorder_linear_weight(weight.detach().flatten(1).to(dtype), rows)
+    return copies[dtype]
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, activation: str = "none",
+                  residual: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``activation(x @ weight.T + bias)``, or ``x @ weight.T + bias + residual``, as one oneDNN
+    inner product computing in ``dtype``.
+
+    x (..., in) on the CPU (any strides), weight (out, in) or a 1x1 convolution's (out, in, 1, 1),
+    bias (out,) or None, activation ``"none"``, ``"gelu"`` (exact) or ``"relu"``, residual of the
+    output's shape -> (..., out) in ``dtype``. ``dtype`` float32, or bfloat16 as CPU autocast
+    computes a linear layer (x, weight and bias rounded to bfloat16, fp32 accumulation, the
+    activation applied before the one rounding of the output). A weight registered by
+    :func:`register_for_packing` is read from its packed copy. No autograd."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"onednn_linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    w = _packed(weight, dtype, x.numel() // max(x.shape[-1], 1))
+    if w is None:
+        w = weight.flatten(1).to(dtype)
+    x, bias = x.to(dtype), None if bias is None else bias.to(dtype)
+    pointwise = torch.ops.mkldnn._linear_pointwise
+    if residual is not None:
+        return pointwise.binary(x, residual.to(dtype), w, bias, "add")
+    return pointwise(x, w, bias, activation, [], "none" if activation == "gelu" else "")
+
+
+def register_for_packing(weight: torch.Tensor, enabled: bool = True) -> None:
+    """Let :func:`onednn_linear` read ``weight`` (a parameter) from a packed copy, built on first
+    use (``enabled``), or drop that copy (``enabled=False``)."""
+    if enabled:
+        _PACKED[weight] = (None, {})
+    else:
+        _PACKED.pop(weight, None)
+
+
+def registered_for_packing(weight: torch.Tensor) -> bool:
+    """Whether :func:`register_for_packing` registered ``weight`` (and did not drop it)."""
+    return weight in _PACKED

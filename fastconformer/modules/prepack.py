@@ -1,0 +1,50 @@
+"""``prepack_weights``: oneDNN-packed copies of the weights a fast model's CPU inference reads
+(:mod:`fastconformer.modules.onednn`), registered for a whole model."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .fcu_down import FusedFCUDown
+from .onednn import register_for_packing, registered_for_packing
+from .transformer import FusedBlock
+
+__all__ = ["prepack_weights", "prepacked_weights"]
+
+
+def _linear_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The weights the fused modules of ``model`` run through ``onednn_linear`` unchanged:
+    the transformer blocks' four linear layers and the squeezes' 1x1 projections."""
+    weights = []
+    for module in model.modules():
+        if isinstance(module, FusedBlock):
+            weights += [module.attn.qkv.weight, module.attn.proj.weight, module.mlp.fc1.weight, module.mlp.fc2.weight]
+        elif isinstance(module, FusedFCUDown):
+            weights.append(module.conv_project.weight)
+    return weights
+
+
+def prepack_weights(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Keep oneDNN-packed copies of the linear weights ``model``'s fused modules read in CPU
+    inference (``enabled``: float32, and bfloat16 under CPU autocast, each packed on first use), or
+    drop them (``enabled=False``); returns ``model``.
+
+    The packed copies are built on first use, live as long as their parameters and are not part
+    of the state_dict; a copy of the model (``copy.deepcopy``) starts without them. See the module
+    docstring of :mod:`fastconformer.modules.onednn` for when a packed copy is rebuilt (parameter
+    version or storage changed) and when it is not (writes through ``.data``: call this again).
+    Autograd and CUDA tensors never read them: the fused path steps aside wherever a gradient
+    could flow."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepack_weights takes an nn.Module, got {type(model).__name__}")
+    if not isinstance(enabled, bool):
+        raise TypeError(f"prepack_weights(enabled) takes a bool, got {type(enabled).__name__}")
+    for weight in _linear_weights(model):
+        register_for_packing(weight, enabled)
+    return model
+
+
+def prepacked_weights(model: nn.Module) -> int:
+    """How many of ``model``'s weights :func:`prepack_weights` registered."""
+    return sum(registered_for_packing(weight) for weight in _linear_weights(model))
