@@ -301,6 +301,32 @@ def test_autocast_bf16(device, gen):
     assert_matches(out, expected, baseline=baseline)
 
 
+def _sdpa_calls(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::scaled_dot_product_attention")
+
+
+def test_cpu_bf16_inference_takes_explicit_scores(gen):
+    """bf16 CPU inference computes the (B, heads, N, N) scores (softmax in fp32), within the bf16
+    policy of the reference under the same autocast, bf16 and plain bf16 weights alike; with a
+    gradient to compute it keeps the flash kernel (no score matrix saved)."""
+    ref = _reference(384, 6, gen)
+    x = torch.randn(3, 197, 384, generator=gen)
+    expected = copy.deepcopy(ref).double()(x.double())
+    fused = FusedAttention.from_reference(ref)
+    with dispatch.backend("torch"), torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            calls = _sdpa_calls(lambda: fused(x))
+            out, baseline = fused(x), ref(x)
+        assert calls == 0 and out.dtype == torch.bfloat16
+        assert_matches(out, expected, baseline=baseline)
+        fused16, ref16 = copy.deepcopy(fused).bfloat16(), copy.deepcopy(ref).bfloat16()
+        assert_matches(fused16(x.bfloat16()), expected, baseline=ref16(x.bfloat16()), name="bf16 weights")
+    qkv = torch.randn(2, 17, 3 * 64, generator=gen).bfloat16().requires_grad_()
+    assert _sdpa_calls(lambda: attention(qkv, 2, 0.125)) == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4], CASES[5]], ids=_ids)
 def test_matches_reference_bf16(backend_name, device, gen, case):
