@@ -186,15 +186,17 @@ def test_fcu_up_expand_gradcheck(gen):
             assert torch.autograd.gradcheck(lambda *a, relu=apply_relu: fcu_up_expand(*a, h, w, relu), args)
 
 
-def test_fcu_up_autocast_bf16(gen):
-
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_fcu_up_autocast_bf16(grad, gen):
+    """With autograd the expand's GEMM runs in fp32 on bf16-rounded inputs; without (inference) as
+    a bf16 GEMM rounded once, as the reference's convolution; both within the bf16 policy."""
     ref = randomize_module(FCUUp(384, 64, 4), gen)
     x_t = _tokens(2, 14, 14, 384, gen, "cpu")
     for mode in (False, True):
         ref64 = copy.deepcopy(ref).double().train(mode)
         expected = ref64(to_float64(x_t), 14, 14)
         baseline_mod, fused = copy.deepcopy(ref).train(mode), FusedFCUUp.from_reference(copy.deepcopy(ref)).train(mode)
-        with backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16):
+        with backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
             baseline = baseline_mod(x_t, 14, 14)
             out = fused(x_t, 14, 14)
         assert out.dtype == baseline.dtype == torch.bfloat16
@@ -437,13 +439,13 @@ def test_conv_trans_block_gradients(backend_name, device, gen, mode):
             assert_matches(g, expected[name], name=f"grad {name}")
 
 
-def test_conv_trans_block_autocast_bf16(gen):
-
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_conv_trans_block_autocast_bf16(grad, gen):
     block = randomize_module(ConvTransBlock(64, 64, False, 1, 4, 384, num_heads=6, qkv_bias=True), gen).eval()
     x, x_t = torch.randn(2, 64, 56, 56, generator=gen), torch.randn(2, 197, 384, generator=gen)
     expected = copy.deepcopy(block).double()(to_float64(x), to_float64(x_t))
     fused = FusedConvTransBlock.from_reference(copy.deepcopy(block))
-    with backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16):
+    with backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
         baseline = block(x, x_t)
         out = fused(x, x_t)
     for o, b, e, name in zip(out, baseline, expected, ("x", "x_t")):

@@ -128,7 +128,9 @@ def fcu_up_expand(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     exporting (ONNX): the grid rows as a (B, D, H, W) map into one 1x1 convolution with the scale
     folded into its weight and shift as its bias (the reference's conv + BatchNorm, folded), then ReLU.
     In CPU float32 inference where :func:`~fastconformer.dispatch.use_onednn` allows: the same folding,
-    as one oneDNN inner product with the ReLU fused."""
+    as one oneDNN inner product with the ReLU fused. In bfloat16 CPU inference with ``apply_relu``
+    (the eval-mode expand): a bfloat16 GEMM rounded to bfloat16 (as the reference's convolution
+    under autocast), then the affine and ReLU in float32."""
     C = weight.shape[0]
     if exporting():
         grid = x_t[:, 1:].transpose(1, 2).unflatten(2, (H, W))  # (B, D, H, W)
@@ -138,11 +140,18 @@ def fcu_up_expand(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
         y = onednn_linear(x_t, weight.flatten(1) * scale.view(C, 1), shift, activation="relu" if apply_relu else "none")
         return y[:, 1:].transpose(1, 2).unflatten(2, (H, W)).contiguous(memory_format=torch.channels_last)
     # fp32 GEMM (as the kernel accumulates; fp64 for fp64 inputs), one rounding at the end;
-    # autocast must not recast it.
+    # autocast must not recast it. bfloat16 CPU inference of the eval-mode expand (ReLU applied,
+    # BatchNorm folded; no batch statistics read the result): a bfloat16 GEMM (fp32 accumulation,
+    # oneDNN; aten's fp32 GEMM calls MKL) rounded to bfloat16 as the reference's convolution is.
     # All rows, cls included, so that the strided tokens are not copied (but rounded, when wider).
     math = _math_dtype(x_t)
+    bf16_inference = (apply_relu and weight.dtype == torch.bfloat16 and x_t.device.type == "cpu"
+                      and not (torch.is_grad_enabled() and (x_t.requires_grad or weight.requires_grad)))
     with torch.autocast(x_t.device.type, enabled=False):
-        y = F.linear(x_t.to(weight.dtype).to(math), weight.flatten(1).to(math))  # (B, 1 + N, C)
+        if bf16_inference:
+            y = F.linear(x_t.to(weight.dtype), weight.flatten(1))  # (B, 1 + N, C)
+        else:
+            y = F.linear(x_t.to(weight.dtype).to(math), weight.flatten(1).to(math))
     out = torch.addcmul(shift.to(math).view(C, 1), y[:, 1:].transpose(1, 2), scale.to(math).view(C, 1))
     if apply_relu:
         out = out.relu_()
