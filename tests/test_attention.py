@@ -308,7 +308,7 @@ def _sdpa_calls(fn) -> int:
 
 
 def test_cpu_bf16_inference_takes_explicit_scores(gen):
-    """bf16 CPU inference computes the (B, heads, N, N) scores (softmax in fp32), within the bf16
+    """bf16 CPU inference computes the (B, heads, N, N) scores (softmax computing in fp32), within the bf16
     policy of the reference under the same autocast, bf16 and plain bf16 weights alike; with a
     gradient to compute it keeps the flash kernel (no score matrix saved)."""
     ref = _reference(384, 6, gen)

@@ -44,8 +44,8 @@ def check_tokens(x: torch.Tensor, dim: int, who: str) -> None:
 
 def _cpu_bf16_inference(qkv: torch.Tensor) -> bool:
     """bfloat16 on the CPU with no autograd graph through ``qkv``: there the explicit (B, heads, N, N)
-    scores (oneDNN's bfloat16 batched matmuls, softmax in float32, as autocast runs the reference)
-    beat the CPU flash kernel, and no backward needs the memory the flash kernel saves."""
+    scores (oneDNN's bfloat16 batched matmuls) beat the CPU flash kernel, and no backward needs the
+    memory the flash kernel saves."""
     return (qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16
             and not (torch.is_grad_enabled() and qkv.requires_grad))
 
@@ -63,19 +63,23 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     the reference's ops instead, ``softmax((q @ kᵀ) · scale) @ v`` on q, k, v taken from one
     (3, B, heads, N, head_dim) permute: the pattern inference engines fuse (OpenVINO reads the
     three slices in place), where SDPA exports as a scaled q, a scaled k and more transposes.
-    bfloat16 on the CPU without autograd takes the same explicit path (softmax in float32, its
-    result rounded to bfloat16 for @ v, as CPU autocast runs the reference), which oneDNN's
-    bfloat16 matmuls make faster there than the CPU flash kernel.
+    bfloat16 on the CPU without autograd also computes the explicit scores, in bfloat16 (the
+    softmax computing in float32 and rounding once), which oneDNN's bfloat16 matmuls make faster
+    there than the CPU flash kernel.
     """
     B, N, _ = qkv.shape
-    if exporting() or _cpu_bf16_inference(qkv):
+    if exporting():
         qkv = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, Dh) each
-        # (B, H, N, N); the export keeps the reference's ops (no float32 request, a no-op there)
-        attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1, dtype=None if exporting() else torch.float32)
-        return (attn.to(v.dtype) @ v).transpose(1, 2).reshape(B, N, -1)
+        attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)  # (B, H, N, N)
+        return (attn @ v).transpose(1, 2).reshape(B, N, -1)
     q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh) views
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if _cpu_bf16_inference(qkv):
+        # bf16 throughout; the softmax computes in fp32 and rounds once (autocast would return it in fp32)
+        with torch.autocast("cpu", enabled=False):
+            out = (q @ k.transpose(-2, -1)).mul_(scale).softmax(dim=-1) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return out.transpose(1, 2).reshape(B, N, -1)
 
 
