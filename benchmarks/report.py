@@ -76,9 +76,11 @@ def engines_table(path: pathlib.Path) -> str:
     data = json.loads(path.read_text())
     load = data["load_average"]
     versions = ", ".join(f"{package} {version}" for package, version in data["versions"].items())
+    environment = ", ".join(f"`{k}={v}`" for k, v in data.get("environment", {}).items()) or "default environment"
     lines = [f"**{data['device']}**, {data['model']}, batch {data['batch_size']}, {data['image_size']}x"
              f"{data['image_size']}, {data['rounds']} interleaved rounds (torch {data['torch']}, {versions}; load "
-             f"average {load['before']:.2f} before, {load['after']:.2f} after; `{path.relative_to(ROOT)}`)", "",
+             f"average {load['before']:.2f} before, {load['after']:.2f} after; {environment}; "
+             f"`{path.relative_to(ROOT)}`)", "",
              "| impl | precision | median | vs eager reference fp32 | spread | logits rel. error vs float64 |",
              "|---|---|---:|---:|---:|---:|"]
     for r in data["results"]:

@@ -24,7 +24,7 @@ from . import __version__
 from .checkpoint import CheckpointMismatchError
 from .convert import convert
 from .dispatch import interpreter_enabled, onednn_available, triton_available
-from .environment import DTYPES, device_name
+from .environment import DTYPES, device_name, timing_environment
 from .export import ExportError, check_writable
 from .modules.prepack import prepack_weights
 from .registry import VARIANTS, create_model, resolve_name
@@ -169,7 +169,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(dict(model=name, batch_size=args.batch_size, image_size=args.image_size, dtype=args.dtype,
                            device=device_name(device), torch=torch.__version__, triton=_triton_version(),
-                           rounds=rounds, spread_limit=SPREAD_LIMIT, warnings=warnings, results=rows), f, indent=2)
+                           environment=timing_environment(), rounds=rounds, spread_limit=SPREAD_LIMIT,
+                           warnings=warnings, results=rows), f, indent=2)
         _progress(f"wrote {args.json}")
     return 0
 
@@ -177,8 +178,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _engine_candidates(reference: torch.nn.Module, fast: torch.nn.Module, x: torch.Tensor, folder: str
                        ) -> tuple[dict[str, tuple[str, Callable[[], object]]], dict[str, str]]:
     """The rows of ``bench --engines``: ({label: (precision, call)}, {what was skipped: why}).
-    Eager models and torch.compile run fp32 and bf16 (CPU autocast), the fast model with prepacked
-    weights (:func:`~fastconformer.prepack_weights`) fp32; each installed engine runs
+    Eager models (the fast one also with prepacked weights, :func:`~fastconformer.prepack_weights`)
+    and torch.compile run fp32 and bf16 (CPU autocast); each installed engine runs
     both models' ONNX exports (static batch, verified at export), ONNX Runtime in fp32, OpenVINO in
     fp32 and with its bf16 inference precision hint."""
     from .export import ENGINES, engine_runner, export_onnx, missing_engines
@@ -189,14 +190,13 @@ def _engine_candidates(reference: torch.nn.Module, fast: torch.nn.Module, x: tor
                 return fn()
         return run
 
-    models = {"reference": reference, "fast": fast, "compile(reference)": torch.compile(reference),
-              "compile(fast)": torch.compile(fast)}
+    # the prepacked model is a copy: packing is registered per parameter
+    models = {"reference": reference, "fast": fast, "fast prepacked": prepack_weights(copy.deepcopy(fast)),
+              "compile(reference)": torch.compile(reference), "compile(fast)": torch.compile(fast)}
     rows = {}
     for label, model in models.items():
         rows[label] = ("fp32", functools.partial(model, x))
         rows[f"{label} bf16"] = ("bf16", autocast(functools.partial(model, x)))
-        if label == "fast":  # fp32 only: packed weights serve float32 inference (a copy: packing is per parameter)
-            rows["fast prepacked"] = ("fp32", functools.partial(prepack_weights(copy.deepcopy(fast)), x))
     skipped = missing_engines()
     paths = {}
     try:
@@ -246,8 +246,10 @@ def _bench_engines(args: argparse.Namespace, name: str, device: torch.device) ->
                         precisions={label: precision for label, (precision, _) in candidates.items()})
     warnings = _spread_warnings(timings)
     rounds = len(timings["reference"].rounds)
+    environment = ", ".join(f"{k}={v}" for k, v in timing_environment().items()) or "default"
     print(f"{name}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {device_name(device)}, "
-          f"torch {torch.__version__}; load average {load[0]:.2f} before, {load[1]:.2f} after")
+          f"torch {torch.__version__}; load average {load[0]:.2f} before, {load[1]:.2f} after; environment: "
+          f"{environment}")
     print(f"{rounds} interleaved rounds after warm-up; latency: median; spread: interquartile range / median; "
           "speedup vs the eager reference in fp32")
     print("bf16: torch.autocast for eager and compiled models, OpenVINO's bf16 inference precision hint; "
@@ -266,7 +268,8 @@ def _bench_engines(args: argparse.Namespace, name: str, device: torch.device) ->
         with open(args.json, "w") as f:
             json.dump(dict(model=name, batch_size=args.batch_size, image_size=args.image_size, engines=True,
                            device=device_name(device), threads=torch.get_num_threads(), torch=torch.__version__,
-                           versions=_engine_versions(), load_average=dict(before=load[0], after=load[1]),
+                           versions=_engine_versions(), environment=timing_environment(),
+                           load_average=dict(before=load[0], after=load[1]),
                            rounds=rounds, spread_limit=SPREAD_LIMIT, skipped=skipped, warnings=warnings,
                            results=rows), f, indent=2)
         _progress(f"wrote {args.json}")

@@ -16,7 +16,8 @@ server may each hold their own.
 
 Inside the PyTorch implementation, CPU inference may go one step further: :func:`use_onednn` says
 when float32 CPU work with no autograd graph may run through oneDNN's fused linear primitive (a
-linear layer with its GELU or residual add in one call, the primitive inductor's CPU backend emits).
+linear layer with its GELU or residual add in one call, the primitive inductor's CPU backend emits),
+:func:`onednn_autocast_bf16` when bfloat16 work under CPU autocast may.
 :func:`onednn` (or ``FASTCONFORMER_ONEDNN=0``) switches that off, e.g. to measure what it buys.
 """
 
@@ -34,8 +35,8 @@ from typing import Callable, Iterator
 import torch
 
 __all__ = ["BACKENDS", "backend", "current_backend", "exporting", "fused_op", "interpreter_enabled", "onednn",
-           "onednn_autocast_bf16", "onednn_available", "onednn_bf16_available", "triton_available", "use_onednn",
-           "use_triton"]
+           "no_autograd", "onednn_autocast_bf16", "onednn_available", "onednn_bf16_available", "triton_available",
+           "use_onednn", "use_triton"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -192,18 +193,29 @@ def onednn_bf16_available() -> bool:
     return gelu.dtype == torch.bfloat16 and torch.allclose(gelu.float(), expected, rtol=1e-2, atol=1e-2)
 
 
+def no_autograd(*tensors: torch.Tensor) -> bool:
+    """True when no autograd graph can be recorded through ``tensors``: grad mode is off, or none
+    of them requires grad (pass every tensor the computation reads, parameters included)."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _onednn_may_serve(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """What both oneDNN gates ask first: the switch is on, torch.compile is not tracing, the fused
+    ops would not pick Triton and no autograd graph can pass through."""
+    return (_onednn_enabled() and not torch.compiler.is_compiling() and not use_triton(*tensors)
+            and no_autograd(*tensors))
+
+
 def onednn_autocast_bf16(*tensors: torch.Tensor) -> bool:
     """Whether the PyTorch path may run ``tensors`` through oneDNN's fused inference primitives in
     bfloat16: CPU autocast to bfloat16 is on, oneDNN has native bfloat16 here, and the rest is as
     :func:`use_onednn` (the switch, no Triton, no torch.compile, no autograd graph), for CPU
     tensors of float32 (parameters, autocast's inputs) or bfloat16 (autocast's outputs)."""
-    if not _onednn_enabled() or torch.compiler.is_compiling() or use_triton(*tensors):
+    if not _onednn_may_serve(tensors):
         return False
     if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         return False
     if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) for t in tensors):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     return onednn_bf16_available()
 
@@ -216,11 +228,9 @@ def use_onednn(*tensors: torch.Tensor) -> bool:
     included, since the primitives have no backward), CPU autocast is off and torch.compile is not
     tracing (inductor picks its own CPU fusions, and the primitive's residual-add form has no
     fake-tensor kernel to trace with)."""
-    if not _onednn_enabled() or torch.compiler.is_compiling() or use_triton(*tensors):
+    if not _onednn_may_serve(tensors):
         return False
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     return not torch.is_autocast_enabled("cpu") and onednn_available()
 

@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import pathlib
 import platform
 import re
 
 import torch
 
-__all__ = ["DTYPES", "cpu_model", "device_name", "device_slug"]
+__all__ = ["DTYPES", "TIMING_VARIABLES", "cpu_model", "device_name", "device_slug", "timing_environment"]
 
 # The precisions that ``fastconformer bench --dtype`` and the GPU report's rows name (fp16 and bf16
 # run under torch.autocast).
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Environment variables that change CPU timings: the allocator (glibc's tunables, a preloaded
+# jemalloc or tcmalloc), the thread count, fastconformer's own switches.
+TIMING_VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_ARENA_MAX", "OMP_NUM_THREADS", "FASTCONFORMER_BACKEND",
+                    "FASTCONFORMER_ONEDNN")
 
 
 @functools.cache
@@ -38,3 +44,8 @@ def device_name(device: str | torch.device) -> str:
 def device_slug(device: str | torch.device) -> str:
     """A file-name-safe :func:`device_name`, e.g. ``nvidia-h100-80gb-hbm3``."""
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def timing_environment() -> dict[str, str]:
+    """{name: value} of the :data:`TIMING_VARIABLES` set in this process's environment."""
+    return {name: os.environ[name] for name in TIMING_VARIABLES if name in os.environ}

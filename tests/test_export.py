@@ -9,6 +9,7 @@ block the deeper models repeat, and each export takes seconds instead of minutes
 import copy
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ import onnx  # noqa: E402
 import onnxruntime  # noqa: E402
 
 from fastconformer import cli, export_onnx  # noqa: E402
+from fastconformer.environment import TIMING_VARIABLES  # noqa: E402
 from fastconformer.export import EXPORT_TOL, OUTPUT_NAMES, ExportError, onnx_op_histogram, verify_onnx  # noqa: E402
 from fastconformer.testing import reference_and_fast  # noqa: E402
 
@@ -209,8 +211,8 @@ def test_bench_engines_rows(shallow_models, monkeypatch, tmp_path, capsys):
     assert list(rows) == ["reference", "fast", "fast prepacked", "compile(reference)", "compile(fast)",
                           "onnxruntime(reference)",
                           "onnxruntime(fast)", "openvino(reference)", "openvino(fast)", "reference bf16", "fast bf16",
-                          "compile(reference) bf16", "compile(fast) bf16", "openvino(reference) bf16",
-                          "openvino(fast) bf16"]
+                          "fast prepacked bf16", "compile(reference) bf16", "compile(fast) bf16",
+                          "openvino(reference) bf16", "openvino(fast) bf16"]
     for label, row in rows.items():
         bound = 1e-4 if row["precision"] == "fp32" else 0.1
         assert row["rel_error_vs_float64"] <= bound, (label, row["rel_error_vs_float64"])
@@ -218,3 +220,4 @@ def test_bench_engines_rows(shallow_models, monkeypatch, tmp_path, capsys):
     assert rows["reference"]["speedup"] == 1.0
     assert "skipped: onnxruntime bf16" in out
     assert set(result["load_average"]) == {"before", "after"} and result["versions"]["openvino"] != "not installed"
+    assert result["environment"] == {k: v for k, v in os.environ.items() if k in TIMING_VARIABLES}

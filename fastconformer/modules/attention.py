@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..dispatch import exporting, fused_op
+from ..dispatch import exporting, fused_op, no_autograd
 from ..reference import Attention
 from .base import FusedModule, NotFusableError
 
@@ -46,8 +46,7 @@ def _cpu_bf16_inference(qkv: torch.Tensor) -> bool:
     """bfloat16 on the CPU with no autograd graph through ``qkv``: there the explicit (B, heads, N, N)
     scores (oneDNN's bfloat16 batched matmuls) beat the CPU flash kernel, and no backward needs the
     memory the flash kernel saves."""
-    return (qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16
-            and not (torch.is_grad_enabled() and qkv.requires_grad))
+    return qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16 and no_autograd(qkv)
 
 
 @fused_op(triton_impl="attention:attention_triton", check=check_qkv)

@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..dispatch import exporting, fused_op, use_onednn
+from ..dispatch import exporting, fused_op, no_autograd, use_onednn
 from ..reference import FCUUp
 from .base import FusedModule, NotFusableError
 from .onednn import onednn_linear
@@ -146,7 +146,7 @@ def fcu_up_expand(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     # All rows, cls included, so that the strided tokens are not copied (but rounded, when wider).
     math = _math_dtype(x_t)
     bf16_inference = (apply_relu and weight.dtype == torch.bfloat16 and x_t.device.type == "cpu"
-                      and not (torch.is_grad_enabled() and (x_t.requires_grad or weight.requires_grad)))
+                      and no_autograd(x_t, weight))
     with torch.autocast(x_t.device.type, enabled=False):
         if bf16_inference:
             y = F.linear(x_t.to(weight.dtype), weight.flatten(1))  # (B, 1 + N, C)
@@ -172,7 +172,7 @@ def bn_relu_add_upsampled(x: torch.Tensor, scale: torch.Tensor, shift: torch.Ten
     math = _math_dtype(x)
     scale, shift = scale.to(math), shift.to(math)
     y = F.batch_norm(x, torch.zeros_like(scale), torch.ones_like(scale), scale, shift, False, 0.0, 0.0).relu_()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, scale, shift, low)):
+    if not no_autograd(x, scale, shift, low):
         return _AddUpsampled.apply(y, low, up)  # a new tensor: the ReLU keeps y for its backward
     y_blocks, low_blocks = _upsample_blocks(y, low, up)
     y_blocks.add_(low_blocks)
