@@ -81,11 +81,13 @@ def engines_table(path: pathlib.Path) -> str:
              f"{data['image_size']}, {data['rounds']} interleaved rounds (torch {data['torch']}, {versions}; load "
              f"average {load['before']:.2f} before, {load['after']:.2f} after; {environment}; "
              f"`{path.relative_to(ROOT)}`)", "",
-             "| impl | precision | median | vs eager reference fp32 | spread | logits rel. error vs float64 |",
-             "|---|---|---:|---:|---:|---:|"]
+             "| impl | precision | median | vs eager reference fp32 | spread | logits rel. error vs float64 "
+             "| top-1 agreement with float64 |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in data["results"]:
+        agreement = f"{r['top1_agreement']:.1%}" if "top1_agreement" in r else "-"
         lines.append(f"| {r['impl']} | {r['precision']} | {r['seconds_per_batch'] * 1e3:.1f} ms | {r['speedup']:.2f}x "
-                     f"| {r['spread']:.1%} | {r['rel_error_vs_float64']:.1e} |")
+                     f"| {r['spread']:.1%} | {r['rel_error_vs_float64']:.1e} | {agreement} |")
     lines += [f"\nSkipped: {what}: {why}." for what, why in data["skipped"].items()]
     lines += [f"\nWarning: {warning}" for warning in data["warnings"]]
     return "\n".join(lines)

@@ -216,8 +216,15 @@ def test_bench_engines_rows(shallow_models, monkeypatch, tmp_path, capsys):
     for label, row in rows.items():
         bound = 1e-4 if row["precision"] == "fp32" else 0.1
         assert row["rel_error_vs_float64"] <= bound, (label, row["rel_error_vs_float64"])
+        assert 0.0 <= row["top1_agreement"] <= 1.0 and (row["precision"] != "fp32" or row["top1_agreement"] == 1.0)
         assert row["speedup"] > 0 and label in out
     assert rows["reference"]["speedup"] == 1.0
     assert "skipped: onnxruntime bf16" in out
     assert set(result["load_average"]) == {"before", "after"} and result["versions"]["openvino"] != "not installed"
     assert result["environment"] == {k: v for k, v in os.environ.items() if k in TIMING_VARIABLES}
+
+
+def test_top1_agreement_counts_images_and_heads():
+    exact = [torch.tensor([[0.0, 1.0], [2.0, 0.0]], dtype=torch.float64), torch.tensor([[1.0, 0.0], [0.0, 1.0]])]
+    assert cli._top1_agreement([e.float() for e in exact], exact) == 1.0
+    assert cli._top1_agreement([exact[0].numpy(), torch.tensor([[0.0, 1.0], [0.0, 1.0]])], exact) == 0.75
