@@ -104,7 +104,9 @@ def _replace_between(text: str, start: str, end: str, body: str) -> str:
 def update_readme() -> None:
     files = sorted(RESULTS.glob("*.json"))
     body = "\n\n".join(table(p) for p in files) if files else "_No saved benchmark results yet._"
-    engine_files = sorted((RESULTS / "engines").glob("*.json"))
+    # runs in the default environment first, then those under allocator or thread settings
+    engine_files = sorted((RESULTS / "engines").glob("*.json"),
+                          key=lambda p: (bool(json.loads(p.read_text()).get("environment")), p.name))
     engines = ("\n\n".join(engines_table(p) for p in engine_files) if engine_files
                else "_No saved `bench --engines` run yet._")
     text = _replace_between(README.read_text(), START, END, body)
