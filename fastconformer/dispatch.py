@@ -35,8 +35,8 @@ from typing import Callable, Iterator
 import torch
 
 __all__ = ["BACKENDS", "backend", "current_backend", "exporting", "fused_op", "interpreter_enabled", "onednn",
-           "no_autograd", "onednn_autocast_bf16", "onednn_available", "onednn_bf16_available", "triton_available",
-           "use_onednn", "use_triton"]
+           "no_autograd", "onednn_autocast_bf16", "onednn_available", "onednn_bf16", "onednn_bf16_available",
+           "triton_available", "use_onednn", "use_triton"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -206,18 +206,23 @@ def _onednn_may_serve(tensors: tuple[torch.Tensor, ...]) -> bool:
             and no_autograd(*tensors))
 
 
-def onednn_autocast_bf16(*tensors: torch.Tensor) -> bool:
-    """Whether the PyTorch path may run ``tensors`` through oneDNN's fused inference primitives in
-    bfloat16: CPU autocast to bfloat16 is on, oneDNN has native bfloat16 here, and the rest is as
-    :func:`use_onednn` (the switch, no Triton, no torch.compile, no autograd graph), for CPU
-    tensors of float32 (parameters, autocast's inputs) or bfloat16 (autocast's outputs)."""
+def onednn_bf16(*tensors: torch.Tensor) -> bool:
+    """Whether the PyTorch path may compute on ``tensors`` in bfloat16 through oneDNN's kernels
+    (its inner product, and aten's bfloat16 matmuls, which call oneDNN): oneDNN has native bfloat16
+    here, the tensors are CPU float32 or bfloat16, and the rest is as :func:`use_onednn` (the
+    switch, no Triton, no torch.compile, no autograd graph)."""
     if not _onednn_may_serve(tensors):
-        return False
-    if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         return False
     if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) for t in tensors):
         return False
     return onednn_bf16_available()
+
+
+def onednn_autocast_bf16(*tensors: torch.Tensor) -> bool:
+    """:func:`onednn_bf16` under CPU autocast to bfloat16: where float32 layers may run as bfloat16
+    oneDNN inner products (parameters float32, autocast's inputs float32 or bfloat16)."""
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return autocast and onednn_bf16(*tensors)
 
 
 def use_onednn(*tensors: torch.Tensor) -> bool:

@@ -12,16 +12,18 @@ import re
 
 import torch
 
-__all__ = ["DTYPES", "TIMING_VARIABLES", "cpu_model", "device_name", "device_slug", "timing_environment"]
+__all__ = ["DTYPES", "TIMING_PREFIXES", "TIMING_VARIABLES", "cpu_model", "device_name", "device_slug",
+           "timing_environment"]
 
 # The precisions that ``fastconformer bench --dtype`` and the GPU report's rows name (fp16 and bf16
 # run under torch.autocast).
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Environment variables that change CPU timings: the allocator (glibc's tunables, a preloaded
-# jemalloc or tcmalloc), the thread count, fastconformer's own switches.
-TIMING_VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_ARENA_MAX", "OMP_NUM_THREADS", "FASTCONFORMER_BACKEND",
-                    "FASTCONFORMER_ONEDNN")
+# jemalloc or tcmalloc), fastconformer's own switches; and every variable of the OpenMP runtimes,
+# MKL and oneDNN (threads, affinity, dispatch).
+TIMING_VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_ARENA_MAX", "FASTCONFORMER_BACKEND", "FASTCONFORMER_ONEDNN")
+TIMING_PREFIXES = ("OMP_", "GOMP_", "KMP_", "MKL_", "ONEDNN_", "DNNL_")
 
 
 @functools.cache
@@ -47,5 +49,7 @@ def device_slug(device: str | torch.device) -> str:
 
 
 def timing_environment() -> dict[str, str]:
-    """{name: value} of the :data:`TIMING_VARIABLES` set in this process's environment."""
-    return {name: os.environ[name] for name in TIMING_VARIABLES if name in os.environ}
+    """{name: value} of the :data:`TIMING_VARIABLES` and the variables starting with one of
+    :data:`TIMING_PREFIXES` set in this process's environment, sorted by name."""
+    return {name: value for name, value in sorted(os.environ.items())
+            if name in TIMING_VARIABLES or name.startswith(TIMING_PREFIXES)}

@@ -1,6 +1,7 @@
 """FusedAttention / the fused attention op against the float64 reference Attention, both backends."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from fastconformer import dispatch
 from fastconformer.modules.attention import FusedAttention, attention
 from fastconformer.reference import Attention
 from fastconformer.testing import MODULE_TOL, assert_matches, randomize_module, rel_error, tf32, to_float64
+
+attention_module = importlib.import_module("fastconformer.modules.attention")  # the name is shadowed by the op
 
 HAS_TRITON = dispatch.triton_available() and (torch.cuda.is_available() or dispatch.interpreter_enabled())
 
@@ -310,7 +313,7 @@ def _sdpa_calls(fn) -> int:
 def test_cpu_bf16_inference_takes_explicit_scores(gen):
     """bf16 CPU inference computes the (B, heads, N, N) scores (softmax computing in fp32), within the bf16
     policy of the reference under the same autocast, bf16 and plain bf16 weights alike; with a
-    gradient to compute it keeps the flash kernel (no score matrix saved)."""
+    gradient to compute, or the oneDNN switch off, it keeps the flash kernel (no score matrix saved)."""
     ref = _reference(384, 6, gen)
     x = torch.randn(3, 197, 384, generator=gen)
     expected = copy.deepcopy(ref).double()(x.double())
@@ -323,8 +326,19 @@ def test_cpu_bf16_inference_takes_explicit_scores(gen):
         assert_matches(out, expected, baseline=baseline)
         fused16, ref16 = copy.deepcopy(fused).bfloat16(), copy.deepcopy(ref).bfloat16()
         assert_matches(fused16(x.bfloat16()), expected, baseline=ref16(x.bfloat16()), name="bf16 weights")
-    qkv = torch.randn(2, 17, 3 * 64, generator=gen).bfloat16().requires_grad_()
-    assert _sdpa_calls(lambda: attention(qkv, 2, 0.125)) == 1
+    qkv = torch.randn(2, 17, 3 * 64, generator=gen).bfloat16()
+    with torch.no_grad():
+        assert _sdpa_calls(lambda: attention(qkv, 2, 0.125)) == 0
+        with dispatch.onednn(False):
+            assert _sdpa_calls(lambda: attention(qkv, 2, 0.125)) == 1, "the oneDNN switch turns it off"
+    assert _sdpa_calls(lambda: attention(qkv.requires_grad_(), 2, 0.125)) == 1, "autograd keeps the flash kernel"
+
+
+def test_explicit_bf16_scores_are_capped(gen, monkeypatch):
+    qkv = torch.randn(2, 17, 3 * 64, generator=gen).bfloat16()
+    monkeypatch.setattr(attention_module, "EXPLICIT_SCORES_MAX", 2 * 2 * 17 * 17 - 1)
+    with torch.no_grad():
+        assert _sdpa_calls(lambda: attention(qkv, 2, 0.125)) == 1, "beyond the cap: the flash kernel's tiles"
 
 
 @pytest.mark.gpu

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastconformer import backend
+from fastconformer.dispatch import onednn, onednn_bf16_available
 from fastconformer.modules import conv_trans_block as conv_trans_block_module
 from fastconformer.modules.conv_block import FusedConvBlock
 from fastconformer.modules.conv_trans_block import FusedConvTransBlock
@@ -184,6 +185,24 @@ def test_fcu_up_expand_gradcheck(gen):
     with backend("torch"):
         for apply_relu in (False, True):
             assert torch.autograd.gradcheck(lambda *a, relu=apply_relu: fcu_up_expand(*a, h, w, relu), args)
+
+
+def test_fcu_up_bf16_inference_runs_a_bf16_gemm(gen, monkeypatch):
+    """The eval-mode expand in bf16 CPU inference computes its GEMM on bf16 operands (oneDNN), not
+    on fp32 copies; with autograd, or the oneDNN switch off, on fp32 copies."""
+    fused = FusedFCUUp.from_reference(randomize_module(FCUUp(384, 64, 4), gen)).eval()
+    x_t = _tokens(2, 14, 14, 384, gen, "cpu")
+    seen = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda a, w, *rest: seen.append(w.dtype) or linear(a, w, *rest))
+    with backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            fused.forward_low_res(x_t, 14, 14)
+            with onednn(False):
+                fused.forward_low_res(x_t, 14, 14)
+        fused.forward_low_res(x_t, 14, 14)
+    expected = torch.bfloat16 if onednn_bf16_available() else torch.float32
+    assert seen == [expected, torch.float32, torch.float32]
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])

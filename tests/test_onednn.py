@@ -21,7 +21,7 @@ from fastconformer.modules.conv_block import FusedConvBlock
 from fastconformer.modules.conv_trans_block import FusedConvTransBlock
 from fastconformer.modules.fcu_down import FusedFCUDown
 from fastconformer.modules.fcu_up import FusedFCUUp
-from fastconformer.modules.onednn import onednn_linear
+from fastconformer.modules.onednn import onednn_linear, register_for_packing
 from fastconformer.modules.prepack import prepack_weights, prepacked_weights
 from fastconformer.modules.transformer import FusedBlock
 from fastconformer.testing import (HALF_FACTOR, HALF_SLACK, MODEL_TOL, assert_matches, onednn_calls, randomize_module,
@@ -279,11 +279,42 @@ def test_prepacked_weights_give_the_same_model_and_follow_every_tracked_change()
     prepack_weights(fast)
     assert prepacked_weights(fast) == 3 * 4 + 2
 
-    # copies start unpacked (packed copies cannot be pickled or deep-copied)
-    clone = copy.deepcopy(fast)
-    assert prepacked_weights(clone) == 0
-    pickle.loads(pickle.dumps(fast))
+    # copies start unpacked (packed copies cannot be pickled or deep-copied) and compute the same
+    with torch.inference_mode():
+        expected = fast(x)
+    for clone in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+        assert prepacked_weights(clone) == 0
+        with torch.inference_mode():
+            assert _reorders(lambda: clone(x)) == 0
+            assert all(torch.equal(o, e) for o, e in zip(clone(x), expected))
     assert prepack_weights(fast, enabled=False) is fast and prepacked_weights(fast) == 0
+
+
+def test_prepacked_weights_follow_new_storage():
+    """A parameter given other storage (dtype round trips, ``param.data = ...``) is repacked, even
+    where the new storage could take the old one's address."""
+    linear = nn.Linear(384, 1152)
+    register_for_packing(linear.weight)
+    x = torch.randn(5, 384)
+
+    def check(what):
+        with torch.no_grad():
+            out = onednn_linear(x, linear.weight, linear.bias)
+            assert torch.allclose(out, torch.nn.functional.linear(x, linear.weight, linear.bias), atol=1e-5), what
+
+    check("first use")
+    linear.bfloat16().float()  # rounds the weights; same version counter, new storage
+    check("after bfloat16().float()")
+    for step in range(3):
+        linear.weight.data = linear.weight.data * 2  # new storage each time, the old one freed
+        check(f"after param.data = ... ({step})")
+
+
+def test_parameters_made_in_inference_mode_cannot_be_prepacked():
+    with torch.inference_mode():
+        model = fastconformer.create_model("conformer_tiny_patch16", depth=3, fast=True)
+    with pytest.raises(ValueError, match="inference_mode"):
+        prepack_weights(model)
 
 
 def test_prepacked_weights_never_reach_autograd():

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..dispatch import exporting, fused_op, no_autograd
+from ..dispatch import exporting, fused_op, onednn_bf16
 from ..reference import Attention
 from .base import FusedModule, NotFusableError
 
@@ -42,11 +42,18 @@ def check_tokens(x: torch.Tensor, dim: int, who: str) -> None:
         raise ValueError(f"{who}: x must be (B, N, {dim}), got shape {tuple(x.shape)}")
 
 
-def _cpu_bf16_inference(qkv: torch.Tensor) -> bool:
-    """bfloat16 on the CPU with no autograd graph through ``qkv``: there the explicit (B, heads, N, N)
-    scores (oneDNN's bfloat16 batched matmuls) beat the CPU flash kernel, and no backward needs the
-    memory the flash kernel saves."""
-    return qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16 and no_autograd(qkv)
+# The most (B, heads, N, N) score elements the explicit bfloat16 path holds (64 MiB), e.g. batch 64
+# at 224x224 for Conformer-S; beyond, the flash kernel's tiles keep the memory small.
+EXPLICIT_SCORES_MAX = 2 ** 25
+
+
+def _explicit_bf16_scores(qkv: torch.Tensor, num_heads: int) -> bool:
+    """bfloat16 on the CPU where :func:`~fastconformer.dispatch.onednn_bf16` allows (no autograd
+    graph through ``qkv``, native bfloat16, the oneDNN switch on) and the scores fit in
+    :data:`EXPLICIT_SCORES_MAX`: there explicit (B, heads, N, N) scores (oneDNN's bfloat16 batched
+    matmuls) beat the CPU flash kernel."""
+    B, N, _ = qkv.shape
+    return qkv.dtype == torch.bfloat16 and B * num_heads * N * N <= EXPLICIT_SCORES_MAX and onednn_bf16(qkv)
 
 
 @fused_op(triton_impl="attention:attention_triton", check=check_qkv)
@@ -62,7 +69,8 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     the reference's ops instead, ``softmax((q @ kᵀ) · scale) @ v`` on q, k, v taken from one
     (3, B, heads, N, head_dim) permute: the pattern inference engines fuse (OpenVINO reads the
     three slices in place), where SDPA exports as a scaled q, a scaled k and more transposes.
-    bfloat16 on the CPU without autograd also computes the explicit scores, in bfloat16 (the
+    bfloat16 CPU inference (no autograd, oneDNN with native bfloat16, scores up to
+    :data:`EXPLICIT_SCORES_MAX` elements) also computes the explicit scores, in bfloat16 (the
     softmax computing in float32 and rounding once), which oneDNN's bfloat16 matmuls make faster
     there than the CPU flash kernel.
     """
@@ -73,7 +81,7 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
         attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)  # (B, H, N, N)
         return (attn @ v).transpose(1, 2).reshape(B, N, -1)
     q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh) views
-    if _cpu_bf16_inference(qkv):
+    if _explicit_bf16_scores(qkv, num_heads):
         # bf16 throughout; the softmax computes in fp32 and rounds once (autocast would return it in fp32)
         with torch.autocast("cpu", enabled=False):
             out = (q @ k.transpose(-2, -1)).mul_(scale).softmax(dim=-1) @ v

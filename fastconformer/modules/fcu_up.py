@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..dispatch import exporting, fused_op, no_autograd, use_onednn
+from ..dispatch import exporting, fused_op, no_autograd, onednn_bf16, use_onednn
 from ..reference import FCUUp
 from .base import FusedModule, NotFusableError
 from .onednn import onednn_linear
@@ -129,8 +129,9 @@ def fcu_up_expand(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     folded into its weight and shift as its bias (the reference's conv + BatchNorm, folded), then ReLU.
     In CPU float32 inference where :func:`~fastconformer.dispatch.use_onednn` allows: the same folding,
     as one oneDNN inner product with the ReLU fused. In bfloat16 CPU inference with ``apply_relu``
-    (the eval-mode expand): a bfloat16 GEMM rounded to bfloat16 (as the reference's convolution
-    under autocast), then the affine and ReLU in float32."""
+    (the eval-mode expand) where :func:`~fastconformer.dispatch.onednn_bf16` allows: a bfloat16 GEMM
+    rounded to bfloat16 (as the reference's convolution under autocast), then the affine and ReLU in
+    float32."""
     C = weight.shape[0]
     if exporting():
         grid = x_t[:, 1:].transpose(1, 2).unflatten(2, (H, W))  # (B, D, H, W)
@@ -145,8 +146,7 @@ def fcu_up_expand(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     # oneDNN; aten's fp32 GEMM calls MKL) rounded to bfloat16 as the reference's convolution is.
     # All rows, cls included, so that the strided tokens are not copied (but rounded, when wider).
     math = _math_dtype(x_t)
-    bf16_inference = (apply_relu and weight.dtype == torch.bfloat16 and x_t.device.type == "cpu"
-                      and no_autograd(x_t, weight))
+    bf16_inference = apply_relu and weight.dtype == torch.bfloat16 and onednn_bf16(x_t, weight, scale, shift)
     with torch.autocast(x_t.device.type, enabled=False):
         if bf16_inference:
             y = F.linear(x_t.to(weight.dtype), weight.flatten(1))  # (B, 1 + N, C)

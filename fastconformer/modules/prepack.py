@@ -33,9 +33,9 @@ def prepack_weights(model: nn.Module, enabled: bool = True) -> nn.Module:
     The packed copies are built on first use, live as long as their parameters and are not part
     of the state_dict; a copy of the model (``copy.deepcopy``) starts without them. See the module
     docstring of :mod:`fastconformer.modules.onednn` for when a packed copy is rebuilt (parameter
-    version or storage changed) and when it is not (writes through ``.data``: call this again).
-    Autograd and CUDA tensors never read them: the fused path steps aside wherever a gradient
-    could flow."""
+    version or storage changed) and when it is not (in-place writes through ``.data``: call this
+    again). Autograd and CUDA tensors never read them: the fused path steps aside wherever a
+    gradient could flow. ValueError for parameters created under ``torch.inference_mode``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepack_weights takes an nn.Module, got {type(model).__name__}")
     if not isinstance(enabled, bool):

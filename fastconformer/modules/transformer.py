@@ -61,11 +61,7 @@ class FusedBlock(FusedModule):
         qkv = onednn_linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias, dtype=bf16)
         a = onednn_linear(attention(qkv, attn.num_heads, attn.scale), attn.proj.weight, attn.proj.bias, dtype=bf16)
         x, h = add_layer_norm(x, a, self.norm2.weight, self.norm2.bias, self.norm2.eps)
-        if type(mlp.act) is nn.GELU and mlp.act.approximate == "none":
-            h = onednn_linear(h, mlp.fc1.weight, mlp.fc1.bias, activation="gelu", dtype=bf16)
-        else:
-            h = mlp.act(onednn_linear(h, mlp.fc1.weight, mlp.fc1.bias, dtype=bf16))
-        return x + onednn_linear(h, mlp.fc2.weight, mlp.fc2.bias, dtype=bf16)
+        return x + onednn_linear(self._onednn_fc1(h, bf16), mlp.fc2.weight, mlp.fc2.bias, dtype=bf16)
 
     def _forward_onednn(self, x: torch.Tensor) -> torch.Tensor:
         """Eval mode (dropout and drop-path are identities) through :func:`onednn_linear`."""
@@ -73,9 +69,12 @@ class FusedBlock(FusedModule):
         check_tokens(x, attn.qkv.in_features, "FusedBlock")
         qkv = onednn_linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias)
         x = onednn_linear(attention(qkv, attn.num_heads, attn.scale), attn.proj.weight, attn.proj.bias, residual=x)
-        h = self.norm2(x)
-        if type(mlp.act) is nn.GELU and mlp.act.approximate == "none":
-            h = onednn_linear(h, mlp.fc1.weight, mlp.fc1.bias, activation="gelu")
-        else:
-            h = mlp.act(onednn_linear(h, mlp.fc1.weight, mlp.fc1.bias))
+        h = self._onednn_fc1(self.norm2(x), torch.float32)
         return onednn_linear(h, mlp.fc2.weight, mlp.fc2.bias, residual=x)
+
+    def _onednn_fc1(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """act(fc1(h)) through :func:`onednn_linear` in ``dtype``, the exact GELU fused into it."""
+        fc1, act = self.mlp.fc1, self.mlp.act
+        if type(act) is nn.GELU and act.approximate == "none":
+            return onednn_linear(h, fc1.weight, fc1.bias, activation="gelu", dtype=dtype)
+        return act(onednn_linear(h, fc1.weight, fc1.bias, dtype=dtype))
