@@ -335,3 +335,7 @@ def test_prepack_weights_checks_its_arguments():
         prepack_weights("model")
     with pytest.raises(TypeError, match="bool"):
         prepack_weights(nn.Linear(2, 2), enabled="yes")
+    reference = fastconformer.create_model("conformer_tiny_patch16", depth=3)
+    with pytest.raises(ValueError, match="convert"):
+        prepack_weights(reference)
+    assert prepack_weights(reference, enabled=False) is reference

@@ -35,12 +35,18 @@ def prepack_weights(model: nn.Module, enabled: bool = True) -> nn.Module:
     docstring of :mod:`fastconformer.modules.onednn` for when a packed copy is rebuilt (parameter
     version or storage changed) and when it is not (in-place writes through ``.data``: call this
     again). Autograd and CUDA tensors never read them: the fused path steps aside wherever a
-    gradient could flow. ValueError for parameters created under ``torch.inference_mode``."""
+    gradient could flow. ValueError for parameters created under ``torch.inference_mode``, or for a
+    model without fused modules (the reference model: convert it first)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepack_weights takes an nn.Module, got {type(model).__name__}")
     if not isinstance(enabled, bool):
         raise TypeError(f"prepack_weights(enabled) takes a bool, got {type(enabled).__name__}")
-    for weight in _linear_weights(model):
+    weights = _linear_weights(model)
+    if enabled and not weights:
+        raise ValueError(f"prepack_weights: {type(model).__name__} holds no fused transformer block or squeeze whose "
+                         "weights it could pack; pass the fast model (fastconformer.convert(model), or "
+                         "create_model(..., fast=True))")
+    for weight in weights:
         register_for_packing(weight, enabled)
     return model
 
