@@ -2,8 +2,9 @@
 
 In eval mode ``bn(conv(x)) == conv'(x)`` with ``w' = w * s`` and ``b' = beta - mean * s`` where
 ``s = gamma / sqrt(var + eps)`` (exact in real arithmetic). The folded weights are recomputed from
-the live parameters and running statistics on every call (a few microseconds per conv, under 1%
-of the block's time), so nothing can go stale after ``train()``/``eval()`` switches, optimizer
+the live parameters and running statistics on every call (keeping them folded between calls,
+invalidated by the sources' version counters, measured no faster for Conformer-S on a 2-core CPU:
+0.999x in a paired A/B), so nothing can go stale after ``train()``/``eval()`` switches, optimizer
 steps or ``load_state_dict``. In train mode the block runs the reference's ops unchanged (batch
 statistics, running-stat updates).
 """

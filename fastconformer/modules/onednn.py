@@ -10,45 +10,29 @@ path on AMD CPUs is about half as fast at these shapes) it runs oneDNN's own ker
 Packed weights (opt-in: :func:`fastconformer.modules.prepack.prepack_weights` registers a model's):
 the primitive otherwise reorders the weight into its blocked layout on every call; a registered
 weight is reordered once (``mkldnn::_reorder_linear_weight``) and the copy kept beside the
-parameter, which stays as it is (same state_dict). A packed copy is rebuilt on first use after its
-parameter changed through PyTorch (optimizer steps, ``load_state_dict``, in-place ops in
-``no_grad``: all bump the parameter's version counter) or got other storage (``module.to()``,
-``.half()`` and back, ``param.data = ...``); another Parameter put in the parameter's place is not
-registered and is read as it is. In-place writes that bypass the version counter (through
-``param.data``, e.g. ``param.data.mul_(2)``, a NumPy view or the storage) are not seen: register
-the weights again after those.
+parameter, which stays as it is (same state_dict); when a copy is rebuilt:
+:mod:`fastconformer.modules.derived`. Another Parameter put in a registered one's place is not
+registered and is read as it is.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
+
+from .derived import DerivedTensors
 
 __all__ = ["onednn_linear", "register_for_packing", "registered_for_packing"]
 
 ACTIVATIONS = ("none", "gelu", "relu")
 
-# parameter -> (its version, an alias of its storage, {dtype: packed weight}) when packed, or None
-# before first use. The alias keeps the storage the copies were packed from alive, so that a tensor
-# put in its place (``param.data = ...``, ``module.to()``, ``.half()`` and back) cannot be allocated
-# at the same address and pass for it.
-_PACKED = WeakIdKeyDictionary()
+PACKED = DerivedTensors("parameters")  # parameter -> {dtype: its oneDNN-packed copy}
 
 
 def _packed(weight: torch.Tensor, dtype: torch.dtype, rows: int) -> torch.Tensor | None:
     """The packed ``dtype`` copy of a parameter registered by :func:`register_for_packing`, (re)built
-    when the parameter's version or storage changed; None for any other tensor."""
-    entry = _PACKED.get(weight, False)
-    if entry is False or weight.is_inference():  # not registered; no version counter to trust
-        return None
-    if entry is None or entry[0] != weight._version or entry[1].data_ptr() != weight.data_ptr() \
-            or entry[1].dtype != weight.dtype or entry[1].shape != weight.shape:
-        entry = (weight._version, weight.detach(), {})
-        _PACKED[weight] = entry
-    copies = entry[2]
-    if dtype not in copies:
-        copies[dtype] = torch.ops.mkldnn._reorder_linear_weight(weight.detach().flatten(1).to(dtype), rows)
-    return copies[dtype]
+    when the parameter changed; None for any other tensor."""
+    return PACKED.get(weight, (weight,), dtype, lambda: torch.ops.mkldnn._reorder_linear_weight(
+        weight.detach().flatten(1).to(dtype), rows))
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, activation: str = "none",
@@ -78,15 +62,12 @@ def register_for_packing(weight: torch.Tensor, enabled: bool = True) -> None:
     """Let :func:`onednn_linear` read ``weight`` (a parameter) from a packed copy, built on first
     use (``enabled``), or drop that copy (``enabled=False``). ValueError for a tensor created under
     ``torch.inference_mode`` (it has no version counter to tell when it changed)."""
-    if not enabled:
-        _PACKED.pop(weight, None)
-        return
-    if weight.is_inference():
-        raise ValueError("prepack_weights: the model's parameters were created under torch.inference_mode and have "
-                         "no version counter to tell when they change; build the model outside inference_mode")
-    _PACKED[weight] = None
+    if enabled:
+        PACKED.register(weight, (weight,))
+    else:
+        PACKED.unregister(weight)
 
 
 def registered_for_packing(weight: torch.Tensor) -> bool:
     """Whether :func:`register_for_packing` registered ``weight`` (and did not drop it)."""
-    return weight in _PACKED
+    return PACKED.registered(weight)

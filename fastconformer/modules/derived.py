@@ -1,0 +1,72 @@
+"""Tensors derived from parameters (oneDNN-packed weights: :mod:`fastconformer.modules.onednn`),
+kept for inference until one of their sources changes. Opt-in per owner:
+:func:`fastconformer.prepack_weights` registers a model's.
+
+A derived tensor is rebuilt on first use after any of its sources changed through PyTorch: its
+version counter moved (optimizer steps, ``load_state_dict``, in-place ops under ``no_grad``) or it
+got other storage, dtype or shape (``module.to()``, ``.half()`` and back, ``param.data = ...``).
+Each entry keeps an alias of the sources it was built from, so no new tensor can be allocated at
+a source's old address and pass for it. In-place writes that bypass the version counter (through
+``param.data``, e.g. ``param.data.mul_(2)``, a NumPy view or the storage) are not seen: register
+again after those.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable, TypeVar
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["DerivedTensors"]
+
+T = TypeVar("T")
+
+
+def _stamp(sources: tuple[torch.Tensor, ...]) -> tuple[tuple[int, torch.Tensor], ...]:
+    return tuple((t._version, t.detach()) for t in sources)
+
+
+def _unchanged(stamp: tuple[tuple[int, torch.Tensor], ...], sources: tuple[torch.Tensor, ...]) -> bool:
+    return len(stamp) == len(sources) and all(
+        version == t._version and alias.data_ptr() == t.data_ptr() and alias.dtype == t.dtype
+        and alias.shape == t.shape for (version, alias), t in zip(stamp, sources))
+
+
+class DerivedTensors:
+    """owner (a tensor or module, held weakly) -> values derived from its sources, one per key."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self._entries = WeakIdKeyDictionary()
+
+    def register(self, owner: object, sources: tuple[torch.Tensor, ...]) -> None:
+        """Keep values derived for ``owner`` from now on (built on first use). ValueError when a
+        source was created under ``torch.inference_mode`` (no version counter to tell a change)."""
+        if any(t.is_inference() for t in sources):
+            raise ValueError(f"prepack_weights: the model's {self.what} were created under torch.inference_mode and "
+                             "have no version counter to tell when they change; build the model outside "
+                             "inference_mode")
+        self._entries[owner] = None
+
+    def unregister(self, owner: object) -> None:
+        self._entries.pop(owner, None)
+
+    def registered(self, owner: object) -> bool:
+        return owner in self._entries
+
+    def get(self, owner: object, sources: tuple[torch.Tensor, ...], key: Hashable, build: Callable[[], T]
+            ) -> T | None:
+        """The value derived for a registered ``owner`` under ``key``, built by ``build()`` when
+        missing or when a source changed since the entry was made; None for an owner not registered
+        (or one whose sources turned into inference tensors, which have no version counter)."""
+        entry = self._entries.get(owner, False)
+        if entry is False or any(t.is_inference() for t in sources):
+            return None
+        if entry is None or not _unchanged(entry[0], sources):
+            entry = (_stamp(sources), {})
+            self._entries[owner] = entry
+        values = entry[1]
+        if key not in values:
+            values[key] = build()
+        return values[key]
