@@ -89,7 +89,7 @@ def test_engine_inference(benchmark, exports, engine, model, precision):
                   rounds=8, batch=B, images=B)
 
 
-@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("impl", ["reference", "fast", "fast prepacked"])
 def test_model_inference_cpu_bf16(benchmark, models, device, impl):
     """The eager models under CPU bf16 autocast: the group the OpenVINO bf16 rows join."""
     if HAS_CUDA:
