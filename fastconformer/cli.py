@@ -29,7 +29,7 @@ from .export import ExportError, check_writable
 from .modules.prepack import prepack_weights
 from .registry import VARIANTS, create_model, resolve_name
 from .testing import rel_error, tf32
-from .timing import Timing, time_interleaved
+from .timing import Timing, per_round_speedup, time_interleaved
 
 # A timing whose interquartile range exceeds SPREAD_LIMIT of its median, or fewer than MIN_ROUNDS
 # rounds, is flagged: the speed-up from such medians is not to be trusted.
@@ -114,13 +114,14 @@ def _top1_agreement(logits, exact: list[torch.Tensor]) -> float:
 def _result_rows(timings: dict[str, Timing], outputs: dict[str, object], exact: list[torch.Tensor], batch_size: int,
                  precisions: dict[str, str] | None = None) -> list[dict]:
     """One result row per timed model (``bench``'s table and JSON): medians, spread, speed-up over the
-    ``"reference"`` row, the logits' relative error vs ``exact`` (float64; outputs may be arrays),
+    ``"reference"`` row (ratio of medians, and the median of the per-round ratios, which a drifting
+    machine moves less), the logits' relative error vs ``exact`` (float64; outputs may be arrays),
     their top-1 agreement with it (:func:`_top1_agreement`) and every round; with ``precisions``,
     each row's precision after its label."""
-    base = timings["reference"].median
+    base, base_rounds = timings["reference"].median, timings["reference"].rounds
     return [dict(impl=label, **({} if precisions is None else {"precision": precisions[label]}),
                  seconds_per_batch=t.median, spread=t.spread, images_per_s=batch_size / t.median,
-                 speedup=base / t.median,
+                 speedup=base / t.median, speedup_per_round=per_round_speedup(base_rounds, t.rounds),
                  rel_error_vs_float64=rel_error([torch.as_tensor(o) for o in outputs[label]], exact),
                  top1_agreement=_top1_agreement(outputs[label], exact),
                  seconds=list(t.rounds), warmup_seconds=list(t.warmup), warmup_settled=t.settled)
@@ -165,16 +166,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rounds = len(timings["reference"].rounds)
     print(f"{name}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.dtype}"
           f"{' (autocast)' if autocast_dtype else ''}, {device_name(device)}, torch {torch.__version__}")
-    print(f"{rounds} interleaved rounds after warm-up; latency: median; spread: interquartile range / median")
+    print(f"{rounds} interleaved rounds after warm-up; latency: median; spread: interquartile range / median; "
+          "speedup: ratio of the medians; per round: median of the per-round speed-ups")
     print("logits error: relative to the reference computed in float64 (the fast model passes at <= 1e-4 in fp32, "
           "<= 2x the reference's own error in fp16/bf16); top-1 agreement with it over the batch's images and both "
           "heads")
-    print(f"{'impl':<22}{'images/s':>12}{'latency ms':>13}{'spread':>9}{'speedup':>10}{'logits rel. err':>18}"
-          f"{'top-1 agree':>13}")
+    print(f"{'impl':<22}{'images/s':>12}{'latency ms':>13}{'spread':>9}{'speedup':>10}{'per round':>11}"
+          f"{'logits rel. err':>18}{'top-1 agree':>13}")
     for row in rows:
         print(f"{row['impl']:<22}{row['images_per_s']:>12.1f}{row['seconds_per_batch'] * 1e3:>13.1f}"
-              f"{row['spread']:>9.1%}{row['speedup']:>9.2f}x{row['rel_error_vs_float64']:>18.2e}"
-              f"{row['top1_agreement']:>13.1%}")
+              f"{row['spread']:>9.1%}{row['speedup']:>9.2f}x{row['speedup_per_round']:>10.2f}x"
+              f"{row['rel_error_vs_float64']:>18.2e}{row['top1_agreement']:>13.1%}")
     for warning in warnings:
         print(f"warning: {warning}")
     if args.json:
@@ -263,16 +265,17 @@ def _bench_engines(args: argparse.Namespace, name: str, device: torch.device) ->
           f"torch {torch.__version__}; load average {load[0]:.2f} before, {load[1]:.2f} after; environment: "
           f"{environment}")
     print(f"{rounds} interleaved rounds after warm-up; latency: median; spread: interquartile range / median; "
-          "speedup vs the eager reference in fp32")
+          "speedup vs the eager reference in fp32: ratio of the medians; per round: median of the per-round "
+          "speed-ups")
     print("bf16: torch.autocast for eager and compiled models, OpenVINO's bf16 inference precision hint; "
           "logits error relative to the reference computed in float64, top-1 agreement with it over the batch's "
           "images and both heads")
     print(f"{'impl':<28}{'precision':>10}{'images/s':>11}{'latency ms':>12}{'spread':>8}{'speedup':>9}"
-          f"{'logits rel. err':>17}{'top-1 agree':>13}")
+          f"{'per round':>11}{'logits rel. err':>17}{'top-1 agree':>13}")
     for row in rows:
         print(f"{row['impl']:<28}{row['precision']:>10}{row['images_per_s']:>11.1f}"
               f"{row['seconds_per_batch'] * 1e3:>12.1f}{row['spread']:>8.1%}{row['speedup']:>8.2f}x"
-              f"{row['rel_error_vs_float64']:>17.2e}{row['top1_agreement']:>13.1%}")
+              f"{row['speedup_per_round']:>10.2f}x{row['rel_error_vs_float64']:>17.2e}{row['top1_agreement']:>13.1%}")
     for what, why in skipped.items():
         print(f"skipped: {what}: {why}")
     for warning in warnings:

@@ -24,11 +24,12 @@ import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["MAX_WARMUP", "SETTLE_TOLERANCE", "SETTLE_WINDOW", "Timing", "synchronize", "time_interleaved"]
+__all__ = ["MAX_WARMUP", "SETTLE_TOLERANCE", "SETTLE_WINDOW", "Timing", "per_round_speedup", "synchronize",
+           "time_interleaved"]
 
 # Warm-up ends when the last SETTLE_WINDOW calls agree within SETTLE_TOLERANCE of their median, or
 # after MAX_WARMUP calls.
@@ -142,3 +143,13 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], min_rounds: in
         done += 1
         progress(f"  round {done}: " + ", ".join(f"{label} {t[-1] * 1e3:.1f} ms" for label, t in rounds.items()))
     return {label: Timing(warmups[label], tuple(rounds[label])) for label in candidates}, results
+
+
+def per_round_speedup(baseline: Sequence[float], times: Sequence[float]) -> float:
+    """The median over rounds of ``baseline[i] / times[i]``: the speed-up of one candidate over
+    another timed in the same interleaved rounds, which drifts of the machine between rounds move
+    less than the ratio of the two medians."""
+    if len(baseline) != len(times) or not times:
+        raise ValueError(f"per_round_speedup needs two equally long, non-empty series of round times, got "
+                         f"{len(baseline)} and {len(times)}")
+    return statistics.median(b / t for b, t in zip(baseline, times))

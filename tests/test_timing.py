@@ -87,3 +87,13 @@ def test_cuda_events_time_the_queued_work():
                                   device="cuda", flush=buffer.zero_)
     assert 1e-3 < timings["long"].median < 1.0
     assert timings["short"].median < timings["long"].median / 3
+
+
+def test_per_round_speedup_is_the_median_of_the_round_ratios():
+    # a drift that slows round 2 for both candidates leaves the per-round ratio alone
+    assert timing.per_round_speedup([2.0, 4.0, 2.0], [1.0, 2.0, 1.0]) == 2.0
+    assert timing.per_round_speedup([1.0, 1.0, 1.0], [1.0, 2.0, 4.0]) == 0.5
+    with pytest.raises(ValueError, match="equally long"):
+        timing.per_round_speedup([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="non-empty"):
+        timing.per_round_speedup([], [])
