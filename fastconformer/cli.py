@@ -260,10 +260,10 @@ def _bench_engines(args: argparse.Namespace, name: str, device: torch.device) ->
                         precisions={label: precision for label, (precision, _) in candidates.items()})
     warnings = _spread_warnings(timings)
     rounds = len(timings["reference"].rounds)
-    environment = ", ".join(f"{k}={v}" for k, v in timing_environment().items()) or "default"
+    environment = timing_environment()
     print(f"{name}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {device_name(device)}, "
           f"torch {torch.__version__}; load average {load[0]:.2f} before, {load[1]:.2f} after; environment: "
-          f"{environment}")
+          + (", ".join(f"{k}={v}" for k, v in environment.items()) or "default"))
     print(f"{rounds} interleaved rounds after warm-up; latency: median; spread: interquartile range / median; "
           "speedup vs the eager reference in fp32: ratio of the medians; per round: median of the per-round "
           "speed-ups")
@@ -284,7 +284,7 @@ def _bench_engines(args: argparse.Namespace, name: str, device: torch.device) ->
         with open(args.json, "w") as f:
             json.dump(dict(model=name, batch_size=args.batch_size, image_size=args.image_size, engines=True,
                            device=device_name(device), threads=torch.get_num_threads(), torch=torch.__version__,
-                           versions=_engine_versions(), environment=timing_environment(),
+                           versions=_engine_versions(), environment=environment,
                            load_average=dict(before=load[0], after=load[1]),
                            rounds=rounds, spread_limit=SPREAD_LIMIT, skipped=skipped, warnings=warnings,
                            results=rows), f, indent=2)
