@@ -4,7 +4,8 @@
 Conformer-S/16 at 224x224; batch 8 fp32 on the CPU, batch 64 under bf16 autocast on a GPU. On
 the CPU the fast model also runs with oneDNN's fused linear epilogues switched off
 (``fast (no oneDNN)``), to show what they add, and with its linear weights prepacked for oneDNN
-(``fast prepacked``, :func:`fastconformer.prepack_weights`).
+(``fast prepacked``, :func:`fastconformer.prepack_weights`), and through oneDNN Graph
+(``fast oneDNN graph``, :func:`fastconformer.onednn_graph`: traced per input shape, verified, fused).
 
 On the CPU, the engines a CPU user would pick run beside them (where installed, else skipped with
 the reason): ONNX Runtime and OpenVINO on both models' ONNX exports (``fastconformer.export_onnx``,
@@ -28,7 +29,8 @@ from fastconformer.export import engine_runner, export_onnx, missing_engines, re
 MODEL = "conformer_small_patch16"
 B = 64 if HAS_CUDA else 8
 AUTOCAST = torch.bfloat16 if HAS_CUDA else None
-IMPLS = ["reference", "fast", "compile(reference)"] + ([] if HAS_CUDA else ["fast (no oneDNN)", "fast prepacked"])
+CPU_ONLY = ["fast (no oneDNN)", "fast prepacked", "fast oneDNN graph"]
+IMPLS = ["reference", "fast", "compile(reference)"] + ([] if HAS_CUDA else CPU_ONLY)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,8 @@ def models(device):
     fast = fastconformer.convert(copy.deepcopy(reference)).to(device)
     reference = reference.to(device)
     return {"reference": reference, "fast": fast, "compile(reference)": torch.compile(reference),
-            "fast (no oneDNN)": fast, "fast prepacked": fastconformer.prepack_weights(copy.deepcopy(fast))}
+            "fast (no oneDNN)": fast, "fast prepacked": fastconformer.prepack_weights(copy.deepcopy(fast)),
+            "fast oneDNN graph": fastconformer.onednn_graph(fast)}
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -52,7 +55,7 @@ def test_model_inference(benchmark, models, device, impl):
         with torch.inference_mode(), autocast, onednn(impl != "fast (no oneDNN)"):
             return model(x)
 
-    run()  # compile / warm up outside the timing
+    run()  # compile, trace / warm up outside the timing
     run_benchmark(benchmark, run, group=f"{MODEL}[B={B},224,{'fp32' if AUTOCAST is None else 'amp-bf16'},eval]",
                   impl=impl, rounds=8, batch=B, images=B)
 
@@ -89,7 +92,7 @@ def test_engine_inference(benchmark, exports, engine, model, precision):
                   rounds=8, batch=B, images=B)
 
 
-@pytest.mark.parametrize("impl", ["reference", "fast", "fast prepacked"])
+@pytest.mark.parametrize("impl", ["reference", "fast", "fast prepacked", "fast oneDNN graph"])
 def test_model_inference_cpu_bf16(benchmark, models, device, impl):
     """The eager models under CPU bf16 autocast: the group the OpenVINO bf16 rows join."""
     if HAS_CUDA:

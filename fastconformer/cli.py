@@ -27,6 +27,7 @@ from .dispatch import interpreter_enabled, onednn_available, triton_available
 from .environment import DTYPES, device_name, timing_environment
 from .export import ExportError, check_writable
 from .modules.prepack import prepack_weights
+from .onednn_graph import onednn_graph
 from .registry import VARIANTS, create_model, resolve_name
 from .testing import rel_error, tf32
 from .timing import Timing, per_round_speedup, time_interleaved
@@ -192,8 +193,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _engine_candidates(reference: torch.nn.Module, fast: torch.nn.Module, x: torch.Tensor, folder: str
                        ) -> tuple[dict[str, tuple[str, Callable[[], object]]], dict[str, str]]:
     """The rows of ``bench --engines``: ({label: (precision, call)}, {what was skipped: why}).
-    Eager models (the fast one also with prepacked weights, :func:`~fastconformer.prepack_weights`)
-    and torch.compile run fp32 and bf16 (CPU autocast); each installed engine runs
+    Eager models (the fast one also with prepacked weights, :func:`~fastconformer.prepack_weights`),
+    the fast model through oneDNN Graph (:func:`~fastconformer.onednn_graph`) and torch.compile run
+    fp32 and bf16 (CPU autocast); each installed engine runs
     both models' ONNX exports (static batch, verified at export), ONNX Runtime in fp32, OpenVINO in
     fp32 and with its bf16 inference precision hint."""
     from .export import ENGINES, engine_runner, export_onnx, missing_engines
@@ -206,6 +208,7 @@ def _engine_candidates(reference: torch.nn.Module, fast: torch.nn.Module, x: tor
 
     # the prepacked model is a copy: packing is registered per parameter
     models = {"reference": reference, "fast": fast, "fast prepacked": prepack_weights(copy.deepcopy(fast)),
+              "fast oneDNN graph": onednn_graph(fast),
               "compile(reference)": torch.compile(reference), "compile(fast)": torch.compile(fast)}
     rows = {}
     for label, model in models.items():

@@ -153,10 +153,11 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 
 def exporting() -> bool:
-    """True while ``torch.export`` (and so ``torch.onnx.export(..., dynamo=True)``) traces the model:
-    the PyTorch implementations then take a branch of plain ops with the same algebra that the ONNX
-    exporter maps to standard operators (``fastconformer.export``)."""
-    return torch.compiler.is_exporting()
+    """True while ``torch.export`` (and so ``torch.onnx.export(..., dynamo=True)``) or
+    ``torch.jit.trace`` traces the model: the PyTorch implementations then take a branch of plain
+    ops with the same algebra, which the ONNX exporter maps to standard operators
+    (``fastconformer.export``) and oneDNN Graph fuses (``fastconformer.onednn_graph``)."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 @functools.cache
@@ -200,10 +201,11 @@ def no_autograd(*tensors: torch.Tensor) -> bool:
 
 
 def _onednn_may_serve(tensors: tuple[torch.Tensor, ...]) -> bool:
-    """What both oneDNN gates ask first: the switch is on, torch.compile is not tracing, the fused
-    ops would not pick Triton and no autograd graph can pass through."""
-    return (_onednn_enabled() and not torch.compiler.is_compiling() and not use_triton(*tensors)
-            and no_autograd(*tensors))
+    """What both oneDNN gates ask first: the switch is on, torch.compile, torch.export or
+    torch.jit.trace is not tracing, the fused ops would not pick Triton and no autograd graph can
+    pass through."""
+    return (_onednn_enabled() and not torch.compiler.is_compiling() and not exporting()
+            and not use_triton(*tensors) and no_autograd(*tensors))
 
 
 def onednn_bf16(*tensors: torch.Tensor) -> bool:

@@ -208,10 +208,10 @@ def test_bench_engines_rows(shallow_models, monkeypatch, tmp_path, capsys):
     assert status == 0, err
     result = json.loads(path.read_text())
     rows = {r["impl"]: r for r in result["results"]}
-    assert list(rows) == ["reference", "fast", "fast prepacked", "compile(reference)", "compile(fast)",
-                          "onnxruntime(reference)",
-                          "onnxruntime(fast)", "openvino(reference)", "openvino(fast)", "reference bf16", "fast bf16",
-                          "fast prepacked bf16", "compile(reference) bf16", "compile(fast) bf16",
+    assert list(rows) == ["reference", "fast", "fast prepacked", "fast oneDNN graph", "compile(reference)",
+                          "compile(fast)", "onnxruntime(reference)", "onnxruntime(fast)", "openvino(reference)",
+                          "openvino(fast)", "reference bf16", "fast bf16", "fast prepacked bf16",
+                          "fast oneDNN graph bf16", "compile(reference) bf16", "compile(fast) bf16",
                           "openvino(reference) bf16", "openvino(fast) bf16"]
     for label, row in rows.items():
         bound = 1e-4 if row["precision"] == "fp32" else 0.1

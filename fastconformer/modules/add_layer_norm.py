@@ -35,4 +35,4 @@ def add_layer_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias:
                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x, y (..., D) -> (x + y, LayerNorm(x + y)) with weight, bias (D,) and ``eps``; same dtype as x."""
     s = x + y
-    return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    return s, F.layer_norm(s, weight.shape, weight, bias, eps)  # weight's shape: a constant when traced

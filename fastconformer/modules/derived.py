@@ -18,19 +18,25 @@ from typing import Callable, Hashable, TypeVar
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["DerivedTensors"]
+__all__ = ["DerivedTensors", "stamp", "stamp_matches"]
 
 T = TypeVar("T")
 
 
-def _stamp(sources: tuple[torch.Tensor, ...]) -> tuple[tuple[int, torch.Tensor], ...]:
-    return tuple((t._version, t.detach()) for t in sources)
+def _key(sources: tuple[torch.Tensor, ...]) -> tuple:
+    return tuple((t._version, t.data_ptr(), t.dtype, t.shape) for t in sources)
 
 
-def _unchanged(stamp: tuple[tuple[int, torch.Tensor], ...], sources: tuple[torch.Tensor, ...]) -> bool:
-    return len(stamp) == len(sources) and all(
-        version == t._version and alias.data_ptr() == t.data_ptr() and alias.dtype == t.dtype
-        and alias.shape == t.shape for (version, alias), t in zip(stamp, sources))
+def stamp(sources: tuple[torch.Tensor, ...]) -> tuple[tuple, tuple[torch.Tensor, ...]]:
+    """What :func:`stamp_matches` compares later: each source's version, storage address, dtype and
+    shape, and an alias of each (which pins its storage, so that no new tensor can take its
+    address). Not for inference tensors (no version counter)."""
+    return _key(sources), tuple(t.detach() for t in sources)
+
+
+def stamp_matches(stamp: tuple[tuple, tuple[torch.Tensor, ...]] | None, sources: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``sources`` are unchanged since ``stamp`` was taken (None: never taken)."""
+    return stamp is not None and stamp[0] == _key(sources)
 
 
 class DerivedTensors:
@@ -63,8 +69,8 @@ class DerivedTensors:
         entry = self._entries.get(owner, False)
         if entry is False or any(t.is_inference() for t in sources):
             return None
-        if entry is None or not _unchanged(entry[0], sources):
-            entry = (_stamp(sources), {})
+        if entry is None or not stamp_matches(entry[0], sources):
+            entry = (stamp(sources), {})
             self._entries[owner] = entry
         values = entry[1]
         if key not in values:

@@ -65,14 +65,15 @@ def fcu_down(x2: torch.Tensor, x_t: torch.Tensor, weight: torch.Tensor, bias: to
     reference FCUDown (x_t's promoted with the tokens'), under autocast too. While exporting (ONNX)
     the projection stays a 1x1 convolution (on the pooled map), as in the reference's graph; in CPU
     inference where :func:`~fastconformer.dispatch.use_onednn` allows, it runs as oneDNN's inner product."""
-    pooled = F.avg_pool2d(x2, dw_stride) if dw_stride > 1 else x2
+    # stride and normalized shape spelled as constants, which a traced graph keeps as the ops' attributes
+    pooled = F.avg_pool2d(x2, dw_stride, dw_stride) if dw_stride > 1 else x2
     if exporting():
         tokens = F.conv2d(pooled, weight.view(weight.shape[0], -1, 1, 1), bias).flatten(2).transpose(1, 2)
     elif use_onednn(x2, x_t, weight, bias, ln_weight, ln_bias):
         tokens = onednn_linear(pooled.flatten(2).transpose(1, 2), weight, bias)
     else:
         tokens = F.linear(pooled.flatten(2).transpose(1, 2), weight.flatten(1), bias)  # (B, N, D)
-    tokens = F.gelu(F.layer_norm(tokens, tokens.shape[-1:], ln_weight, ln_bias, eps))
+    tokens = F.gelu(F.layer_norm(tokens, ln_weight.shape, ln_weight, ln_bias, eps))
     out = torch.cat([x_t[:, :1], tokens], dim=1)
     return out + x_t if add_x_t else out
 

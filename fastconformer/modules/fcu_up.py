@@ -67,6 +67,12 @@ def _check_channel_vectors(name: str, C: int, *vectors: torch.Tensor) -> None:
             raise ValueError(f"{name}: {what} must be a ({C},) tensor, one value per channel, got {shape}")
 
 
+def _is_size(v: object) -> bool:
+    """An int, or the 0-dim tensor a size is while ``torch.jit.trace`` records it."""
+    traced = torch.jit.is_tracing() and isinstance(v, torch.Tensor) and v.ndim == 0 and not v.is_floating_point()
+    return traced or (isinstance(v, int) and not isinstance(v, bool))
+
+
 def check_expand_args(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                       H: int, W: int, apply_relu: bool = False) -> None:
     """Raise ValueError/TypeError unless x_t is (B, 1 + H*W, D) tokens, weight a (C, D) or
@@ -75,7 +81,7 @@ def check_expand_args(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
     if not isinstance(x_t, torch.Tensor) or x_t.ndim != 3:
         shape = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
         raise ValueError(f"fcu_up_expand: x_t must be (B, 1 + H*W, D) tokens, got {shape}")
-    if not all(isinstance(v, int) and v > 0 for v in (H, W)):
+    if not all(_is_size(v) and v > 0 for v in (H, W)):
         raise ValueError(f"fcu_up_expand: H and W (the token grid) must be positive ints, got {H!r} and {W!r}")
     _, T, D = x_t.shape
     if T != 1 + H * W:
@@ -135,7 +141,8 @@ def fcu_up_expand(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     C = weight.shape[0]
     if exporting():
         grid = x_t[:, 1:].transpose(1, 2).unflatten(2, (H, W))  # (B, D, H, W)
-        y = F.conv2d(grid, weight.view(C, -1, 1, 1) * scale.view(C, 1, 1, 1), shift)
+        folded = (weight.view(C, -1, 1, 1) * scale.view(C, 1, 1, 1)).to(grid.dtype)  # scale in float32, as the kernel
+        y = F.conv2d(grid, folded, shift.to(grid.dtype))
         return y.relu() if apply_relu else y
     if use_onednn(x_t, weight, scale, shift):  # scale folded into the weight, shift as the bias, the ReLU fused
         y = onednn_linear(x_t, weight.flatten(1) * scale.view(C, 1), shift, activation="relu" if apply_relu else "none")
