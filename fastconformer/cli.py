@@ -23,11 +23,11 @@ import torch
 from . import __version__
 from .checkpoint import CheckpointMismatchError
 from .convert import convert
-from .dispatch import interpreter_enabled, onednn_available, triton_available
+from .dispatch import interpreter_enabled, onednn_available, onednn_bf16_available, triton_available
 from .environment import DTYPES, device_name, timing_environment
 from .export import ExportError, check_writable
 from .modules.prepack import prepack_weights
-from .onednn_graph import onednn_graph
+from .onednn_graph import OneDNNGraph, onednn_graph, onednn_graph_available
 from .registry import VARIANTS, create_model, resolve_name
 from .testing import rel_error, tf32
 from .timing import Timing, per_round_speedup, time_interleaved
@@ -190,8 +190,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine_candidates(reference: torch.nn.Module, fast: torch.nn.Module, x: torch.Tensor, folder: str
-                       ) -> tuple[dict[str, tuple[str, Callable[[], object]]], dict[str, str]]:
+def _engine_candidates(reference: torch.nn.Module, fast: torch.nn.Module, graph: OneDNNGraph, x: torch.Tensor,
+                       folder: str) -> tuple[dict[str, tuple[str, Callable[[], object]]], dict[str, str]]:
     """The rows of ``bench --engines``: ({label: (precision, call)}, {what was skipped: why}).
     Eager models (the fast one also with prepacked weights, :func:`~fastconformer.prepack_weights`),
     the fast model through oneDNN Graph (:func:`~fastconformer.onednn_graph`) and torch.compile run
@@ -208,13 +208,19 @@ def _engine_candidates(reference: torch.nn.Module, fast: torch.nn.Module, x: tor
 
     # the prepacked model is a copy: packing is registered per parameter
     models = {"reference": reference, "fast": fast, "fast prepacked": prepack_weights(copy.deepcopy(fast)),
-              "fast oneDNN graph": onednn_graph(fast),
+              "fast oneDNN graph": graph,
               "compile(reference)": torch.compile(reference), "compile(fast)": torch.compile(fast)}
+    skipped = missing_engines()
+    if not onednn_graph_available():
+        del models["fast oneDNN graph"]
+        skipped["fast oneDNN graph"] = "this torch has no oneDNN Graph fuser (torch.jit.enable_onednn_fusion)"
     rows = {}
     for label, model in models.items():
         rows[label] = ("fp32", functools.partial(model, x))
+        if model is graph and not onednn_bf16_available():
+            skipped["fast oneDNN graph bf16"] = "oneDNN has no native bf16 on this CPU"
+            continue
         rows[f"{label} bf16"] = ("bf16", autocast(functools.partial(model, x)))
-    skipped = missing_engines()
     paths = {}
     try:
         for label, model in (("reference", reference), ("fast", fast)) if len(skipped) < len(ENGINES) else ():
@@ -251,17 +257,23 @@ def _bench_engines(args: argparse.Namespace, name: str, device: torch.device) ->
     fast = convert(copy.deepcopy(reference))
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     load = [os.getloadavg()[0]]
+    graph = onednn_graph(fast)
     with tempfile.TemporaryDirectory() as folder:
-        candidates, skipped = _engine_candidates(reference, fast, x, folder)
+        candidates, skipped = _engine_candidates(reference, fast, graph, x, folder)
         with torch.inference_mode():
             timings, outputs = time_interleaved({label: call for label, (_, call) in candidates.items()},
                                                 args.iters, args.min_seconds, device=device, progress=_progress)
     load.append(os.getloadavg()[0])
+
     _progress("computing the reference in float64 for the error column ...")
     exact = _exact_logits(reference, x)
     rows = _result_rows(timings, outputs, exact, args.batch_size,
                         precisions={label: precision for label, (precision, _) in candidates.items()})
     warnings = _spread_warnings(timings)
+    graph_rows = [label for label in candidates if label.startswith("fast oneDNN graph")]
+    if len(graph.graphs()) < len(graph_rows):  # a row that timed the eager model must say so
+        warnings.insert(0, f"{', '.join(graph_rows)}: {len(graph.graphs())} of {len(graph_rows)} served by a graph, "
+                           "the others ran the eager model (see onednn_graph's warning above)")
     rounds = len(timings["reference"].rounds)
     environment = timing_environment()
     print(f"{name}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {device_name(device)}, "

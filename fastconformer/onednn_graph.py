@@ -10,11 +10,12 @@ silences those warnings for its own calls.
 
 :func:`onednn_graph` wraps a model in :class:`OneDNNGraph`. Its ``forward(x)`` serves from a graph
 only where one computes what the model would (the gate is :meth:`OneDNNGraph.serves`): CPU
-float32 images (B, C, H, W), the model and all its submodules in eval mode, no autograd graph
-possible (grad mode off, or neither the input nor any parameter or buffer requires grad), oneDNN
-allowed (:func:`fastconformer.dispatch.onednn`), no tracing or compiling around the call, and CPU
-autocast either off or to bfloat16 on a CPU where oneDNN has native bfloat16. Every other call
-runs the model itself, eagerly: training, fine-tuning, CUDA, other dtypes and autocast modes.
+float32 images (B, C, H, W), a model of CPU float32 parameters and buffers with every module in
+eval mode and no forward hooks (module or global), no autograd graph possible (grad mode off, or
+neither the input nor any parameter or buffer requires grad), oneDNN allowed
+(:func:`fastconformer.dispatch.onednn`), no tracing or compiling around the call, and CPU autocast
+either off or to bfloat16 on a CPU where oneDNN has native bfloat16. Every other call runs the
+model itself, eagerly: training, fine-tuning, CUDA, other dtypes and autocast modes.
 
 Under CPU autocast to bfloat16 the graph is a bfloat16 copy of the model (weights rounded once)
 on the images rounded to bfloat16: activations in bfloat16 throughout, oneDNN accumulating in
@@ -22,15 +23,18 @@ float32 inside each partition (what OpenVINO's bf16 inference hint does), where 
 keeps the residual stream, LayerNorms and softmax in float32; outputs in bfloat16, as autocast's.
 
 Each input signature (shape, channels_last or not, float32 or bfloat16) gets its own graph on
-first use (a trace, a freeze and four forward passes), verified before it serves: its second run
-(the first fused one) must match the eager model on the same input, float32 within
-:data:`GRAPH_TOL` relative error, bfloat16 within twice the eager autocast model's own error from
-the eager float32 output (+1e-6); otherwise a warning says so and that signature stays eager. At
-most ``max_graphs`` signatures are kept (least recently used dropped). The graphs hold the
-parameters and buffers as constants: any change to them (optimizer steps, ``load_state_dict``,
-``.to()``, in-place updates under ``no_grad``: a version counter or storage moved) drops every
-graph, and the next call traces again. In-place writes that bypass version counters
-(``param.data.mul_()``, NumPy views) are not seen: call :meth:`OneDNNGraph.clear` after those.
+first use: traced, frozen, run until TorchScript has optimized it, and verified on a random probe
+of that shape and layout before it serves: oneDNN Graph must have fused partitions, the outputs'
+dtypes and shapes must be the eager model's, and their values within
+:data:`~fastconformer.testing.MODEL_TOL` relative error of the eager float32 model (bfloat16:
+within twice the eager autocast model's own error from it, +1e-6); otherwise a warning says why
+and that signature stays eager. At most ``max_graphs`` signatures are kept (least recently used
+dropped). The graphs hold the parameters and buffers as constants: any change that PyTorch
+tracks (optimizer steps, ``load_state_dict``, ``.to()``, in-place updates under ``no_grad``: a
+version counter or storage moved) or a module added, removed or replaced drops every graph, and
+the next call traces again. Not seen: in-place writes that bypass version counters
+(``param.data.mul_()``, NumPy views) and changed plain attributes (``eps``, ``scale``,
+``out_indices``): call :meth:`OneDNNGraph.clear` after those.
 """
 
 from __future__ import annotations
@@ -44,19 +48,15 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from .dispatch import exporting, no_autograd, onednn, onednn_available, onednn_bf16_available, use_triton
 from .dispatch import _onednn_enabled
 from .modules.derived import stamp, stamp_matches
 from .reference import Conformer
-from .testing import rel_error
+from .testing import HALF_FACTOR, HALF_SLACK, MODEL_TOL, rel_error
 
-__all__ = ["GRAPH_TOL", "OneDNNGraph", "onednn_graph", "onednn_graph_available"]
-
-# The most relative error a float32 graph may show against the eager model on the same input
-# (the whole model's equality bound).
-GRAPH_TOL = 1e-4
-
+__all__ = ["OneDNNGraph", "onednn_graph", "onednn_graph_available"]
 
 def onednn_graph_available() -> bool:
     """Whether this torch has TorchScript's oneDNN Graph fuser and oneDNN's fused primitives work here."""
@@ -64,15 +64,31 @@ def onednn_graph_available() -> bool:
             and onednn_available())
 
 
+_FUSION_LOCK = threading.Lock()
+_FUSION_USERS = [0, False]  # graphs running now, the switch as it was before the first of them
+
+
 @contextlib.contextmanager
 def _fusing() -> Iterator[None]:
-    """oneDNN Graph fusion on for this call only (a process-wide TorchScript switch: restored after)."""
-    before = torch.jit.onednn_fusion_enabled()
-    torch.jit.enable_onednn_fusion(True)
+    """oneDNN Graph fusion on while any graph of this module runs (a process-wide TorchScript
+    switch: the first entry turns it on, the last exit restores what it was, across threads)."""
+    with _FUSION_LOCK:
+        if _FUSION_USERS[0] == 0:
+            _FUSION_USERS[1] = torch.jit.onednn_fusion_enabled()
+            torch.jit.enable_onednn_fusion(True)
+        _FUSION_USERS[0] += 1
     try:
         yield
     finally:
-        torch.jit.enable_onednn_fusion(before)
+        with _FUSION_LOCK:
+            _FUSION_USERS[0] -= 1
+            if _FUSION_USERS[0] == 0:
+                torch.jit.enable_onednn_fusion(_FUSION_USERS[1])
+
+
+def _fused_partitions() -> int:
+    """How many oneDNN Graph partitions the graph this thread ran last was optimized into."""
+    return len(torch.jit.last_executed_optimized_graph().findAllNodes("prim::oneDNNFusionGroup"))
 
 
 class _Traceable(nn.Module):
@@ -92,38 +108,44 @@ class OneDNNGraph(nn.Module):
     """``model`` for CPU inference through oneDNN Graph (see the module docstring); any call the
     graphs cannot serve runs ``model`` itself. ``forward(x)``: images (B, C, H, W) -> the model's
     list of outputs (for a Conformer ``[conv_logits, trans_logits]``, for ``ConformerFeatures``
-    its maps). ``state_dict`` and ``train()`` reach the wrapped model (keys under ``model.``)."""
+    its maps). ``train()``/``eval()`` reach the wrapped model; save checkpoints from ``.model``
+    (this wrapper's ``state_dict`` keys carry a ``model.`` prefix)."""
 
     def __init__(self, model: nn.Module, max_graphs: int = 8):
         super().__init__()
         self.model = model
         self.max_graphs = max_graphs
-        self._graphs: collections.OrderedDict = collections.OrderedDict()  # signature -> graph, or None: eager
-        self._stamp = None  # of the parameters and buffers the graphs hold
+        self._graphs: collections.OrderedDict = collections.OrderedDict()  # signature -> (graph, partitions) or None
+        self._stamp = None  # of the modules, parameters and buffers the graphs were traced from
         self._lock = threading.Lock()
 
-    def _state(self) -> tuple[bool, tuple[torch.Tensor, ...]]:
-        """(whether any module of the model is in train mode, its parameters and buffers), in one walk."""
-        training, sources = False, []
+    def _state(self) -> tuple[bool, tuple[nn.Module, ...], tuple[torch.Tensor, ...]]:
+        """(whether a graph cannot stand for the modules: one is in train mode or has forward
+        hooks, the modules, their parameters and buffers), in one walk."""
+        unservable, modules, sources = bool(_global_forward_hooks or _global_forward_pre_hooks), [], []
         for module in self.model.modules():
-            training = training or module.training
+            unservable = unservable or module.training or bool(module._forward_hooks or module._forward_pre_hooks)
+            modules.append(module)
             sources += [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
-        return training, tuple(sources)
+        return unservable, tuple(modules), tuple(sources)
 
     def serves(self, x: torch.Tensor) -> bool:
         """Whether a graph may compute ``model(x)`` (the gate of the module docstring)."""
-        return self._serves(x, *self._state())
+        unservable, _, sources = self._state()
+        return not unservable and self._serves(x, sources)
 
-    def _serves(self, x: torch.Tensor, training: bool, sources: tuple[torch.Tensor, ...]) -> bool:
+    def _serves(self, x: torch.Tensor, sources: tuple[torch.Tensor, ...]) -> bool:
         if not (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype == torch.float32 and x.ndim == 4):
             return False
         if torch.is_autocast_enabled("cpu") and not (torch.get_autocast_dtype("cpu") == torch.bfloat16
                                                      and onednn_bf16_available()):
             return False
-        if training or exporting() or torch.compiler.is_compiling():
+        if exporting() or torch.compiler.is_compiling() or not (_onednn_enabled() and no_autograd(x, *sources)):
             return False
-        return (_onednn_enabled() and no_autograd(x, *sources) and not any(t.is_inference() for t in sources)
-                and not use_triton(x) and onednn_graph_available())
+        if any(t.device.type != "cpu" or t.is_inference() or (t.is_floating_point() and t.dtype != torch.float32)
+               for t in sources):
+            return False
+        return not use_triton(x) and onednn_graph_available()
 
     def clear(self) -> None:
         """Drop every graph (the next call traces again)."""
@@ -131,41 +153,47 @@ class OneDNNGraph(nn.Module):
             self._graphs.clear()
             self._stamp = None
 
-    def graphs(self) -> int:
-        """How many input signatures hold a verified graph now."""
-        return sum(g is not None for g in self._graphs.values())
+    def graphs(self) -> dict[tuple, int]:
+        """{input signature (shape, channels_last, bfloat16): oneDNN Graph partitions} for every
+        signature a verified graph serves now."""
+        return {signature: entry[1] for signature, entry in self._graphs.items() if entry is not None}
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        training, sources = self._state()
-        if not self._serves(x, training, sources):
+        unservable, modules, sources = self._state()
+        if unservable or not self._serves(x, sources):
             return self.model(x)
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         if not channels_last:
             x = x.contiguous()
         bf16 = torch.is_autocast_enabled("cpu")
-        graph = self._graph((tuple(x.shape), channels_last, bf16), x, bf16, sources)
+        graph = self._graph((tuple(x.shape), channels_last, bf16), x, modules, sources)
         if graph is None:
             return self.model(x)
         with _fusing(), torch.autocast("cpu", enabled=False):  # a bfloat16 graph rounds x itself
             return list(graph(x))
 
-    def _graph(self, signature: tuple, x: torch.Tensor, bf16: bool, sources: tuple[torch.Tensor, ...]):
+    def _graph(self, signature: tuple, x: torch.Tensor, modules: tuple[nn.Module, ...],
+               sources: tuple[torch.Tensor, ...]):
         with self._lock:
-            if not stamp_matches(self._stamp, sources):
+            if not (self._stamp is not None and self._stamp[0] == tuple(map(id, modules))
+                    and stamp_matches(self._stamp[2], sources)):
                 self._graphs.clear()
-                self._stamp = stamp(sources)
-            if signature in self._graphs:
-                self._graphs.move_to_end(signature)
-                return self._graphs[signature]
-            graph = self._trace(x, bf16)
-            self._graphs[signature] = graph
-            while len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
-            return graph
+                self._stamp = (tuple(map(id, modules)), modules, stamp(sources))  # modules held: ids stay unique
+            if signature not in self._graphs:
+                self._graphs[signature] = self._trace(x, signature[2])
+                while len(self._graphs) > self.max_graphs:
+                    self._graphs.popitem(last=False)
+            self._graphs.move_to_end(signature)
+            entry = self._graphs[signature]
+            return None if entry is None else entry[0]
 
-    def _trace(self, x: torch.Tensor, bf16: bool):
-        """A frozen traced graph of the model for x's signature, verified against the eager model;
-        None (with a warning) when it does not match."""
+    def _trace(self, x: torch.Tensor, bf16: bool) -> tuple[torch.jit.ScriptModule, int] | None:
+        """(A frozen traced graph of the model for x's signature, its oneDNN Graph partitions),
+        verified against the eager model on a random probe of x's shape and layout; None (with a
+        warning) when tracing fails, nothing was fused or the outputs differ."""
+        probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(memory_format=(
+            torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            else torch.contiguous_format))
         with torch.no_grad(), onednn(False), warnings.catch_warnings():
             # the input checks read sizes as Python values (hence one graph per input signature)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -175,32 +203,39 @@ class OneDNNGraph(nn.Module):
                 with torch.autocast("cpu", enabled=False):
                     # bfloat16: a bfloat16 copy of the model (its weights rounded once), traced on x rounded
                     model = copy.deepcopy(self.model).to(torch.bfloat16) if bf16 else self.model
-                    traced = torch.jit.trace(_Traceable(model, torch.bfloat16 if bf16 else x.dtype), (x,),
+                    traced = torch.jit.trace(_Traceable(model, torch.bfloat16 if bf16 else x.dtype), (probe,),
                                              check_trace=False)
                     del model
                     graph = torch.jit.freeze(traced)
                     with _fusing():
-                        for _ in range(2):  # the profiling run, then the fused one
-                            out = graph(x)
+                        for _ in range(torch._C._jit_get_num_profiled_runs() + 1):  # profiled, then optimized
+                            out = graph(probe)
+                    partitions = _fused_partitions()
             except RuntimeError as error:
                 return self._eager_from_now(x, bf16, f"tracing or running its graph failed ({error})")
             with torch.autocast("cpu", enabled=False):
-                expected = self.model(x)
+                expected = self.model(probe)
             if bf16:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    eager = self.model(x)
+                    eager = self.model(probe)
+        if partitions == 0:
+            return self._eager_from_now(x, bf16, "oneDNN Graph fused nothing (is TorchScript's graph optimization "
+                                                 "off?)")
+        reference = eager if bf16 else expected
+        if [(o.dtype, o.shape) for o in out] != [(e.dtype, e.shape) for e in reference]:
+            return self._eager_from_now(x, bf16, "its outputs' dtypes or shapes differ from the eager model's")
         errors = [rel_error(o, e) for o, e in zip(out, expected)]
-        limits = ([2 * rel_error(b, e) + 1e-6 for b, e in zip(eager, expected)] if bf16
-                  else [GRAPH_TOL] * len(errors))
-        if len(out) != len(expected) or not all(err <= lim for err, lim in zip(errors, limits)):
+        limits = ([HALF_FACTOR * rel_error(b, e) + HALF_SLACK for b, e in zip(eager, expected)] if bf16
+                  else [MODEL_TOL] * len(errors))
+        if not all(err <= lim for err, lim in zip(errors, limits)):
             return self._eager_from_now(x, bf16, f"its graph does not match the eager model (relative errors "
                                                  f"{errors}, limits {limits})")
-        return graph
+        return graph, partitions
 
     @staticmethod
     def _eager_from_now(x: torch.Tensor, bf16: bool, why: str) -> None:
         warnings.warn(f"onednn_graph: input {tuple(x.shape)}{' under bfloat16 autocast' if bf16 else ''}: {why}; "
-                      "this input signature runs the eager model", RuntimeWarning, stacklevel=5)
+                      "this input signature runs the eager model", RuntimeWarning, stacklevel=7)  # the caller's line
 
     def __getstate__(self):
         state = self.__dict__.copy()  # graphs and the lock do not copy: a copy traces again
@@ -208,13 +243,13 @@ class OneDNNGraph(nn.Module):
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        super().__setstate__(state)
         self._lock = threading.Lock()
 
 
 def onednn_graph(model: nn.Module, *, max_graphs: int = 8) -> OneDNNGraph:
-    """``model`` (a Conformer, reference or fast; the fast one's algebra is the faster graph)
-    wrapped for CPU inference through oneDNN Graph: :class:`OneDNNGraph`. TypeError for anything
+    """``model`` (a Conformer, reference or fast: each traces its own algebra) wrapped for CPU
+    inference through oneDNN Graph: :class:`OneDNNGraph`. TypeError for anything
     but a Conformer, ValueError for ``max_graphs`` < 1."""
     if not isinstance(model, Conformer):
         raise TypeError(f"onednn_graph takes a Conformer (create_model(...), reference or fast), got "

@@ -220,6 +220,7 @@ def test_bench_engines_rows(shallow_models, monkeypatch, tmp_path, capsys):
         assert row["speedup"] > 0 and label in out
     assert rows["reference"]["speedup"] == rows["reference"]["speedup_per_round"] == 1.0
     assert "skipped: onnxruntime bf16" in out
+    assert not any("served by a graph" in warning for warning in result["warnings"])
     assert set(result["load_average"]) == {"before", "after"} and result["versions"]["openvino"] != "not installed"
     assert result["environment"] == timing_environment()
     assert all(k in os.environ for k in result["environment"])

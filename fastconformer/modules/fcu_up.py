@@ -69,7 +69,8 @@ def _check_channel_vectors(name: str, C: int, *vectors: torch.Tensor) -> None:
 
 def _is_size(v: object) -> bool:
     """An int, or the 0-dim tensor a size is while ``torch.jit.trace`` records it."""
-    traced = torch.jit.is_tracing() and isinstance(v, torch.Tensor) and v.ndim == 0 and not v.is_floating_point()
+    traced = (torch.jit.is_tracing() and isinstance(v, torch.Tensor) and v.ndim == 0
+              and v.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8))
     return traced or (isinstance(v, int) and not isinstance(v, bool))
 
 
