@@ -17,10 +17,11 @@ neither the input nor any parameter or buffer requires grad), oneDNN allowed
 either off or to bfloat16 on a CPU where oneDNN has native bfloat16. Every other call runs the
 model itself, eagerly: training, fine-tuning, CUDA, other dtypes and autocast modes.
 
-Under CPU autocast to bfloat16 the graph is a bfloat16 copy of the model (weights rounded once)
-on the images rounded to bfloat16: activations in bfloat16 throughout, oneDNN accumulating in
-float32 inside each partition (what OpenVINO's bf16 inference hint does), where eager autocast
-keeps the residual stream, LayerNorms and softmax in float32; outputs in bfloat16, as autocast's.
+Under CPU autocast to bfloat16 the graph is a bfloat16 copy of the model (weights rounded once;
+LayerNorms' scales and shifts stay float32) on the images rounded to bfloat16: activations in
+bfloat16 throughout, oneDNN accumulating in float32 inside each partition (what OpenVINO's bf16
+inference hint does), where eager autocast keeps the residual stream, LayerNorms and softmax in
+float32; outputs in bfloat16, as autocast's.
 
 Each input signature (shape, channels_last or not, float32 or bfloat16) gets its own graph on
 first use: traced, frozen, run until TorchScript has optimized it, and verified on a random probe
@@ -89,6 +90,16 @@ def _fusing() -> Iterator[None]:
 def _fused_partitions() -> int:
     """How many oneDNN Graph partitions the graph this thread ran last was optimized into."""
     return len(torch.jit.last_executed_optimized_graph().findAllNodes("prim::oneDNNFusionGroup"))
+
+
+def _bfloat16_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with bfloat16 weights (rounded once), except the LayerNorms' scales and
+    shifts: float32, the form in which oneDNN Graph takes a bfloat16 LayerNorm into a partition."""
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.float()
+    return model
 
 
 class _Traceable(nn.Module):
@@ -201,8 +212,7 @@ class OneDNNGraph(nn.Module):
                                     DeprecationWarning)
             try:  # autocast off throughout: TorchScript's own autocast pass would insert casts
                 with torch.autocast("cpu", enabled=False):
-                    # bfloat16: a bfloat16 copy of the model (its weights rounded once), traced on x rounded
-                    model = copy.deepcopy(self.model).to(torch.bfloat16) if bf16 else self.model
+                    model = _bfloat16_copy(self.model) if bf16 else self.model
                     traced = torch.jit.trace(_Traceable(model, torch.bfloat16 if bf16 else x.dtype), (probe,),
                                              check_trace=False)
                     del model
