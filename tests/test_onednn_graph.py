@@ -101,6 +101,9 @@ def test_eager_wherever_the_graph_cannot_serve(models, monkeypatch):
         with monkeypatch.context() as patch, torch.autocast("cpu", dtype=torch.bfloat16):
             patch.setattr(sys.modules["fastconformer.onednn_graph"], "onednn_bf16_available", lambda: False)
             assert not graph.serves(x)
+        with monkeypatch.context() as patch:  # a torch without the fuser (TorchScript removed)
+            patch.setattr(sys.modules["fastconformer.onednn_graph"], "onednn_graph_available", lambda: False)
+            assert not graph.serves(x) and rel_error(graph(x), model(x.double())) <= MODEL_TOL
         hook = fast.conv_trans_2.register_forward_hook(lambda module, args, output: None)
         assert not graph.serves(x)
         hook.remove()
