@@ -59,7 +59,7 @@ class FastConformerMixin:
     def _output_map(self, x_map: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x_map in the input x's memory format (channels_last for a channels_last x, else
         contiguous), as the reference returns its maps, whatever layout the CNN branch ran in."""
-        return x_map.contiguous(memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
+        return x_map.contiguous(memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
 
     def _cnn_channels_last(self, x: torch.Tensor) -> bool:
         """Whether the CNN branch runs channels_last for input ``x``: as :func:`convert` chose,
@@ -111,7 +111,8 @@ def convert_conv_trans_block(block: nn.Module) -> FusedConvTransBlock:
     return fused
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether x is channels_last and not also contiguous (e.g. not a 1x1 map, which is both)."""
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 

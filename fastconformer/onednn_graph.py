@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import operator
 import threading
 import warnings
 from typing import Iterator
@@ -51,13 +52,15 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from .dispatch import exporting, no_autograd, onednn, onednn_available, onednn_bf16_available, use_triton
-from .dispatch import _onednn_enabled
+from .convert import is_channels_last
+from .dispatch import (_onednn_enabled, exporting, no_autograd, onednn, onednn_available, onednn_bf16_available,
+                       use_triton)
 from .modules.derived import stamp, stamp_matches
 from .reference import Conformer
 from .testing import HALF_FACTOR, HALF_SLACK, MODEL_TOL, rel_error
 
 __all__ = ["OneDNNGraph", "onednn_graph", "onednn_graph_available"]
+
 
 def onednn_graph_available() -> bool:
     """Whether this torch has TorchScript's oneDNN Graph fuser and oneDNN's fused primitives work here."""
@@ -127,7 +130,7 @@ class OneDNNGraph(nn.Module):
         self.model = model
         self.max_graphs = max_graphs
         self._graphs: collections.OrderedDict = collections.OrderedDict()  # signature -> (graph, partitions) or None
-        self._stamp = None  # of the modules, parameters and buffers the graphs were traced from
+        self._stamp = None  # (the modules, a stamp of their parameters and buffers) the graphs were traced from
         self._lock = threading.Lock()
 
     def _state(self) -> tuple[bool, tuple[nn.Module, ...], tuple[torch.Tensor, ...]]:
@@ -173,38 +176,37 @@ class OneDNNGraph(nn.Module):
         unservable, modules, sources = self._state()
         if unservable or not self._serves(x, sources):
             return self.model(x)
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        channels_last = is_channels_last(x)
         if not channels_last:
             x = x.contiguous()
-        bf16 = torch.is_autocast_enabled("cpu")
-        graph = self._graph((tuple(x.shape), channels_last, bf16), x, modules, sources)
+        graph = self._graph((tuple(x.shape), channels_last, torch.is_autocast_enabled("cpu")), modules, sources)
         if graph is None:
             return self.model(x)
         with _fusing(), torch.autocast("cpu", enabled=False):  # a bfloat16 graph rounds x itself
             return list(graph(x))
 
-    def _graph(self, signature: tuple, x: torch.Tensor, modules: tuple[nn.Module, ...],
-               sources: tuple[torch.Tensor, ...]):
+    def _graph(self, signature: tuple, modules: tuple[nn.Module, ...], sources: tuple[torch.Tensor, ...]):
         with self._lock:
-            if not (self._stamp is not None and self._stamp[0] == tuple(map(id, modules))
-                    and stamp_matches(self._stamp[2], sources)):
+            if not (self._stamp is not None and len(self._stamp[0]) == len(modules)
+                    and all(map(operator.is_, self._stamp[0], modules)) and stamp_matches(self._stamp[1], sources)):
                 self._graphs.clear()
-                self._stamp = (tuple(map(id, modules)), modules, stamp(sources))  # modules held: ids stay unique
+                self._stamp = (modules, stamp(sources))
             if signature not in self._graphs:
-                self._graphs[signature] = self._trace(x, signature[2])
+                self._graphs[signature] = self._trace(*signature)
                 while len(self._graphs) > self.max_graphs:
                     self._graphs.popitem(last=False)
             self._graphs.move_to_end(signature)
             entry = self._graphs[signature]
             return None if entry is None else entry[0]
 
-    def _trace(self, x: torch.Tensor, bf16: bool) -> tuple[torch.jit.ScriptModule, int] | None:
-        """(A frozen traced graph of the model for x's signature, its oneDNN Graph partitions),
-        verified against the eager model on a random probe of x's shape and layout; None (with a
-        warning) when tracing fails, nothing was fused or the outputs differ."""
-        probe = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(memory_format=(
-            torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            else torch.contiguous_format))
+    def _trace(self, shape: tuple[int, ...], channels_last: bool, bf16: bool
+               ) -> tuple[torch.jit.ScriptModule, int] | None:
+        """(A frozen traced graph of the model for float32 images of ``shape`` and layout, under
+        bfloat16 autocast or not, its oneDNN Graph partitions), verified against the eager model on
+        a random probe of that signature; None (with a warning) when tracing fails, nothing was
+        fused or the outputs differ."""
+        probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         with torch.no_grad(), onednn(False), warnings.catch_warnings():
             # the input checks read sizes as Python values (hence one graph per input signature)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -213,7 +215,7 @@ class OneDNNGraph(nn.Module):
             try:  # autocast off throughout: TorchScript's own autocast pass would insert casts
                 with torch.autocast("cpu", enabled=False):
                     model = _bfloat16_copy(self.model) if bf16 else self.model
-                    traced = torch.jit.trace(_Traceable(model, torch.bfloat16 if bf16 else x.dtype), (probe,),
+                    traced = torch.jit.trace(_Traceable(model, torch.bfloat16 if bf16 else torch.float32), (probe,),
                                              check_trace=False)
                     del model
                     graph = torch.jit.freeze(traced)
@@ -222,29 +224,29 @@ class OneDNNGraph(nn.Module):
                             out = graph(probe)
                     partitions = _fused_partitions()
             except RuntimeError as error:
-                return self._eager_from_now(x, bf16, f"tracing or running its graph failed ({error})")
+                return self._eager_from_now(shape, bf16, f"tracing or running its graph failed ({error})")
             with torch.autocast("cpu", enabled=False):
                 expected = self.model(probe)
             if bf16:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     eager = self.model(probe)
         if partitions == 0:
-            return self._eager_from_now(x, bf16, "oneDNN Graph fused nothing (is TorchScript's graph optimization "
+            return self._eager_from_now(shape, bf16, "oneDNN Graph fused nothing (is TorchScript's graph optimization "
                                                  "off?)")
         reference = eager if bf16 else expected
         if [(o.dtype, o.shape) for o in out] != [(e.dtype, e.shape) for e in reference]:
-            return self._eager_from_now(x, bf16, "its outputs' dtypes or shapes differ from the eager model's")
+            return self._eager_from_now(shape, bf16, "its outputs' dtypes or shapes differ from the eager model's")
         errors = [rel_error(o, e) for o, e in zip(out, expected)]
         limits = ([HALF_FACTOR * rel_error(b, e) + HALF_SLACK for b, e in zip(eager, expected)] if bf16
                   else [MODEL_TOL] * len(errors))
         if not all(err <= lim for err, lim in zip(errors, limits)):
-            return self._eager_from_now(x, bf16, f"its graph does not match the eager model (relative errors "
+            return self._eager_from_now(shape, bf16, f"its graph does not match the eager model (relative errors "
                                                  f"{errors}, limits {limits})")
         return graph, partitions
 
     @staticmethod
-    def _eager_from_now(x: torch.Tensor, bf16: bool, why: str) -> None:
-        warnings.warn(f"onednn_graph: input {tuple(x.shape)}{' under bfloat16 autocast' if bf16 else ''}: {why}; "
+    def _eager_from_now(shape: tuple[int, ...], bf16: bool, why: str) -> None:
+        warnings.warn(f"onednn_graph: input {shape}{' under bfloat16 autocast' if bf16 else ''}: {why}; "
                       "this input signature runs the eager model", RuntimeWarning, stacklevel=7)  # the caller's line
 
     def __getstate__(self):
