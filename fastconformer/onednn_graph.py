@@ -9,13 +9,15 @@ is deprecated (torch 2.13 warns on ``torch.jit.trace`` and ``torch.jit.freeze``)
 silences those warnings for its own calls.
 
 :func:`onednn_graph` wraps a model in :class:`OneDNNGraph`. Its ``forward(x)`` serves from a graph
-only where one computes what the model would (the gate is :meth:`OneDNNGraph.serves`): CPU
-float32 images (B, C, H, W), a model of CPU float32 parameters and buffers with every module in
-eval mode and no forward hooks (module or global), no autograd graph possible (grad mode off, or
-neither the input nor any parameter or buffer requires grad), oneDNN allowed
-(:func:`fastconformer.dispatch.onednn`), no tracing or compiling around the call, and CPU autocast
-either off or to bfloat16 on a CPU where oneDNN has native bfloat16. Every other call runs the
-model itself, eagerly: training, fine-tuning, CUDA, other dtypes and autocast modes.
+only where one computes what the model would (the gate is :meth:`OneDNNGraph.serves`): CPU float32
+images (B, C, H, W), none empty, NaN, Inf or beyond :data:`INPUT_LIMIT` (1e6) in magnitude; a model
+of finite CPU float32 parameters and buffers with every module in eval mode and no forward hooks
+(module or global); no autograd graph possible (grad mode off, or neither the input nor any
+parameter or buffer requires grad); oneDNN allowed (:func:`fastconformer.dispatch.onednn`); no
+tracing or compiling around the call; CPU autocast either off or to bfloat16 on a CPU where oneDNN
+has native bfloat16. Every other call runs the model itself, eagerly: training, fine-tuning, CUDA,
+other dtypes and autocast modes, and the images whose logits must come out NaN as the model's do
+(oneDNN's ReLU maps NaN to 0, torch's keeps it).
 
 Under CPU autocast to bfloat16 the graph is a bfloat16 copy of the model (weights rounded once;
 LayerNorms' scales and shifts stay float32) on the images rounded to bfloat16: activations in
@@ -59,7 +61,7 @@ from .modules.derived import stamp, stamp_matches
 from .reference import Conformer
 from .testing import HALF_FACTOR, HALF_SLACK, MODEL_TOL, rel_error
 
-__all__ = ["OneDNNGraph", "onednn_graph", "onednn_graph_available"]
+__all__ = ["INPUT_LIMIT", "OneDNNGraph", "onednn_graph", "onednn_graph_available"]
 
 
 def onednn_graph_available() -> bool:
@@ -67,6 +69,11 @@ def onednn_graph_available() -> bool:
     return (hasattr(torch.jit, "enable_onednn_fusion") and hasattr(torch._C, "_jit_llga_enabled")
             and onednn_available())
 
+
+# The largest |pixel| a graph serves. Beyond, float32 can overflow inside the model (its LayerNorms
+# square their inputs: from about 1e17 for Conformer-S with random weights), and oneDNN's ReLU maps
+# the NaN that follows to 0 where the model's keeps it: such images, and NaN or Inf ones, run eagerly.
+INPUT_LIMIT = 1e6
 
 _FUSION_LOCK = threading.Lock()
 _FUSION_USERS = [0, False]  # graphs running now, the switch as it was before the first of them
@@ -88,6 +95,14 @@ def _fusing() -> Iterator[None]:
             _FUSION_USERS[0] -= 1
             if _FUSION_USERS[0] == 0:
                 torch.jit.enable_onednn_fusion(_FUSION_USERS[1])
+
+
+def _servable_sources(sources: tuple[torch.Tensor, ...]) -> bool:
+    """Whether every parameter and buffer is a CPU tensor, every floating one float32 and finite."""
+    if not all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in sources):
+        return False
+    floating = [t.detach().sum() for t in sources if t.is_floating_point()]
+    return not floating or bool(torch.stack(floating).sum().isfinite())
 
 
 def _fused_partitions() -> int:
@@ -135,20 +150,27 @@ class OneDNNGraph(nn.Module):
 
     def _state(self) -> tuple[bool, tuple[nn.Module, ...], tuple[torch.Tensor, ...]]:
         """(whether a graph cannot stand for the modules: one is in train mode or has forward
-        hooks, the modules, their parameters and buffers), in one walk."""
-        unservable, modules, sources = bool(_global_forward_hooks or _global_forward_pre_hooks), [], []
-        for module in self.model.modules():
-            unservable = unservable or module.training or bool(module._forward_hooks or module._forward_pre_hooks)
+        hooks, the modules, their parameters and buffers), in one walk (every call: an explicit
+        stack, a third of ``modules()``'s time; a module shared by two parents is listed twice)."""
+        unservable = bool(_global_forward_hooks or _global_forward_pre_hooks)
+        modules, sources, stack = [], [], [self.model]
+        while stack:
+            module = stack.pop()
             modules.append(module)
-            sources += [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
-        return unservable, tuple(modules), tuple(sources)
+            unservable = unservable or module.training or bool(module._forward_hooks or module._forward_pre_hooks)
+            sources += module._parameters.values()
+            sources += module._buffers.values()
+            stack += [child for child in module._modules.values() if child is not None]
+        return unservable, tuple(modules), tuple(t for t in sources if t is not None)
 
     def serves(self, x: torch.Tensor) -> bool:
         """Whether a graph may compute ``model(x)`` (the gate of the module docstring)."""
         unservable, _, sources = self._state()
-        return not unservable and self._serves(x, sources)
+        return not unservable and self._serves_call(x, sources) and _servable_sources(sources)
 
-    def _serves(self, x: torch.Tensor, sources: tuple[torch.Tensor, ...]) -> bool:
+    def _serves_call(self, x: torch.Tensor, sources: tuple[torch.Tensor, ...]) -> bool:
+        """The gate's checks of x, the call's modes and the sources' autograd and inference flags:
+        those the sources' stamp cannot vouch for."""
         if not (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype == torch.float32 and x.ndim == 4):
             return False
         if torch.is_autocast_enabled("cpu") and not (torch.get_autocast_dtype("cpu") == torch.bfloat16
@@ -156,10 +178,10 @@ class OneDNNGraph(nn.Module):
             return False
         if exporting() or torch.compiler.is_compiling() or not (_onednn_enabled() and no_autograd(x, *sources)):
             return False
-        if any(t.device.type != "cpu" or t.is_inference() or (t.is_floating_point() and t.dtype != torch.float32)
-               for t in sources):
+        if x.numel() == 0 or any(t.is_inference() for t in sources) or use_triton(x) or not onednn_graph_available():
             return False
-        return not use_triton(x) and onednn_graph_available()
+        low, high = torch.aminmax(x)  # NaN compares false
+        return bool(-INPUT_LIMIT <= low) and bool(high <= INPUT_LIMIT)
 
     def clear(self) -> None:
         """Drop every graph (the next call traces again)."""
@@ -174,7 +196,7 @@ class OneDNNGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         unservable, modules, sources = self._state()
-        if unservable or not self._serves(x, sources):
+        if unservable or not self._serves_call(x, sources):
             return self.model(x)
         channels_last = is_channels_last(x)
         if not channels_last:
@@ -189,6 +211,8 @@ class OneDNNGraph(nn.Module):
         with self._lock:
             if not (self._stamp is not None and len(self._stamp[0]) == len(modules)
                     and all(map(operator.is_, self._stamp[0], modules)) and stamp_matches(self._stamp[1], sources)):
+                if not _servable_sources(sources):  # checked once per stamp: unchanged sources stay servable
+                    return None
                 self._graphs.clear()
                 self._stamp = (modules, stamp(sources))
             if signature not in self._graphs:

@@ -116,6 +116,29 @@ def test_channels_last_and_strided_inputs():
                        name="channels_last input")
 
 
+def test_non_finite_images_give_non_finite_logits():
+    """A NaN or Inf pixel gives the reference's non-finite logits (eval on the CPU: the oneDNN paths)
+    and leaves the other images' logits as they are."""
+    model, fast = _pair("conformer_tiny_patch16")
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(6))
+    x[0, 0, 5, 5], x[1, 1, 100, 7] = float("nan"), float("inf")
+    with torch.no_grad():
+        expected = copy.deepcopy(model).double().eval()(x.double())
+        out = fast.eval()(x)
+    for o, e in zip(out, expected):
+        assert not e[:2].isfinite().any() and torch.equal(o.isfinite(), e.isfinite())
+    assert_matches([o[2:] for o in out], [e[2:] for e in expected], fp32_tol=MODEL_TOL, name="finite image")
+
+
+def test_empty_batch_gives_empty_logits():
+    model, fast = _pair("conformer_tiny_patch16")
+    x = torch.randn(0, 3, 224, 224)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            expected, out = model.eval()(x), fast.eval()(x)
+        assert [o.shape for o in out] == [e.shape for e in expected] == [(0, 1000)] * 2
+
+
 def test_autocast_bf16_on_cpu():
     model, fast = _pair("conformer_tiny_patch16")
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))

@@ -105,6 +105,22 @@ def test_fcu_up_matches_reference(backend_name, device, gen, case, mode):
     _assert_buffers_match(fused, ref64, baseline_mod)
 
 
+def test_fcu_up_keeps_nan_and_inf(gen):
+    """Non-finite tokens give non-finite outputs where the reference's are (CPU inference takes the
+    oneDNN inner product: its ReLU post-op would turn NaN into 0, so the ReLU is torch's)."""
+    D, C, up, h, w = 384, 64, 4, 14, 14
+    ref = randomize_module(FCUUp(D, C, up), gen).eval()
+    x_t = _tokens(2, h, w, D, gen, "cpu")
+    x_t[0, 5, 3], x_t[1, 20, 7] = float("nan"), float("inf")
+    fused = FusedFCUUp.from_reference(copy.deepcopy(ref))
+    with torch.no_grad():
+        expected, out = ref.double()(x_t.double(), h, w), fused(x_t, h, w)
+    assert not expected.isfinite().all()
+    assert torch.equal(out.isfinite(), expected.isfinite()), "NaN/Inf where the reference has them"
+    finite = expected.isfinite()
+    assert rel_error(out[finite], expected[finite]) <= MODULE_TOL
+
+
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_fcu_up_gradients(backend_name, device, gen, mode):
     D, C, up, (h, w), B = 384, 40, 2, (7, 7), 3

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import fastconformer
 from fastconformer import dispatch
-from fastconformer.onednn_graph import OneDNNGraph, onednn_graph, onednn_graph_available
+from fastconformer.onednn_graph import INPUT_LIMIT, OneDNNGraph, onednn_graph, onednn_graph_available
 from fastconformer.testing import HALF_FACTOR, HALF_SLACK, MODEL_TOL, reference_and_fast, rel_error
 
 pytestmark = pytest.mark.skipif(not onednn_graph_available(), reason="this torch has no oneDNN Graph fuser")
@@ -118,6 +118,29 @@ def test_eager_wherever_the_graph_cannot_serve(models, monkeypatch):
     assert not graph.graphs()
 
 
+def test_images_whose_logits_must_be_nan_run_eagerly(models):
+    """NaN, Inf and pixels past INPUT_LIMIT (float32 overflows inside the model from ~1e17: the
+    eager model's logits are NaN, a graph's ReLUs would make them finite), empty batches and
+    non-finite parameters run the eager model."""
+    model, fast = models
+    fast = copy.deepcopy(fast)
+    graph = onednn_graph(fast)
+    x = _images(3, 3, 224, 224)
+    bad = x.clone()
+    bad[0, 0, 5, 5], bad[1, 1, 100, 7] = float("nan"), float("inf")
+    with torch.no_grad():
+        graph(x)
+        assert graph.graphs() and graph.serves(x * INPUT_LIMIT / x.abs().max())
+        for image in (bad, x * 1e20):
+            assert not graph.serves(image)
+            out, expected = graph(image), fast(image)
+            assert all(torch.equal(o.isfinite(), e.isfinite()) for o, e in zip(out, expected))
+            assert not out[0][:2].isfinite().any() and not out[1][:2].isfinite().any()
+        assert not graph.serves(x[:0]) and [o.shape for o in graph(x[:0])] == [(0, 1000)] * 2
+        fast.trans_cls_head.bias[0] = float("nan")
+        assert not graph.serves(x) and graph(x)[1][:, 0].isnan().all()
+
+
 def test_serves_under_inference_mode(models):
     model, fast = models
     graph = onednn_graph(fast)
@@ -147,6 +170,11 @@ def test_changed_parameters_drop_the_graphs(models):
         fast.load_state_dict(copy.deepcopy(fast.state_dict()))
         graph(x)
         assert len(graph.graphs()) == 1
+        fast.trans_cls_head.double()  # a float64 head after serving: the model's own dtype error, no stale graph
+        with pytest.raises(RuntimeError, match="dtype"):
+            graph(x)
+        fast.trans_cls_head.float()
+        assert rel_error(graph(x), model(x.double())) <= MODEL_TOL and len(graph.graphs()) == 1
     graph.clear()
     assert not graph.graphs()
 

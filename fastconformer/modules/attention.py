@@ -87,7 +87,7 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
             out = (q @ k.transpose(-2, -1)).mul_(scale).softmax(dim=-1) @ v
     else:
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return out.transpose(1, 2).reshape(B, N, -1)
+    return out.transpose(1, 2).reshape(B, N, q.shape[1] * q.shape[3])  # not -1: a batch of 0 has no size to infer
 
 
 class FusedAttention(FusedModule):

@@ -135,7 +135,7 @@ def fcu_up_expand(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
     exporting (ONNX): the grid rows as a (B, D, H, W) map into one 1x1 convolution with the scale
     folded into its weight and shift as its bias (the reference's conv + BatchNorm, folded), then ReLU.
     In CPU float32 inference where :func:`~fastconformer.dispatch.use_onednn` allows: the same folding,
-    as one oneDNN inner product with the ReLU fused. In bfloat16 CPU inference with ``apply_relu``
+    as one oneDNN inner product, then the ReLU. In bfloat16 CPU inference with ``apply_relu``
     (the eval-mode expand) where :func:`~fastconformer.dispatch.onednn_bf16` allows: a bfloat16 GEMM
     rounded to bfloat16 (as the reference's convolution under autocast), then the affine and ReLU in
     float32."""
@@ -145,9 +145,10 @@ def fcu_up_expand(x_t: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
         folded = (weight.view(C, -1, 1, 1) * scale.view(C, 1, 1, 1)).to(grid.dtype)  # scale in float32, as the kernel
         y = F.conv2d(grid, folded, shift.to(grid.dtype))
         return y.relu() if apply_relu else y
-    if use_onednn(x_t, weight, scale, shift):  # scale folded into the weight, shift as the bias, the ReLU fused
-        y = onednn_linear(x_t, weight.flatten(1) * scale.view(C, 1), shift, activation="relu" if apply_relu else "none")
-        return y[:, 1:].transpose(1, 2).unflatten(2, (H, W)).contiguous(memory_format=torch.channels_last)
+    if use_onednn(x_t, weight, scale, shift):  # scale folded into the weight, shift as the bias
+        y = onednn_linear(x_t, weight.flatten(1) * scale.view(C, 1), shift)
+        out = y[:, 1:].transpose(1, 2).unflatten(2, (H, W)).contiguous(memory_format=torch.channels_last)
+        return out.relu_() if apply_relu else out  # torch's ReLU: oneDNN's ReLU post-op turns NaN into 0
     # fp32 GEMM (as the kernel accumulates; fp64 for fp64 inputs), one rounding at the end;
     # autocast must not recast it. bfloat16 CPU inference of the eval-mode expand (ReLU applied,
     # BatchNorm folded; no batch statistics read the result): a bfloat16 GEMM (fp32 accumulation,

@@ -23,7 +23,7 @@ from .derived import DerivedTensors
 
 __all__ = ["onednn_linear", "register_for_packing", "registered_for_packing"]
 
-ACTIVATIONS = ("none", "gelu", "relu")
+ACTIVATIONS = ("none", "gelu")  # no ReLU: oneDNN's maps NaN to 0, torch's keeps it
 
 PACKED = DerivedTensors("parameters")  # parameter -> {dtype: its oneDNN-packed copy}
 
@@ -41,7 +41,7 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     inner product computing in ``dtype``.
 
     x (..., in) on the CPU (any strides), weight (out, in) or a 1x1 convolution's (out, in, 1, 1),
-    bias (out,) or None, activation ``"none"``, ``"gelu"`` (exact) or ``"relu"``, residual of the
+    bias (out,) or None, activation ``"none"`` or ``"gelu"`` (exact), residual of the
     output's shape -> (..., out) in ``dtype``. ``dtype`` float32, or bfloat16 as CPU autocast
     computes a linear layer (x, weight and bias rounded to bfloat16, fp32 accumulation, the
     activation applied before the one rounding of the output). A weight registered by
