@@ -2,15 +2,16 @@
 
 :func:`export_onnx` writes one ONNX file with torch's recommended exporter
 (``torch.onnx.export(..., dynamo=True)``, which needs ``onnxscript``): input ``images``
-(B, 3, H, W) float32, outputs ``conv_logits`` and ``trans_logits`` (B, num_classes) float32, as
-the model returns them, and by default a dynamic batch dimension. A fast model exports the
+(B, 3, H, W) float32, the model's outputs in its order, named by :func:`output_names`
+(``conv_logits`` and ``trans_logits`` (B, num_classes) float32 for a classifier; ``stride4`` ...
+for the maps of a ``features_only`` backbone), and by default a dynamic batch dimension. A fast model exports the
 algebra of its PyTorch path (pool-first squeeze, expand at token resolution, BatchNorm folded
 into the convolutions), as standard ``ai.onnx`` operators only: no Triton, no oneDNN-internal op
 (see :func:`fastconformer.dispatch.exporting`).
 
 Verification (on by default): the file runs in ONNX Runtime and in OpenVINO (fp32, each where
 installed), on random inputs of another batch size than the traced one when the batch is dynamic,
-and each output must be within :data:`EXPORT_TOL` relative error of the model computed in float64
+and every output must be within :data:`EXPORT_TOL` relative error of the model computed in float64
 from the same weights; otherwise :class:`ExportError` names the engine, the output and the error.
 
 ``pip install "fastconformer[export]"`` brings onnx, onnxscript, onnxruntime and openvino.
@@ -33,15 +34,16 @@ import torch
 import torch.nn as nn
 
 from .dispatch import backend
+from .reference import ConformerFeatures
 from .testing import rel_error
 
 __all__ = ["ENGINES", "EXPORT_TOL", "OUTPUT_NAMES", "ExportError", "Verification", "check_writable",
-           "engine_runner", "export_onnx", "missing_engines", "onnx_op_histogram", "require_export_packages",
-           "verify_onnx"]
+           "engine_runner", "export_onnx", "missing_engines", "onnx_op_histogram", "output_names",
+           "require_export_packages", "verify_onnx"]
 
 EXPORT_TOL = 1e-5
 INPUT_NAME = "images"
-OUTPUT_NAMES = ("conv_logits", "trans_logits")
+OUTPUT_NAMES = ("conv_logits", "trans_logits")  # a classifier's outputs
 # The inference engines an export is verified in (and ``bench --engines`` times), by their module.
 ENGINES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 # ONNX's own operator set; anything else (a custom domain) would tie the file to one runtime.
@@ -102,7 +104,7 @@ def onnx_op_histogram(path: str | os.PathLike) -> dict[str, int]:
 def engine_runner(engine: str, path: str | os.PathLike, *, precision: str = "fp32",
                   threads: int | None = None) -> Callable[[np.ndarray], list[np.ndarray]]:
     """A callable running the ONNX file in ``engine`` ("onnxruntime" or "openvino") on the CPU:
-    images (B, 3, H, W) float32 array -> [conv_logits, trans_logits] float32 arrays.
+    images (B, 3, H, W) float32 array -> the file's outputs (float32 arrays, in the file's order).
 
     precision: "fp32" (both engines; OpenVINO's inference precision hint f32, so it computes in
     fp32 on CPUs that have bf16 too) or "bf16" (OpenVINO only: its bf16 inference precision hint).
@@ -123,20 +125,39 @@ def engine_runner(engine: str, path: str | os.PathLike, *, precision: str = "fp3
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-        return lambda images: session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+        return lambda images: session.run(None, {INPUT_NAME: images})
     import openvino as ov
 
     config = {"INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16",
               "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     compiled = ov.Core().compile_model(os.fspath(path), "CPU", config)
     request = compiled.create_infer_request()
-    outputs = [compiled.output(name) for name in OUTPUT_NAMES]
+    outputs = list(compiled.outputs)
 
     def run(images: np.ndarray) -> list[np.ndarray]:
         result = request.infer({INPUT_NAME: images})
         return [result[o].copy() for o in outputs]
 
     return run
+
+
+def output_names(model: nn.Module) -> tuple[str, ...]:
+    """The names an export gives ``model``'s outputs, in order: one per map of a ``features_only``
+    backbone, by its stride (``stride4``, ``stride8``, ...; ``block3_stride4`` ... when two maps
+    share a stride); ``conv_features`` and ``trans_features`` for a model built with
+    ``num_classes=0`` (its heads' inputs); else :data:`OUTPUT_NAMES`."""
+    if not isinstance(model, ConformerFeatures):
+        return ("conv_features", "trans_features") if getattr(model, "num_classes", None) == 0 else OUTPUT_NAMES
+    reductions, blocks = model.feature_info.reduction(), model.feature_info.out_indices
+    if len(set(reductions)) == len(reductions):
+        return tuple(f"stride{reduction}" for reduction in reductions)
+    return tuple(f"block{block}_stride{reduction}" for block, reduction in zip(blocks, reductions))
+
+
+def _file_output_names(path: str) -> list[str]:
+    import onnx
+
+    return [output.name for output in onnx.load(path, load_external_data=False).graph.output]
 
 
 def _fold_weight_arithmetic(program) -> None:
@@ -214,10 +235,11 @@ def _eval_mode(model: nn.Module):
 
 
 def _float64_outputs(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-    """The model's outputs for ``images`` computed in float64 from the same weights (a copy, on the
-    CPU, through the PyTorch implementations: the reference algebra in float64)."""
+    """The model's outputs for ``images`` computed in float64 from the same weights (a copy in eval
+    mode, as exported, on the CPU, through the PyTorch implementations: the reference algebra in
+    float64)."""
     with torch.inference_mode(), backend("torch"):
-        return list(copy.deepcopy(model).cpu().double()(images.double()))
+        return list(copy.deepcopy(model).cpu().double().eval()(images.double()))
 
 
 def verify_onnx(path: str | os.PathLike, model: nn.Module, input_shape: Sequence[int]) -> list[Verification]:
@@ -227,7 +249,7 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, input_shape: Sequence
     the output and its relative error when one exceeds :data:`EXPORT_TOL` (or the engine fails)."""
     path, shape = os.fspath(path), _check_input_shape(input_shape)
     images = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    exact = _float64_outputs(model, images)
+    exact, names = _float64_outputs(model, images), _file_output_names(path)
     results = []
     for engine in ENGINES:
         if engine in missing_engines():
@@ -236,7 +258,10 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, input_shape: Sequence
             outputs = engine_runner(engine, path)(images.numpy())
         except Exception as err:  # the engine refused the file: that is what verification is for
             raise ExportError(f"{engine} could not run {path}: {str(err).strip().splitlines()[0]}") from err
-        errors = {name: rel_error(torch.from_numpy(out), ref) for name, out, ref in zip(OUTPUT_NAMES, outputs, exact)}
+        if len(outputs) != len(exact):
+            raise ExportError(f"export verification failed: {path} has {len(outputs)} outputs, the model "
+                              f"{len(exact)}")
+        errors = {name: rel_error(torch.from_numpy(out), ref) for name, out, ref in zip(names, outputs, exact)}
         for name, err in errors.items():
             if not err <= EXPORT_TOL:
                 raise ExportError(f"export verification failed: {engine} output {name} has relative error "
@@ -277,7 +302,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_shape: Seque
             model(example[:1])  # the model's own input checks, as one line, before the exporter's long report
         try:
             program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
-                                        output_names=list(OUTPUT_NAMES), dynamic_shapes=dynamic_shapes, verbose=False)
+                                        output_names=list(output_names(model)), dynamic_shapes=dynamic_shapes,
+                                        verbose=False)
             _fold_weight_arithmetic(program)
             program.save(path, external_data=False)
         except Exception as err:

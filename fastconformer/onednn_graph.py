@@ -232,6 +232,8 @@ class OneDNNGraph(nn.Module):
         probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).contiguous(
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         with torch.no_grad(), onednn(False), warnings.catch_warnings():
+            with torch.autocast("cpu", enabled=False):  # first: an input the model refuses raises its own error
+                expected = self.model(probe)
             # the input checks read sizes as Python values (hence one graph per input signature)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", "`torch.jit.(trace|trace_method|freeze)` is deprecated",
@@ -249,8 +251,6 @@ class OneDNNGraph(nn.Module):
                     partitions = _fused_partitions()
             except RuntimeError as error:
                 return self._eager_from_now(shape, bf16, f"tracing or running its graph failed ({error})")
-            with torch.autocast("cpu", enabled=False):
-                expected = self.model(probe)
             if bf16:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     eager = self.model(probe)

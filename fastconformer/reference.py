@@ -404,7 +404,9 @@ class Conformer(nn.Module):
         self.trans_norm = nn.LayerNorm(embed_dim)
         self.trans_cls_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.pooling = nn.AdaptiveAvgPool2d(1)
-        self.conv_cls_head = nn.Linear(int(256 * channel_ratio), num_classes)
+        # official: a zero-width Linear for num_classes=0; an Identity as for trans_cls_head and in
+        # reset_classifier(0) (timm's convention: the pooled features; no state_dict keys to match)
+        self.conv_cls_head = nn.Linear(int(256 * channel_ratio), num_classes) if num_classes > 0 else nn.Identity()
 
         # Stem: (B, 3, H, W) -> (B, 64, H/4, W/4)
         self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -590,20 +592,22 @@ class Conformer(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """New heads for ``num_classes`` classes: conv_cls_head (C -> num_classes) and
         trans_cls_head (D -> num_classes), initialised as the constructor initialises them
-        (truncated normal, std 0.02, zero bias) on cls_token's device and dtype; 0 makes both
-        ``nn.Identity`` (forward_head then returns its pre-logits features)."""
+        (truncated normal, std 0.02, zero bias) on cls_token's device and dtype, in the model's
+        train/eval mode; 0 makes both ``nn.Identity`` (forward_head then returns its pre-logits
+        features), as ``num_classes=0`` at construction does."""
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
         self.num_classes = num_classes
         if num_classes == 0:
             self.conv_cls_head, self.trans_cls_head = nn.Identity(), nn.Identity()
-            return
-        factory = dict(device=self.cls_token.device, dtype=self.cls_token.dtype)
-        self.conv_cls_head = nn.Linear(self.feature_info[-1]["num_chs"], num_classes, **factory)
-        self.trans_cls_head = nn.Linear(self.embed_dim, num_classes, **factory)
-        self.conv_cls_head.apply(self._init_weights)
-        self.trans_cls_head.apply(self._init_weights)
-
+        else:
+            factory = dict(device=self.cls_token.device, dtype=self.cls_token.dtype)
+            self.conv_cls_head = nn.Linear(self.feature_info[-1]["num_chs"], num_classes, **factory)
+            self.trans_cls_head = nn.Linear(self.embed_dim, num_classes, **factory)
+            self.conv_cls_head.apply(self._init_weights)
+            self.trans_cls_head.apply(self._init_weights)
+        for head in (self.conv_cls_head, self.trans_cls_head):
+            head.train(self.training)
 
     def forward_head(self, x, x_t=None, *, pre_logits: bool = False):
         """Feature map and tokens from :meth:`forward_features` (the pair, or the two) ->

@@ -20,9 +20,11 @@ for _package in ("onnx", "onnxscript", "onnxruntime", "openvino"):
 import onnx  # noqa: E402
 import onnxruntime  # noqa: E402
 
+import fastconformer  # noqa: E402
 from fastconformer import cli, export_onnx  # noqa: E402
 from fastconformer.environment import timing_environment  # noqa: E402
-from fastconformer.export import EXPORT_TOL, OUTPUT_NAMES, ExportError, onnx_op_histogram, verify_onnx  # noqa: E402
+from fastconformer.export import (EXPORT_TOL, OUTPUT_NAMES, ExportError, onnx_op_histogram, output_names,  # noqa: E402
+                                  verify_onnx)
 from fastconformer.testing import reference_and_fast  # noqa: E402
 
 MODEL = "conformer_tiny_patch16"
@@ -135,6 +137,33 @@ def test_verification_fails_for_a_file_that_is_not_the_model(exports):
         other.trans_cls_head.weight.mul_(1.01)
     with pytest.raises(ExportError, match=r"onnxruntime output trans_logits has relative error .* \(limit 1e-05"):
         verify_onnx(exported["path"], other, (2, 3, 224, 224))
+
+
+def test_feature_backbone_exports_and_verifies_every_map(tmp_path):
+    """A features_only model's maps, each named by its stride and each verified (a wrong one fails;
+    the model is in train mode, verification compares with it in eval mode, as exported)."""
+    features = fastconformer.create_model(MODEL, features_only=True, depth=DEPTH, out_indices=(0, 1, 2))
+    fast = fastconformer.convert(copy.deepcopy(features))
+    names = output_names(features)
+    assert names == ("stride4", "stride8", "stride32")
+    path = tmp_path / "features.onnx"
+    verifications = export_onnx(fast, path, input_shape=(1, 3, 256, 256))
+    assert [o.name for o in onnx.load(path).graph.output] == list(names)
+    assert verifications and all(list(v.errors) == list(names) and v.error <= EXPORT_TOL for v in verifications)
+    with torch.no_grad():
+        fast.conv_trans_3.fusion_block.bn3.bias.add_(0.1)  # only the last map's block
+    with pytest.raises(ExportError, match="output stride32 has relative error"):
+        verify_onnx(path, fast, (2, 3, 256, 256))
+    two_at_stride4 = fastconformer.create_model(MODEL, features_only=True, depth=6, out_indices=(0, 1, 5))
+    assert output_names(two_at_stride4) == ("block0_stride4", "block1_stride4", "block5_stride32")
+
+
+def test_model_without_heads_exports_its_pooled_features(tmp_path):
+    model = fastconformer.create_model(MODEL, depth=DEPTH, num_classes=0, fast=True)
+    verifications = export_onnx(model, tmp_path / "pooled.onnx", dynamic_batch=False)
+    assert all(list(v.errors) == ["conv_features", "trans_features"] for v in verifications)
+    session = onnxruntime.InferenceSession(str(tmp_path / "pooled.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.shape for o in session.run(None, {"images": torch.randn(1, 3, 224, 224).numpy()})] == [(1, 256), (1, 384)]
 
 
 def test_export_onnx_rejects_wrong_arguments(models, tmp_path):

@@ -278,6 +278,22 @@ def test_reset_classifier_forward_head_and_no_weight_decay(impl):
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_num_classes_0_and_new_heads_follow_the_model(impl):
+    """num_classes=0 at construction gives the pooled features, as reset_classifier(0) does; new heads
+    take the model's train/eval mode (an eval model stays all eval: onednn_graph keeps serving)."""
+    model = fastconformer.create_model(NAME, depth=3, num_classes=0, fast=impl == "fast", **MICRO).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled, cls = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert all(torch.equal(a, b) for a, b in zip(model(x), (pooled, cls)))
+    assert [o.shape for o in model(x)] == [(2, 64), (2, 96)]
+    model.reset_classifier(5)
+    assert not any(m.training for m in model.modules()) and model.conv_cls_head.out_features == 5
+    model.train().reset_classifier(0)
+    assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
 def test_norm_eval_and_frozen_stem(impl):
     model = fastconformer.create_model(NAME, depth=3, norm_eval=True, frozen_stem=True, **MICRO)
     model.load_state_dict(_classifier(3).state_dict())

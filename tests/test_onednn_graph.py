@@ -6,6 +6,7 @@ parameters or buffers drops the graphs."""
 
 import copy
 import pickle
+import re
 import sys
 import warnings
 
@@ -139,6 +140,18 @@ def test_images_whose_logits_must_be_nan_run_eagerly(models):
         assert not graph.serves(x[:0]) and [o.shape for o in graph(x[:0])] == [(0, 1000)] * 2
         fast.trans_cls_head.bias[0] = float("nan")
         assert not graph.serves(x) and graph(x)[1][:, 0].isnan().all()
+
+
+def test_an_input_the_model_refuses_raises_its_error_untraced(models):
+    _, fast = models
+    graph = onednn_graph(fast)
+    with torch.no_grad():
+        for x in (_images(2, 4, 224, 224), _images(1, 3, 100, 100)):
+            with pytest.raises(ValueError) as raised:
+                fast(x)
+            with pytest.raises(ValueError, match=re.escape(str(raised.value))):  # the model's words, real sizes
+                graph(x)
+    assert not graph.graphs()
 
 
 def test_serves_under_inference_mode(models):
