@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from .dispatch import backend
+from .onednn_graph import OneDNNGraph
 from .reference import ConformerFeatures
 from .testing import rel_error
 
@@ -145,7 +146,10 @@ def output_names(model: nn.Module) -> tuple[str, ...]:
     """The names an export gives ``model``'s outputs, in order: one per map of a ``features_only``
     backbone, by its stride (``stride4``, ``stride8``, ...; ``block3_stride4`` ... when two maps
     share a stride); ``conv_features`` and ``trans_features`` for a model built with
-    ``num_classes=0`` (its heads' inputs); else :data:`OUTPUT_NAMES`."""
+    ``num_classes=0`` (its heads' inputs); else :data:`OUTPUT_NAMES`. A :class:`OneDNNGraph`
+    exports its model (it runs eagerly while exporting)."""
+    if isinstance(model, OneDNNGraph):
+        model = model.model
     if not isinstance(model, ConformerFeatures):
         return ("conv_features", "trans_features") if getattr(model, "num_classes", None) == 0 else OUTPUT_NAMES
     reductions, blocks = model.feature_info.reduction(), model.feature_info.out_indices

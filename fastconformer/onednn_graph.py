@@ -16,8 +16,8 @@ of finite CPU float32 parameters and buffers with every module in eval mode and 
 parameter or buffer requires grad); oneDNN allowed (:func:`fastconformer.dispatch.onednn`); no
 tracing or compiling around the call; CPU autocast either off or to bfloat16 on a CPU where oneDNN
 has native bfloat16. Every other call runs the model itself, eagerly: training, fine-tuning, CUDA,
-other dtypes and autocast modes, and the images whose logits must come out NaN as the model's do
-(oneDNN's ReLU maps NaN to 0, torch's keeps it).
+other dtypes and autocast modes, and the images whose logits may come out NaN, as the model
+computes them (oneDNN's ReLU maps NaN to 0, torch's keeps it).
 
 Under CPU autocast to bfloat16 the graph is a bfloat16 copy of the model (weights rounded once;
 LayerNorms' scales and shifts stay float32) on the images rounded to bfloat16: activations in
@@ -70,9 +70,11 @@ def onednn_graph_available() -> bool:
             and onednn_available())
 
 
-# The largest |pixel| a graph serves. Beyond, float32 can overflow inside the model (its LayerNorms
-# square their inputs: from about 1e17 for Conformer-S with random weights), and oneDNN's ReLU maps
-# the NaN that follows to 0 where the model's keeps it: such images, and NaN or Inf ones, run eagerly.
+# The largest |pixel| a graph serves. Far beyond, float32 can overflow inside the model (its
+# LayerNorms square their inputs: from about 1e17 for Conformer-S with random weights), and oneDNN's
+# ReLU maps the NaN that follows to 0 where the model's keeps it: such images, and NaN or Inf ones,
+# run eagerly. Each graph is also checked finite, as the eager model, on a probe of this magnitude
+# (weights that grow activations far more than trained ones do would overflow sooner).
 INPUT_LIMIT = 1e6
 
 _FUSION_LOCK = threading.Lock()
@@ -211,10 +213,11 @@ class OneDNNGraph(nn.Module):
         with self._lock:
             if not (self._stamp is not None and len(self._stamp[0]) == len(modules)
                     and all(map(operator.is_, self._stamp[0], modules)) and stamp_matches(self._stamp[1], sources)):
+                self._graphs.clear()  # stale, and their constants and the stamp's aliases hold the old weights
+                self._stamp, taken = None, stamp(sources)  # taken before the check: a write after it moves the stamp
                 if not _servable_sources(sources):  # checked once per stamp: unchanged sources stay servable
                     return None
-                self._graphs.clear()
-                self._stamp = (modules, stamp(sources))
+                self._stamp = (modules, taken)
             if signature not in self._graphs:
                 self._graphs[signature] = self._trace(*signature)
                 while len(self._graphs) > self.max_graphs:
@@ -227,8 +230,10 @@ class OneDNNGraph(nn.Module):
                ) -> tuple[torch.jit.ScriptModule, int] | None:
         """(A frozen traced graph of the model for float32 images of ``shape`` and layout, under
         bfloat16 autocast or not, its oneDNN Graph partitions), verified against the eager model on
-        a random probe of that signature; None (with a warning) when tracing fails, nothing was
-        fused or the outputs differ."""
+        a random probe of that signature, and both finite on that probe scaled to
+        :data:`INPUT_LIMIT`; None (with a warning) when tracing fails, nothing was fused, the
+        outputs differ or this model's float32 overflows within the limit. The model's own error
+        (before any tracing) for an input it refuses."""
         probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).contiguous(
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         with torch.no_grad(), onednn(False), warnings.catch_warnings():
@@ -266,6 +271,14 @@ class OneDNNGraph(nn.Module):
         if not all(err <= lim for err, lim in zip(errors, limits)):
             return self._eager_from_now(shape, bf16, f"its graph does not match the eager model (relative errors "
                                                  f"{errors}, limits {limits})")
+        large = probe * (INPUT_LIMIT / probe.abs().amax())
+        with torch.no_grad(), onednn(False), torch.autocast("cpu", enabled=False):
+            finite = all(o.isfinite().all() for o in self.model(large))
+            with _fusing():
+                finite = finite and all(o.isfinite().all() for o in graph(large))
+        if not finite:
+            return self._eager_from_now(shape, bf16, f"this model overflows float32 on images of magnitude "
+                                                 f"{INPUT_LIMIT:g} (INPUT_LIMIT)")
         return graph, partitions
 
     @staticmethod

@@ -362,6 +362,17 @@ class ConvTransBlock(nn.Module):
         return x, x_t
 
 
+def _drop_zero_width_heads(module: nn.Module, state_dict, prefix: str, *_) -> None:
+    """``load_state_dict`` pre-hook: the keys of a zero-width head (the official code's
+    ``conv_cls_head`` for ``num_classes=0``, a Linear(C, 0)) carry nothing, and a model built with
+    ``num_classes=0`` holds its heads as ``nn.Identity``: such keys are dropped, not refused."""
+    for head in ("conv_cls_head", "trans_cls_head"):
+        if isinstance(getattr(module, head, None), nn.Identity):
+            for key in (f"{prefix}{head}.weight", f"{prefix}{head}.bias"):
+                if key in state_dict and state_dict[key].numel() == 0:
+                    del state_dict[key]
+
+
 class Conformer(nn.Module):
     """The Conformer classifier.
 
@@ -460,6 +471,7 @@ class Conformer(nn.Module):
 
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
+        self._register_load_state_dict_pre_hook(_drop_zero_width_heads, with_module=True)
         self.train()  # applies frozen_stem from the start
 
     @staticmethod

@@ -156,6 +156,7 @@ def test_feature_backbone_exports_and_verifies_every_map(tmp_path):
         verify_onnx(path, fast, (2, 3, 256, 256))
     two_at_stride4 = fastconformer.create_model(MODEL, features_only=True, depth=6, out_indices=(0, 1, 5))
     assert output_names(two_at_stride4) == ("block0_stride4", "block1_stride4", "block5_stride32")
+    assert output_names(fastconformer.onednn_graph(features)) == names
 
 
 def test_model_without_heads_exports_its_pooled_features(tmp_path):

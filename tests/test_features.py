@@ -291,6 +291,10 @@ def test_num_classes_0_and_new_heads_follow_the_model(impl):
     assert not any(m.training for m in model.modules()) and model.conv_cls_head.out_features == 5
     model.train().reset_classifier(0)
     assert all(m.training for m in model.modules())
+    official = model.state_dict()  # the official code's num_classes=0 head: a zero-width Linear, whose keys load
+    official.update({"conv_cls_head.weight": torch.zeros(0, 64), "conv_cls_head.bias": torch.zeros(0)})
+    assert not model.load_state_dict(official).missing_keys
+    fastconformer.load_checkpoint(model, official)
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])

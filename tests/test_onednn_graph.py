@@ -119,7 +119,7 @@ def test_eager_wherever_the_graph_cannot_serve(models, monkeypatch):
     assert not graph.graphs()
 
 
-def test_images_whose_logits_must_be_nan_run_eagerly(models):
+def test_images_whose_logits_must_be_nan_run_eagerly(models, monkeypatch):
     """NaN, Inf and pixels past INPUT_LIMIT (float32 overflows inside the model from ~1e17: the
     eager model's logits are NaN, a graph's ReLUs would make them finite), empty batches and
     non-finite parameters run the eager model."""
@@ -138,8 +138,26 @@ def test_images_whose_logits_must_be_nan_run_eagerly(models):
             assert all(torch.equal(o.isfinite(), e.isfinite()) for o, e in zip(out, expected))
             assert not out[0][:2].isfinite().any() and not out[1][:2].isfinite().any()
         assert not graph.serves(x[:0]) and [o.shape for o in graph(x[:0])] == [(0, 1000)] * 2
-        fast.trans_cls_head.bias[0] = float("nan")
-        assert not graph.serves(x) and graph(x)[1][:, 0].isnan().all()
+        fast.conv1.weight[0, 0, 0, 0] = float("nan")  # before a ReLU: a graph would zero what eager makes NaN
+        with monkeypatch.context() as patch:
+            patch.setattr(graph, "_trace", lambda *args: pytest.fail("traced a model with a NaN weight"))
+            assert not graph.serves(x) and not graph(x)[0].isfinite().any() and not graph.graphs()
+
+
+def test_weights_that_overflow_within_the_input_limit_stay_eager(models):
+    """Finite weights that blow activations up (the stem x 1e16): images of magnitude 1e6 overflow in
+    the eager model, so the signature runs eagerly (verification on a probe scaled to INPUT_LIMIT)."""
+    model, fast = models
+    fast = copy.deepcopy(fast)
+    with torch.no_grad():
+        fast.conv1.weight.mul_(1e16)
+    graph = onednn_graph(fast)
+    x = _images(2, 3, 224, 224) * (INPUT_LIMIT / 10)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="overflows float32"):
+        out = graph(x)
+    assert not graph.graphs()
+    with torch.no_grad():
+        assert all(torch.equal(o.isfinite(), e.isfinite()) for o, e in zip(out, fast(x)))
 
 
 def test_an_input_the_model_refuses_raises_its_error_untraced(models):
@@ -163,7 +181,7 @@ def test_serves_under_inference_mode(models):
     assert len(graph.graphs()) == 1 and rel_error(out, model(x.double())) <= MODEL_TOL
 
 
-def test_changed_parameters_drop_the_graphs(models):
+def test_changed_parameters_drop_the_graphs(models, monkeypatch):
     model, fast = models
     fast, model = copy.deepcopy(fast), copy.deepcopy(model)
     graph = onednn_graph(fast)
@@ -178,16 +196,22 @@ def test_changed_parameters_drop_the_graphs(models):
         assert len(graph.graphs()) == 1 and graph._graphs[next(iter(graph.graphs()))] is not first, "traced again"
         assert rel_error(out, model(x.double())) <= MODEL_TOL
         for m in (fast, model):  # a module replaced (no parameters of its own): traced again
-            m.conv_trans_2.cnn_block.act1 = nn.Hardtanh(0.0, 1.0)
-        assert rel_error(graph(x), model(x.double())) <= MODEL_TOL
+            m.conv_trans_2.cnn_block.act1 = nn.Hardtanh(0.0, 1.0).eval()
+        assert rel_error(graph(x), model(x.double())) <= MODEL_TOL and graph.serves(x)
         fast.load_state_dict(copy.deepcopy(fast.state_dict()))
         graph(x)
         assert len(graph.graphs()) == 1
-        fast.trans_cls_head.double()  # a float64 head after serving: the model's own dtype error, no stale graph
-        with pytest.raises(RuntimeError, match="dtype"):
+        fast.trans_cls_head.double()  # a float64 head after serving: no graph, the model's own dtype error
+        with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="dtype"):
+            patch.setattr(graph, "_trace", lambda *args: pytest.fail("traced a float64 head"))
             graph(x)
+        assert not graph.graphs()
         fast.trans_cls_head.float()
         assert rel_error(graph(x), model(x.double())) <= MODEL_TOL and len(graph.graphs()) == 1
+        for m in (fast, model):  # restrided in place of the same storage: version, address and shape unchanged
+            weight = m.trans_1.attn.proj.weight
+            weight.data = weight.data.t()
+        assert rel_error(graph(x), model(x.double())) <= MODEL_TOL
     graph.clear()
     assert not graph.graphs()
 

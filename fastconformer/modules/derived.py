@@ -4,7 +4,7 @@ kept for inference until one of their sources changes. Opt-in per owner:
 
 A derived tensor is rebuilt on first use after any of its sources changed through PyTorch: its
 version counter moved (optimizer steps, ``load_state_dict``, in-place ops under ``no_grad``) or it
-got other storage, dtype or shape (``module.to()``, ``.half()`` and back, ``param.data = ...``).
+got other storage, dtype, shape or strides (``module.to()``, ``.half()`` and back, ``param.data = ...``).
 Each entry keeps an alias of the sources it was built from, so no new tensor can be allocated at
 a source's old address and pass for it. In-place writes that bypass the version counter (through
 ``param.data``, e.g. ``param.data.mul_(2)``, a NumPy view or the storage) are not seen: register
@@ -24,13 +24,14 @@ T = TypeVar("T")
 
 
 def _key(sources: tuple[torch.Tensor, ...]) -> tuple:
-    return tuple((t._version, t.data_ptr(), t.dtype, t.shape) for t in sources)
+    return tuple((t._version, t.data_ptr(), t.dtype, t.shape, t.stride()) for t in sources)
 
 
 def stamp(sources: tuple[torch.Tensor, ...]) -> tuple[tuple, tuple[torch.Tensor, ...]]:
-    """What :func:`stamp_matches` compares later: each source's version, storage address, dtype and
-    shape, and an alias of each (which pins its storage, so that no new tensor can take its
-    address). Not for inference tensors (no version counter)."""
+    """What :func:`stamp_matches` compares later: each source's version, storage address, dtype,
+    shape and strides (``param.data = param.data.t()`` keeps the rest), and an alias of each (which
+    pins its storage, so that no new tensor can take its address). Not for inference tensors (no
+    version counter)."""
     return _key(sources), tuple(t.detach() for t in sources)
 
 

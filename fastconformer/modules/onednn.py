@@ -1,6 +1,6 @@
 """oneDNN's fused inner product for CPU inference, and the prepacked weights it can read.
 
-``onednn_linear``: a linear layer with its activation (exact GELU, ReLU) or its residual add in one
+``onednn_linear``: a linear layer with its activation (exact GELU) or its residual add in one
 call of ``mkldnn::_linear_pointwise`` (the primitive inductor's CPU backend emits). On the CPU, no
 autograd: callers take it only where :func:`fastconformer.dispatch.use_onednn` (float32) or
 :func:`fastconformer.dispatch.onednn_autocast_bf16` (bfloat16 under CPU autocast) allows.
