@@ -291,8 +291,9 @@ def test_prepacked_weights_give_the_same_model_and_follow_every_tracked_change()
 
 
 def test_prepacked_weights_follow_new_storage():
-    """A parameter given other storage (dtype round trips, ``param.data = ...``) is repacked, even
-    where the new storage could take the old one's address."""
+    """A parameter given other storage (dtype round trips, ``param.data = ...``) or other strides
+    on the same storage (``param.data = param.data.t()``) is repacked, even where the new storage
+    could take the old one's address."""
     linear = nn.Linear(384, 1152)
     register_for_packing(linear.weight)
     x = torch.randn(5, 384)
@@ -308,6 +309,12 @@ def test_prepacked_weights_follow_new_storage():
     for step in range(3):
         linear.weight.data = linear.weight.data * 2  # new storage each time, the old one freed
         check(f"after param.data = ... ({step})")
+    square = nn.Linear(384, 384)
+    register_for_packing(square.weight)
+    linear, x = square, torch.randn(5, 384)
+    check("square, first use")
+    square.weight.data = square.weight.data.t()  # same storage, version, dtype and shape: other strides
+    check("after param.data = param.data.t()")
 
 
 def test_parameters_made_in_inference_mode_cannot_be_prepacked():
