@@ -44,7 +44,7 @@ class FastConformerMixin:
         """The reference's ``_blocks`` (yield each block's CNN map and tokens) with the stem's
         conv1 + bn1 folded and the CNN branch in the layout :meth:`_cnn_channels_last` picks; maps
         come in that layout (:meth:`_output_map` gives them the input's)."""
-        check_image_batch(x, self.conv1.in_channels, self.trans_patch_conv.kernel_size[0] * 4)
+        check_image_batch(x, self.conv1.in_channels, self.trans_patch_conv.kernel_size[0] * 4, self.conv1.weight.dtype)
         x = x.contiguous(memory_format=torch.channels_last if self._cnn_channels_last(x) else torch.contiguous_format)
         cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)
         x_base = self.maxpool(self.act1(conv_bn(x, self.conv1, self.bn1)))

@@ -37,14 +37,17 @@ __all__ = [
 ]
 
 
-def check_image_batch(x, in_chans: int, patch_size: int) -> None:
+def check_image_batch(x, in_chans: int, patch_size: int, weight_dtype: torch.dtype | None = None) -> None:
     """Raise TypeError/ValueError unless x is a floating (B, in_chans, H, W) tensor with H and W
-    positive multiples of patch_size."""
+    positive multiples of patch_size, of ``weight_dtype`` (the model's) unless autocast is on."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape (B, {in_chans}, H, W), got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor (float32, float16 or bfloat16), got {x.dtype}; "
                         "convert images with .float() and normalise them first")
+    if weight_dtype is not None and x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x is {x.dtype} but the model's weights are {weight_dtype}: convert one to the other "
+                        "(x.to(...) or model.to(...)) or run under torch.autocast")
     if x.ndim != 4:
         raise ValueError(f"x must be 4-D (B, {in_chans}, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] != in_chans:
@@ -525,7 +528,7 @@ class Conformer(nn.Module):
     def _blocks(self, x: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Run the model on x (B, in_chans, H, W), yielding after each block its CNN map
         (B, C, H / r, W / r) and its tokens (B, 1 + N, D), cls token first."""
-        check_image_batch(x, self.in_chans, self.patch_size)
+        check_image_batch(x, self.in_chans, self.patch_size, self.conv1.weight.dtype)
         B = x.shape[0]
         cls_tokens = self.cls_token.expand(B, -1, -1)
 

@@ -139,6 +139,16 @@ def test_empty_batch_gives_empty_logits():
         assert [o.shape for o in out] == [e.shape for e in expected] == [(0, 1000)] * 2
 
 
+def test_input_of_another_dtype_than_the_weights_is_one_clear_error():
+    model, fast = _pair("conformer_tiny_patch16")
+    x = torch.randn(1, 3, 224, 224, dtype=torch.float16)
+    for m in (model.eval(), fast.eval()):
+        with pytest.raises(TypeError, match="x is torch.float16 but the model's weights are torch.float32"):
+            m(x)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts as it computes
+            assert [o.dtype for o in m(x.bfloat16())] == [torch.bfloat16] * 2
+
+
 def test_autocast_bf16_on_cpu():
     model, fast = _pair("conformer_tiny_patch16")
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
