@@ -4,10 +4,10 @@
 (``torch.onnx.export(..., dynamo=True)``, which needs ``onnxscript``): input ``images``
 (B, 3, H, W) float32, the model's outputs in its order, named by :func:`output_names`
 (``conv_logits`` and ``trans_logits`` (B, num_classes) float32 for a classifier; ``stride4`` ...
-for the maps of a ``features_only`` backbone), and by default a dynamic batch dimension. A fast model exports the
-algebra of its PyTorch path (pool-first squeeze, expand at token resolution, BatchNorm folded
-into the convolutions), as standard ``ai.onnx`` operators only: no Triton, no oneDNN-internal op
-(see :func:`fastconformer.dispatch.exporting`).
+for the maps of a ``features_only`` backbone), and by default a dynamic batch dimension. A fast
+model exports the algebra of its PyTorch path (pool-first squeeze, expand at token resolution,
+BatchNorm folded into the convolutions), as standard ``ai.onnx`` operators only: no Triton, no
+oneDNN-internal op (see :func:`fastconformer.dispatch.exporting`).
 
 Verification (on by default): the file runs in ONNX Runtime and in OpenVINO (fp32, each where
 installed), on random inputs of another batch size than the traced one when the batch is dynamic,
@@ -158,12 +158,6 @@ def output_names(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"block{block}_stride{reduction}" for block, reduction in zip(blocks, reductions))
 
 
-def _file_output_names(path: str) -> list[str]:
-    import onnx
-
-    return [output.name for output in onnx.load(path, load_external_data=False).graph.output]
-
-
 def _fold_weight_arithmetic(program) -> None:
     """Fold what the graph computes from the weights alone (the BatchNorm folding of the fast model,
     weight transposes and reshapes) into initializers, in place: the exporter's optimizer folds
@@ -253,7 +247,7 @@ def verify_onnx(path: str | os.PathLike, model: nn.Module, input_shape: Sequence
     the output and its relative error when one exceeds :data:`EXPORT_TOL` (or the engine fails)."""
     path, shape = os.fspath(path), _check_input_shape(input_shape)
     images = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    exact, names = _float64_outputs(model, images), _file_output_names(path)
+    exact, names = _float64_outputs(model, images), output_names(model)
     results = []
     for engine in ENGINES:
         if engine in missing_engines():

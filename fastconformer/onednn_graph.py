@@ -107,6 +107,10 @@ def _servable_sources(sources: tuple[torch.Tensor, ...]) -> bool:
     return not floating or bool(torch.stack(floating).sum().isfinite())
 
 
+def _finite(outputs: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> bool:
+    return all(bool(o.isfinite().all()) for o in outputs)
+
+
 def _fused_partitions() -> int:
     """How many oneDNN Graph partitions the graph this thread ran last was optimized into."""
     return len(torch.jit.last_executed_optimized_graph().findAllNodes("prim::oneDNNFusionGroup"))
@@ -236,9 +240,11 @@ class OneDNNGraph(nn.Module):
         (before any tracing) for an input it refuses."""
         probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).contiguous(
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        large = probe * (INPUT_LIMIT / probe.abs().amax())
         with torch.no_grad(), onednn(False), warnings.catch_warnings():
             with torch.autocast("cpu", enabled=False):  # first: an input the model refuses raises its own error
                 expected = self.model(probe)
+                finite = _finite(self.model(large))
             # the input checks read sizes as Python values (hence one graph per input signature)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", "`torch.jit.(trace|trace_method|freeze)` is deprecated",
@@ -253,6 +259,7 @@ class OneDNNGraph(nn.Module):
                     with _fusing():
                         for _ in range(torch._C._jit_get_num_profiled_runs() + 1):  # profiled, then optimized
                             out = graph(probe)
+                        finite = finite and _finite(graph(large))
                     partitions = _fused_partitions()
             except RuntimeError as error:
                 return self._eager_from_now(shape, bf16, f"tracing or running its graph failed ({error})")
@@ -271,11 +278,6 @@ class OneDNNGraph(nn.Module):
         if not all(err <= lim for err, lim in zip(errors, limits)):
             return self._eager_from_now(shape, bf16, f"its graph does not match the eager model (relative errors "
                                                  f"{errors}, limits {limits})")
-        large = probe * (INPUT_LIMIT / probe.abs().amax())
-        with torch.no_grad(), onednn(False), torch.autocast("cpu", enabled=False):
-            finite = all(o.isfinite().all() for o in self.model(large))
-            with _fusing():
-                finite = finite and all(o.isfinite().all() for o in graph(large))
         if not finite:
             return self._eager_from_now(shape, bf16, f"this model overflows float32 on images of magnitude "
                                                  f"{INPUT_LIMIT:g} (INPUT_LIMIT)")
