@@ -69,8 +69,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"device: CPU ({torch.get_num_threads()} threads), no CUDA: the PyTorch implementations run"
               + ("; TRITON_INTERPRET=1 lets backend('triton') run kernels in the interpreter"
                  if not interpreter_enabled() else "; the Triton interpreter is enabled"))
-    print("CPU inference: oneDNN fused linear + GELU / residual "
-          + ("available" if onednn_available() else "not available in this torch build (plain ops run)"))
+    print("CPU inference: oneDNN fused linear + GELU / residual and convolution + residual "
+          + ("available" if onednn_available() else "not available in this torch build (plain ops run)")
+          + "; oneDNN Graph (attention, onednn_graph) "
+          + ("available" if onednn_graph_available() else "not available in this torch build"))
     print()
     print(f"{'model':<26}{'params':>14}{'patch':>7}{'embed':>7}{'heads':>7}{'top-1':>8}")
     for name, v in VARIANTS.items():

@@ -6,8 +6,10 @@ What changes:
   + x_t for the transformer's input), fused expand (GEMM + BatchNorm + ReLU at low resolution) and
   the fusion block's bn1 + ReLU + upsample-add in one pass;
 - every transformer Block -> FusedBlock (residual adds fused with the next LayerNorm) holding a
-  FusedAttention (flash-style kernel on CUDA, SDPA elsewhere);
-- every CNN bottleneck -> FusedConvBlock (BatchNorm folded into the convolutions in eval mode);
+  FusedAttention (flash-style kernel on CUDA; on the CPU SDPA, or in float32 inference one oneDNN
+  Graph partition);
+- every CNN bottleneck -> FusedConvBlock (BatchNorm folded into the convolutions in eval mode; in
+  float32 CPU inference conv3 summed into the residual's buffer where that is the block's own);
 - the stem's conv1 + bn1 folded in eval mode, and (``channels_last=True``) the CNN branch run in
   channels_last memory format (NCHW for training on the CPU).
 

@@ -15,8 +15,9 @@ The environment variable ``FASTCONFORMER_BACKEND`` sets the default for a proces
 server may each hold their own.
 
 Inside the PyTorch implementation, CPU inference may go one step further: :func:`use_onednn` says
-when float32 CPU work with no autograd graph may run through oneDNN's fused linear primitive (a
-linear layer with its GELU or residual add in one call, the primitive inductor's CPU backend emits),
+when float32 CPU work with no autograd graph may run through oneDNN's fused primitives (a linear
+layer with its GELU or residual add in one call, the primitive inductor's CPU backend emits; a
+convolution summed into its residual) and oneDNN Graph partitions (attention),
 :func:`onednn_autocast_bf16` when bfloat16 work under CPU autocast may.
 :func:`onednn` (or ``FASTCONFORMER_ONEDNN=0``) switches that off, e.g. to measure what it buys.
 """
@@ -162,20 +163,27 @@ def exporting() -> bool:
 
 @functools.cache
 def onednn_available() -> bool:
-    """True when oneDNN's fused linear primitive (``mkldnn::_linear_pointwise``, shipped with every
-    torch built with mkldnn) is registered and computes linear + GELU and linear + add correctly
-    here: a tiny probe, run once, since being registered does not guarantee a working kernel."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+    """True when oneDNN's fused linear and convolution primitives (``mkldnn::_linear_pointwise``,
+    ``mkldnn::_convolution_pointwise_``, shipped with every torch built with mkldnn) are registered
+    and compute linear + GELU, linear + add and convolution + add into the residual correctly here:
+    a tiny probe, run once, since being registered does not guarantee a working kernel."""
+    ops = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
+            and hasattr(ops, "_convolution_pointwise_")):
         return False
     x, w, b = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, 0.25], [1.0, 1.0]]), torch.tensor([0.1, 0.2])
     with torch.autocast("cpu", enabled=False):  # the probe is float32, whatever context it is first asked in
         linear = torch.nn.functional.linear(x, w, b)
+        conv = linear.view(1, 2, 1, 1)  # the same numbers as a 1x1 convolution of the map x
         try:
-            gelu = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
-            added = torch.ops.mkldnn._linear_pointwise.binary(x, linear, w, b, "add")
+            gelu = ops._linear_pointwise(x, w, b, "gelu", [], "none")
+            added = ops._linear_pointwise.binary(x, linear, w, b, "add")
+            summed = ops._convolution_pointwise_.binary(conv.clone(), x.view(1, 2, 1, 1), w.view(2, 2, 1, 1), b,
+                                                        [0, 0], [1, 1], [1, 1], 1, "add", None, None, [], None)
         except RuntimeError:
             return False
-    return torch.allclose(gelu, torch.nn.functional.gelu(linear)) and torch.allclose(added, 2 * linear)
+    return (torch.allclose(gelu, torch.nn.functional.gelu(linear)) and torch.allclose(added, 2 * linear)
+            and torch.allclose(summed, 2 * conv))
 
 
 @functools.cache

@@ -6,7 +6,7 @@ matmuls. The traced graph is the plain-op algebra the fast model exports
 (:func:`fastconformer.dispatch.exporting`: pool-first squeeze, expand at token resolution,
 BatchNorm folded), never Triton or ``mkldnn::`` ops. TorchScript, the only home of this fuser,
 is deprecated (torch 2.13 warns on ``torch.jit.trace`` and ``torch.jit.freeze``); the wrapper
-silences those warnings for its own calls.
+silences those warnings for its own calls (:mod:`fastconformer.modules.onednn_fusion`).
 
 :func:`onednn_graph` wraps a model in :class:`OneDNNGraph`. Its ``forward(x)`` serves from a graph
 only where one computes what the model would (the gate is :meth:`OneDNNGraph.serves`): CPU float32
@@ -43,32 +43,23 @@ the next call traces again. Not seen: in-place writes that bypass version counte
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
 import operator
 import threading
 import warnings
-from typing import Iterator
 
 import torch
 import torch.nn as nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from .convert import is_channels_last
-from .dispatch import (_onednn_enabled, exporting, no_autograd, onednn, onednn_available, onednn_bf16_available,
-                       use_triton)
+from .dispatch import _onednn_enabled, exporting, no_autograd, onednn, onednn_bf16_available, use_triton
 from .modules.derived import stamp, stamp_matches
+from .modules.onednn_fusion import fusing, onednn_graph_available, quiet_tracing, warm_up
 from .reference import Conformer
-from .testing import HALF_FACTOR, HALF_SLACK, MODEL_TOL, rel_error
+from .tolerance import HALF_FACTOR, HALF_SLACK, MODEL_TOL, rel_error
 
-__all__ = ["INPUT_LIMIT", "OneDNNGraph", "onednn_graph", "onednn_graph_available"]
-
-
-def onednn_graph_available() -> bool:
-    """Whether this torch has TorchScript's oneDNN Graph fuser and oneDNN's fused primitives work here."""
-    return (hasattr(torch.jit, "enable_onednn_fusion") and hasattr(torch._C, "_jit_llga_enabled")
-            and onednn_available())
-
+__all__ = ["INPUT_LIMIT", "OneDNNGraph", "onednn_graph", "onednn_graph_available"]  # the last from modules.onednn_fusion
 
 # The largest |pixel| a graph serves. Far beyond, float32 can overflow inside the model (its
 # LayerNorms square their inputs: from about 1e17 for Conformer-S with random weights), and oneDNN's
@@ -76,27 +67,6 @@ def onednn_graph_available() -> bool:
 # run eagerly. Each graph is also checked finite, as the eager model, on a probe of this magnitude
 # (weights that grow activations far more than trained ones do would overflow sooner).
 INPUT_LIMIT = 1e6
-
-_FUSION_LOCK = threading.Lock()
-_FUSION_USERS = [0, False]  # graphs running now, the switch as it was before the first of them
-
-
-@contextlib.contextmanager
-def _fusing() -> Iterator[None]:
-    """oneDNN Graph fusion on while any graph of this module runs (a process-wide TorchScript
-    switch: the first entry turns it on, the last exit restores what it was, across threads)."""
-    with _FUSION_LOCK:
-        if _FUSION_USERS[0] == 0:
-            _FUSION_USERS[1] = torch.jit.onednn_fusion_enabled()
-            torch.jit.enable_onednn_fusion(True)
-        _FUSION_USERS[0] += 1
-    try:
-        yield
-    finally:
-        with _FUSION_LOCK:
-            _FUSION_USERS[0] -= 1
-            if _FUSION_USERS[0] == 0:
-                torch.jit.enable_onednn_fusion(_FUSION_USERS[1])
 
 
 def _servable_sources(sources: tuple[torch.Tensor, ...]) -> bool:
@@ -109,11 +79,6 @@ def _servable_sources(sources: tuple[torch.Tensor, ...]) -> bool:
 
 def _finite(outputs: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> bool:
     return all(bool(o.isfinite().all()) for o in outputs)
-
-
-def _fused_partitions() -> int:
-    """How many oneDNN Graph partitions the graph this thread ran last was optimized into."""
-    return len(torch.jit.last_executed_optimized_graph().findAllNodes("prim::oneDNNFusionGroup"))
 
 
 def _bfloat16_copy(model: nn.Module) -> nn.Module:
@@ -210,7 +175,7 @@ class OneDNNGraph(nn.Module):
         graph = self._graph((tuple(x.shape), channels_last, torch.is_autocast_enabled("cpu")), modules, sources)
         if graph is None:
             return self.model(x)
-        with _fusing(), torch.autocast("cpu", enabled=False):  # a bfloat16 graph rounds x itself
+        with fusing(), torch.autocast("cpu", enabled=False):  # a bfloat16 graph rounds x itself
             return list(graph(x))
 
     def _graph(self, signature: tuple, modules: tuple[nn.Module, ...], sources: tuple[torch.Tensor, ...]):
@@ -241,26 +206,20 @@ class OneDNNGraph(nn.Module):
         probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).contiguous(
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         large = probe * (INPUT_LIMIT / probe.abs().amax())
-        with torch.no_grad(), onednn(False), warnings.catch_warnings():
+        with torch.no_grad(), onednn(False):
             with torch.autocast("cpu", enabled=False):  # first: an input the model refuses raises its own error
                 expected = self.model(probe)
                 finite = _finite(self.model(large))
-            # the input checks read sizes as Python values (hence one graph per input signature)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", "`torch.jit.(trace|trace_method|freeze)` is deprecated",
-                                    DeprecationWarning)
             try:  # autocast off throughout: TorchScript's own autocast pass would insert casts
-                with torch.autocast("cpu", enabled=False):
+                with torch.autocast("cpu", enabled=False), quiet_tracing():
                     model = _bfloat16_copy(self.model) if bf16 else self.model
                     traced = torch.jit.trace(_Traceable(model, torch.bfloat16 if bf16 else torch.float32), (probe,),
                                              check_trace=False)
                     del model
                     graph = torch.jit.freeze(traced)
-                    with _fusing():
-                        for _ in range(torch._C._jit_get_num_profiled_runs() + 1):  # profiled, then optimized
-                            out = graph(probe)
+                    out, partitions = warm_up(graph, probe)
+                    with fusing():
                         finite = finite and _finite(graph(large))
-                    partitions = _fused_partitions()
             except RuntimeError as error:
                 return self._eager_from_now(shape, bf16, f"tracing or running its graph failed ({error})")
             if bf16:

@@ -21,35 +21,10 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from .tolerance import HALF_FACTOR, HALF_SLACK, MODEL_TOL, MODULE_TOL, rel_error
+
 __all__ = ["MODULE_TOL", "MODEL_TOL", "Comparison", "rel_error", "compare", "assert_matches", "onednn_calls",
            "randomize_module", "reference_and_fast", "saved_activation_bytes", "tf32", "to_float64"]
-
-MODULE_TOL = 1e-5
-MODEL_TOL = 1e-4
-HALF_FACTOR = 2.0
-HALF_SLACK = 1e-6
-
-
-def _flat(x) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.detach().reshape(-1).to(torch.float64)
-    if isinstance(x, (list, tuple)):
-        return torch.cat([_flat(t) for t in x])
-    raise TypeError(f"expected a tensor or a list/tuple of tensors, got {type(x).__name__}")
-
-
-def rel_error(out, ref) -> float:
-    """||out - ref|| / ||ref|| in float64 over all elements (tensors or lists of tensors);
-    inf when out holds NaN or Inf or the shapes differ."""
-    o, r = _flat(out).cpu(), _flat(ref).cpu()
-    if o.shape != r.shape or not torch.isfinite(o).all():
-        return math.inf
-    ref_norm = r.norm().item()
-    diff = (o - r).norm().item()
-    if ref_norm == 0.0:
-        return 0.0 if diff == 0.0 else math.inf
-    return diff / ref_norm
-
 
 def _dtype_of(x) -> torch.dtype:
     return x.dtype if isinstance(x, torch.Tensor) else _dtype_of(x[0])

@@ -1,5 +1,7 @@
 """FusedAttention / the fused attention op against the float64 reference Attention, both backends."""
 
+import collections
+import concurrent.futures
 import copy
 import importlib
 
@@ -8,6 +10,7 @@ import torch
 
 from fastconformer import dispatch
 from fastconformer.modules.attention import FusedAttention, attention
+from fastconformer.modules.onednn_fusion import onednn_graph_available
 from fastconformer.reference import Attention
 from fastconformer.testing import MODULE_TOL, assert_matches, randomize_module, rel_error, tf32, to_float64
 
@@ -339,6 +342,102 @@ def test_explicit_bf16_scores_are_capped(gen, monkeypatch):
     monkeypatch.setattr(attention_module, "EXPLICIT_SCORES_MAX", 2 * 2 * 17 * 17 - 1)
     with torch.no_grad():
         assert _sdpa_calls(lambda: attention(qkv, 2, 0.125)) == 1, "beyond the cap: the flash kernel's tiles"
+
+
+GRAPHS = pytest.mark.skipif(not onednn_graph_available(), reason="this torch has no oneDNN Graph fuser")
+
+
+@pytest.fixture
+def no_attention_graphs(monkeypatch):
+    """An empty cache of attention graphs for the test (the module's own cache is put back after)."""
+    monkeypatch.setattr(attention_module, "_GRAPHS", collections.OrderedDict())
+    return attention_module._GRAPHS
+
+
+def _graph_call(qkv, heads, scale):
+    """(attention(qkv) on the CPU with the torch backend, whether it ran a oneDNN Graph partition)."""
+    with dispatch.backend("torch"):
+        out = attention(qkv, heads, scale)
+        graph = torch.jit.last_executed_optimized_graph()
+    return out, bool(graph.findAllNodes("prim::oneDNNFusionGroup")) and bool(attention_module._GRAPHS)
+
+
+@GRAPHS
+@pytest.mark.parametrize("B,N,heads,head_dim", [(3, 197, 6, 64), (1, 50, 9, 64), (2, 17, 2, 80)])
+def test_cpu_float32_inference_runs_a_verified_onednn_graph(no_attention_graphs, gen, B, N, heads, head_dim):
+    """float32 CPU inference: one oneDNN Graph partition per shape, within MODULE_TOL of float64; NaN
+    and Inf come out where SDPA's do."""
+    qkv = torch.randn(B, N, 3 * heads * head_dim, generator=gen)
+    scale = head_dim ** -0.5
+    expected = attention(qkv.double(), heads, scale)
+    with torch.no_grad():
+        out, fused = _graph_call(qkv, heads, scale)
+        assert fused and list(no_attention_graphs) == [((B, N, 3 * heads * head_dim), heads, scale)]
+        assert_matches(out, expected, name="oneDNN Graph attention")
+        bad = qkv.clone()
+        bad[0, 1, 3] = float("nan")  # a q
+        bad[-1, 2, heads * head_dim + 5] = float("inf")  # a k
+        bad[-1, 0, 2 * heads * head_dim + 7] = -float("inf")  # a v
+        out, fused = _graph_call(bad, heads, scale)
+        with dispatch.onednn(False):
+            sdpa = attention(bad, heads, scale)
+    assert fused and torch.equal(out.isnan(), sdpa.isnan()) and torch.equal(out.isinf(), sdpa.isinf())
+    assert out.isnan().any() and rel_error(out.nan_to_num(), sdpa.nan_to_num()) <= MODULE_TOL
+
+
+@GRAPHS
+def test_onednn_graph_only_where_it_serves(no_attention_graphs, gen):
+    """Autograd, a strided qkv, another dtype or the oneDNN switch off run SDPA (and stay exact);
+    without a gradient to compute, grad mode on still takes the graph."""
+    qkv = torch.randn(2, 33, 3 * 128, generator=gen)
+    expected = attention(qkv.double(), 2, 0.125)
+    leaf = qkv.clone().requires_grad_()
+    out, fused = _graph_call(leaf, 2, 0.125)
+    assert not fused and out.requires_grad
+    out.sum().backward()
+    assert leaf.grad is not None and leaf.grad.isfinite().all()
+    strided = torch.randn(33, 2, 3 * 128, generator=gen).transpose(0, 1)
+    strided_expected = attention(strided.double(), 2, 0.125)
+    with torch.no_grad():
+        assert_matches(_graph_call(strided, 2, 0.125)[0], strided_expected, name="strided qkv")
+        with dispatch.onednn(False):
+            assert_matches(_graph_call(qkv, 2, 0.125)[0], expected, name="switch off")
+        assert not no_attention_graphs
+        out, fused = _graph_call(qkv, 2, 0.125)  # grad mode off
+    assert fused
+    out, fused = _graph_call(qkv, 2, 0.125)  # grad mode on, nothing requires grad
+    assert fused and not out.requires_grad
+    assert_matches(out, expected, name="grad mode on")
+
+
+@GRAPHS
+def test_unverified_attention_graph_stays_sdpa(no_attention_graphs, gen, monkeypatch):
+    """A graph that fused nothing (or does not match) is not served: a warning, then SDPA for that shape."""
+    qkv = torch.randn(2, 17, 3 * 64, generator=gen)
+    expected = attention(qkv.double(), 2, 0.125)
+    monkeypatch.setattr(attention_module, "warm_up", lambda graph, probe: (graph(probe), 0))
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match=r"qkv \(2, 17, 192\): 0 partitions.*scaled_dot_product"):
+            out = attention(qkv, 2, 0.125)
+        assert_matches(out, expected, name="after a refused graph")
+        assert _sdpa_calls(lambda: attention(qkv, 2, 0.125)) == 1 and list(no_attention_graphs.values()) == [None]
+
+
+@GRAPHS
+def test_attention_graphs_are_bounded_and_thread_safe(no_attention_graphs, gen, monkeypatch):
+    monkeypatch.setattr(attention_module, "ATTENTION_GRAPHS_MAX", 2)
+    inputs = [torch.randn(B, 17, 3 * 64, generator=gen) for B in (1, 2, 3, 4)]
+    expected = [attention(qkv.double(), 2, 0.125) for qkv in inputs]
+
+    def run(i):
+        with torch.no_grad():
+            return attention(inputs[i % 4], 2, 0.125)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(run, range(16)))
+    for i, out in enumerate(outs):
+        assert_matches(out, expected[i % 4], name=f"thread call {i}")
+    assert len(no_attention_graphs) == 2
 
 
 @pytest.mark.gpu

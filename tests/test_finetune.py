@@ -80,11 +80,12 @@ def test_eval_mode_finetuning_keeps_every_gradient(pattern):
 def test_onednn_still_serves_the_blocks_no_gradient_passes_through():
     """Fine-tuning only the heads and the last block: the transformer blocks before it see no
     parameter and no input that requires grad, so they keep the oneDNN path (4 fused calls each:
-    trans_1 and conv_trans_2's block; 1 each for conv_trans_2's squeeze and expand); the last block
-    runs the plain ops."""
+    trans_1 and conv_trans_2's block; 1 each for conv_trans_2's squeeze and expand; 3 convolutions
+    summed into their residual: conv_1's, conv_trans_2's cnn_block's and its fusion block's); the
+    last block runs the plain ops."""
     _, fast = reference_and_fast("conformer_tiny_patch16", seed=3, num_classes=NUM_CLASSES, depth=DEPTH)
     _freeze_all_but(fast.eval(), _heads_and_last_block)
     x = torch.randn(2, 3, 64, 64)
-    assert onednn_calls(lambda: fast(x)) == 4 * (DEPTH - 1) + 2 * (DEPTH - 2)
-    fast.requires_grad_(False)
-    assert onednn_calls(lambda: fast(x)) == 4 * DEPTH + 2 * (DEPTH - 1)
+    assert onednn_calls(lambda: fast(x)) == 4 * (DEPTH - 1) + 2 * (DEPTH - 2) + 3
+    fast.requires_grad_(False)  # conv_trans_3 too: its 6 calls and its 2 sums (cnn_block's, last fusion block's)
+    assert onednn_calls(lambda: fast(x)) == 4 * DEPTH + 2 * (DEPTH - 1) + 5

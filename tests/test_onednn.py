@@ -16,6 +16,7 @@ import torch.nn as nn
 import fastconformer
 from fastconformer import dispatch
 from fastconformer import reference as ref
+from fastconformer.convert import convert_conv_trans_block
 from fastconformer.dispatch import onednn, use_onednn
 from fastconformer.modules.conv_block import FusedConvBlock
 from fastconformer.modules.conv_trans_block import FusedConvTransBlock
@@ -199,6 +200,69 @@ def test_fused_conv_block_eval(channels_last, case, gen):
     assert out.is_contiguous(memory_format=fmt) and x2.is_contiguous(memory_format=fmt)
 
 
+def _conv_sums(fn) -> int:
+    """How many convolutions ``fn()`` sums into their residual's buffer (oneDNN's sum post-op)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_convolution_pointwise_")
+
+
+@pytest.mark.parametrize("res_conv", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_conv_block_sums_only_into_its_own_scratch(res_conv, channels_last, gen):
+    """conv3 is summed into the residual branch's output (res_conv), never into the block's input."""
+    block = ref.ConvBlock(64, 256 if res_conv else 64, res_conv=res_conv)
+    expected_block, fused = _eval_pair(block, FusedConvBlock.from_reference, gen)
+    x = torch.randn(3, 64, 14, 10, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    before = x.clone()
+    with torch.no_grad():
+        sums = _conv_sums(lambda: fused(x))
+        out, _ = fused(x)
+        with onednn(False):
+            assert _conv_sums(lambda: fused(x)) == 0
+    assert sums == int(res_conv) and torch.equal(x, before), "the block's input must stay as it was"
+    assert_matches(out, expected_block(x.double())[0], name="ConvBlock output")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("last_fusion", [False, True])
+def test_fusion_block_sums_into_the_cnn_output_unless_a_hook_saw_it(last_fusion, gen):
+    """The fusion block's conv3 is summed into the map cnn_block returned (the block's own scratch),
+    except when a forward hook (on cnn_block or inside it, or a global one) saw that map: what the
+    hook kept stays as it was. The block's input is never written."""
+    block = ref.ConvTransBlock(64, 64, res_conv=last_fusion, stride=1, dw_stride=4, embed_dim=96, num_heads=2,
+                               last_fusion=last_fusion)
+    expected_block, fused = _eval_pair(block, convert_conv_trans_block, gen)
+    x = torch.randn(2, 64, 16, 12, generator=gen).contiguous(memory_format=torch.channels_last)
+    x_t = torch.randn(2, 13, 96, generator=gen)
+    before = x.clone()
+    expected = expected_block(x.double(), x_t.double())
+    with torch.no_grad():
+        assert _conv_sums(lambda: fused(x, x_t)) == 1 + last_fusion  # cnn_block's sum only with its res_conv: none
+        assert_matches(fused(x, x_t)[0], expected[0], name="ConvTransBlock x")
+        assert torch.equal(x, before)
+        seen = []
+
+        def keep(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            seen.append((out, out.clone()))
+
+        for hooked in (fused.cnn_block, fused.cnn_block.act3, None):
+            handle = (hooked.register_forward_hook(keep) if hooked is not None
+                      else nn.modules.module.register_module_forward_hook(keep))
+            try:
+                # only into the residual convolutions' outputs (cnn_block's and the last fusion block's)
+                assert _conv_sums(lambda: fused(x, x_t)) == 2 * last_fusion
+                out = fused(x, x_t)
+            finally:
+                handle.remove()
+            assert_matches(out[0], expected[0], name="ConvTransBlock x, hooked")
+            assert seen and all(torch.equal(kept, copy_) for kept, copy_ in seen), "a hook's map was overwritten"
+            seen.clear()
+
+
 @pytest.mark.parametrize("last_fusion", [False, True])
 def test_fused_conv_trans_block_eval(last_fusion, gen):
     block = ref.ConvTransBlock(256, 256, res_conv=last_fusion, stride=1, dw_stride=4, embed_dim=384, num_heads=6,
@@ -221,8 +285,9 @@ def test_whole_model_takes_the_path_only_without_autograd():
     with torch.no_grad():
         calls = onednn_calls(lambda: fast(x))
         assert_matches(fast(x), expected, fp32_tol=MODEL_TOL, name="no_grad logits")
-    # 12 Blocks x (qkv, proj + residual, fc1 + GELU, fc2 + residual), the 11 FCU squeezes and expands
-    assert calls == 12 * 4 + 11 * 2
+    # 12 Blocks x (qkv, proj + residual, fc1 + GELU, fc2 + residual), the 11 FCU squeezes and expands,
+    # conv3 summed into the residual in the 11 fusion blocks and the 3 blocks with a residual convolution
+    assert calls == 12 * 4 + 11 * 2 + 11 + 3
     assert onednn_calls(lambda: fast(x)) == 0, "with autograd on, the plain ops must run"
     with torch.inference_mode():
         assert onednn_calls(lambda: fast(x)) == calls

@@ -10,13 +10,19 @@ matrix (Triton kernel: ``fastconformer.kernels.attention``, a flash-style online
 
 from __future__ import annotations
 
+import collections
+import threading
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..dispatch import exporting, fused_op, onednn_bf16
+from ..dispatch import exporting, fused_op, onednn_bf16, use_onednn
 from ..reference import Attention
+from ..tolerance import MODULE_TOL, rel_error
 from .base import FusedModule, NotFusableError
+from .onednn_fusion import fusing, onednn_graph_available, quiet_tracing, warm_up
 
 __all__ = ["FusedAttention", "attention", "check_qkv", "check_tokens"]
 
@@ -56,6 +62,55 @@ def _explicit_bf16_scores(qkv: torch.Tensor, num_heads: int) -> bool:
     return qkv.dtype == torch.bfloat16 and B * num_heads * N * N <= EXPLICIT_SCORES_MAX and onednn_bf16(qkv)
 
 
+# float32 CPU inference: attention's core as one oneDNN Graph partition per (qkv shape, heads, scale),
+# the most recently used ATTENTION_GRAPHS_MAX of them kept; None: that signature runs SDPA.
+ATTENTION_GRAPHS_MAX = 8
+_GRAPHS: collections.OrderedDict = collections.OrderedDict()
+_GRAPHS_LOCK = threading.Lock()
+
+
+def _graph_serves(qkv: torch.Tensor) -> bool:
+    """Whether :func:`attention` may run ``qkv`` through a oneDNN Graph partition: float32 CPU
+    inference as :func:`~fastconformer.dispatch.use_onednn` allows (no autograd graph, no tracing
+    or compiling, the oneDNN switch on), a contiguous non-empty qkv and TorchScript's fuser here."""
+    return qkv.numel() > 0 and qkv.is_contiguous() and use_onednn(qkv) and onednn_graph_available()
+
+
+def _attention_graph(shape: tuple[int, ...], num_heads: int, scale: float):
+    """The verified graph for this signature (traced on first use), or None."""
+    key = (shape, num_heads, scale)
+    with _GRAPHS_LOCK:
+        if key not in _GRAPHS:
+            _GRAPHS[key] = _trace_attention(shape, num_heads, scale)
+            while len(_GRAPHS) > ATTENTION_GRAPHS_MAX:
+                _GRAPHS.popitem(last=False)
+        _GRAPHS.move_to_end(key)
+        return _GRAPHS[key]
+
+
+def _trace_attention(shape: tuple[int, ...], num_heads: int, scale: float):
+    """:func:`attention`'s explicit algebra (the form it takes while tracing) traced for float32
+    qkv of ``shape`` and optimized with oneDNN Graph fusion; None, with a warning, unless it fused
+    and matches the float64 result on a random probe within :data:`~fastconformer.testing.MODULE_TOL`."""
+    probe = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    expected = attention(probe.double(), num_heads, scale)
+    # traced, attention() takes its explicit form (exporting() is true), never this cache again
+    try:
+        with quiet_tracing():
+            graph = torch.jit.trace(lambda qkv: attention(qkv, num_heads, scale), (probe,), check_trace=False)
+            out, partitions = warm_up(graph, probe)
+    except RuntimeError as error:
+        why = f"tracing or running it failed ({error})"
+    else:
+        error = rel_error(out, expected)
+        if partitions and error <= MODULE_TOL:
+            return graph
+        why = f"{partitions} partitions, relative error {error:.3g} (limit {MODULE_TOL:g})"
+    warnings.warn(f"attention: oneDNN Graph for qkv {shape}: {why}; this shape runs "
+                  "F.scaled_dot_product_attention", RuntimeWarning, stacklevel=2)
+    return None
+
+
 @fused_op(triton_impl="attention:attention_triton", check=check_qkv)
 def attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     """Multi-head self-attention ``softmax(q kᵀ · scale) v`` read from the qkv projection.
@@ -69,6 +124,10 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     the reference's ops instead, ``softmax((q @ kᵀ) · scale) @ v`` on q, k, v taken from one
     (3, B, heads, N, head_dim) permute: the pattern inference engines fuse (OpenVINO reads the
     three slices in place), where SDPA exports as a scaled q, a scaled k and more transposes.
+    float32 CPU inference (no autograd, oneDNN allowed, contiguous qkv) runs that explicit form
+    as one oneDNN Graph partition (TorchScript's fuser: :mod:`~fastconformer.modules.onednn_fusion`),
+    traced once per (shape, heads, scale) and verified on a random probe before it serves (else a
+    warning and SDPA for that shape); NaN and Inf come out where SDPA's do.
     bfloat16 CPU inference (no autograd, oneDNN with native bfloat16, scores up to
     :data:`EXPLICIT_SCORES_MAX` elements) also computes the explicit scores, in bfloat16 (the
     softmax computing in float32 and rounding once), which oneDNN's bfloat16 matmuls make faster
@@ -80,6 +139,11 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, Dh) each
         attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)  # (B, H, N, N)
         return (attn @ v).transpose(1, 2).reshape(B, N, -1)
+    if _graph_serves(qkv):
+        graph = _attention_graph(tuple(qkv.shape), num_heads, float(scale))
+        if graph is not None:
+            with fusing():
+                return graph(qkv)
     q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh) views
     if _explicit_bf16_scores(qkv, num_heads):
         # bf16 throughout; the softmax computes in fp32 and rounds once (autocast would return it in fp32)

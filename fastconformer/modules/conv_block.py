@@ -7,6 +7,11 @@ invalidated by the sources' version counters, measured no faster for Conformer-S
 0.999x in a paired A/B), so nothing can go stale after ``train()``/``eval()`` switches, optimizer
 steps or ``load_state_dict``. In train mode the block runs the reference's ops unchanged (batch
 statistics, running-stat updates).
+
+In float32 CPU inference (:func:`~fastconformer.dispatch.use_onednn`) conv3 + bn3 and the residual
+add run as one oneDNN convolution accumulating into the residual's buffer, when that buffer is
+scratch nobody reads again: the residual branch's own output, or a map the caller hands over
+(:meth:`FusedConvBlock.forward_from_conv2`). The block's input is never written.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..dispatch import use_onednn
 from ..reference import ConvBlock
 from .base import FusedModule
+from .onednn import onednn_conv_add_
 
 __all__ = ["FusedConvBlock", "fold_conv_bn", "conv_bn"]
 
@@ -76,18 +83,44 @@ class FusedConvBlock(FusedModule):
         h = self.act1(self._conv_bn(x, self.conv1, self.bn1))
         return self.forward_from_conv2(h if x_t is None else h + x_t, x, return_x_2)
 
-    def forward_from_conv2(self, h: torch.Tensor, residual: torch.Tensor, return_x_2: bool = True):
+    def forward_from_conv2(self, h: torch.Tensor, residual: torch.Tensor, return_x_2: bool = True,
+                           residual_is_scratch: bool = False):
         """The block from conv2 on: conv2's input h (B, outplanes/4, H, W) and the block's input
         ``residual`` (B, inplanes, H, W) -> as :meth:`forward` (the fusion block of a
-        :class:`~fastconformer.modules.conv_trans_block.FusedConvTransBlock` computes h its own way)."""
+        :class:`~fastconformer.modules.conv_trans_block.FusedConvTransBlock` computes h its own way).
+        ``residual_is_scratch``: nobody reads ``residual`` after this call, so the output may be
+        summed into its buffer (and returned in it)."""
         x2 = self.act2(self._conv_bn(h, self.conv2, self.bn2))
-        x = self._conv_bn(x2, self.conv3, self.bn3)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
         if self.res_conv:
             residual = conv_bn(residual, self.residual_conv, self.residual_bn)
-        x += residual
+            residual_is_scratch = True
+        if residual_is_scratch and self._sums_into(residual, x2):
+            x = onednn_conv_add_(residual, x2, *fold_conv_bn(self.conv3, self.bn3), self.conv3)
+        else:
+            x = self._conv_bn(x2, self.conv3, self.bn3)
+            if self.drop_path is not None:
+                x = self.drop_path(x)
+            x += residual
         x = self.act3(x)
         if return_x_2:
             return x, x2
         return x
+
+    def _sums_into(self, residual: torch.Tensor, x2: torch.Tensor) -> bool:
+        """Whether conv3 + bn3 + residual may run as :func:`onednn_conv_add_` into ``residual``:
+        float32 CPU inference (:func:`use_onednn`), bn3 foldable, no DropBlock or active DropPath
+        between them, a 1x1 stride-1 unpadded conv3, and ``residual`` of its output's shape and of
+        x2's memory format (the layout the output would have)."""
+        conv, bn = self.conv3, self.bn3
+        if (bn.training or not bn.track_running_stats or bn.running_mean is None or not bn.affine
+                or self.drop_block is not None or (self.drop_path is not None and self.drop_path.training)):
+            return False
+        if (conv.kernel_size, conv.stride, conv.padding, conv.padding_mode) != ((1, 1), (1, 1), (0, 0), "zeros"):
+            return False
+        if residual.shape != (x2.shape[0], conv.out_channels, *x2.shape[2:]):
+            return False
+        layout = torch.channels_last if x2.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        if not (x2.is_contiguous(memory_format=layout) and residual.is_contiguous(memory_format=layout)):
+            return False
+        sources = [x2, residual, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        return use_onednn(*sources, *([] if conv.bias is None else [conv.bias]))

@@ -6,8 +6,9 @@ and state_dict). What changes is the coupling back into the CNN branch: the expa
 (B, C/4, H/dw_stride, W/dw_stride) map, and the fusion block's bn1 + ReLU + "+ x_t" runs as one
 elementwise pass (:func:`~fastconformer.modules.fcu_up.bn_relu_add_upsampled`) reading that map
 through the nearest-upsampling index map. The rest of the fusion block (conv2, bn2, ReLU, conv3,
-bn3, the residual branch) is :meth:`FusedConvBlock.forward_from_conv2`; cnn_block, squeeze_block,
-trans_block and med_block run as whatever modules the block holds.
+bn3, the residual branch) is :meth:`FusedConvBlock.forward_from_conv2`, which may sum into the
+cnn_block's output map, the block's own scratch (see :meth:`FusedConvTransBlock.fusion_forward`);
+cnn_block, squeeze_block, trans_block and med_block run as whatever modules the block holds.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.module import _global_forward_hooks
 
 from ..dispatch import exporting
 from ..reference import ConvTransBlock
@@ -64,10 +66,11 @@ class FusedConvTransBlock(FusedModule):
         self.num_med_block = block.num_med_block
         self.last_fusion = block.last_fusion
 
-    def fusion_forward(self, x: torch.Tensor, x_t_low: torch.Tensor) -> torch.Tensor:
+    def fusion_forward(self, x: torch.Tensor, x_t_low: torch.Tensor, x_is_scratch: bool = False) -> torch.Tensor:
         """The fusion block's ``forward(x, upsample(x_t_low), return_x_2=False)`` with bn1, act1,
         the upsampling and the add fused: x (B, C, H, W), x_t_low (B, C/4, H/dw_stride, W/dw_stride)
-        -> (B, C, H', W')."""
+        -> (B, C, H', W'). ``x_is_scratch``: nobody reads x afterwards (the residual add may be
+        written into it)."""
         fb = self.fusion_block
         if exporting():  # plain ops (ONNX): bn1 folded into conv1 as in every CNN block, a nearest Resize added
             h = F.relu(conv_bn(x, fb.conv1, fb.bn1)) + F.interpolate(x_t_low, scale_factor=self.dw_stride)
@@ -79,7 +82,15 @@ class FusedConvTransBlock(FusedModule):
         else:
             scale, shift = batch_norm_scale_shift(fb.bn1, h)
         h = bn_relu_add_upsampled(h, scale, shift, x_t_low, self.dw_stride)
-        return fb.forward_from_conv2(h, x, return_x_2=False)
+        return fb.forward_from_conv2(h, x, return_x_2=False, residual_is_scratch=x_is_scratch)
+
+    def _cnn_output_is_scratch(self) -> bool:
+        """Whether the map cnn_block returns is this block's own, read by nothing after the fusion
+        block: a :class:`FusedConvBlock` returns a new map (never its input), no med_block sits
+        between, and no forward hook (a global one, cnn_block's or one of its submodules') saw it."""
+        if self.num_med_block > 0 or not isinstance(self.cnn_block, FusedConvBlock) or _global_forward_hooks:
+            return False
+        return not any(module._forward_hooks for module in self.cnn_block.modules())
 
     def forward(self, x: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, x2 = self.cnn_block(x)
@@ -96,6 +107,6 @@ class FusedConvTransBlock(FusedModule):
                 x = m(x)
 
         x_t_low = self.expand_block.forward_low_res(x_t, H // self.dw_stride, W // self.dw_stride)
-        x = self.fusion_forward(x, x_t_low)
+        x = self.fusion_forward(x, x_t_low, x_is_scratch=self._cnn_output_is_scratch())
 
         return x, x_t

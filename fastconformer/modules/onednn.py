@@ -1,9 +1,13 @@
-"""oneDNN's fused inner product for CPU inference, and the prepacked weights it can read.
+"""oneDNN's fused inner product and convolution for CPU inference, and the prepacked weights the
+inner product can read.
 
 ``onednn_linear``: a linear layer with its activation (exact GELU) or its residual add in one
-call of ``mkldnn::_linear_pointwise`` (the primitive inductor's CPU backend emits). On the CPU, no
-autograd: callers take it only where :func:`fastconformer.dispatch.use_onednn` (float32) or
-:func:`fastconformer.dispatch.onednn_autocast_bf16` (bfloat16 under CPU autocast) allows.
+call of ``mkldnn::_linear_pointwise`` (the primitive inductor's CPU backend emits).
+``onednn_conv_add_``: a convolution accumulated into its residual's buffer in one call of
+``mkldnn::_convolution_pointwise_`` (oneDNN's sum post-op). On the CPU, no autograd: callers take
+them only where :func:`fastconformer.dispatch.use_onednn` (float32) or
+:func:`fastconformer.dispatch.onednn_autocast_bf16` (bfloat16 under CPU autocast, the inner
+product only) allows.
 Unlike ``F.linear`` (``aten::addmm``, which calls the BLAS torch was built with: MKL, whose code
 path on AMD CPUs is about half as fast at these shapes) it runs oneDNN's own kernels.
 
@@ -21,7 +25,7 @@ import torch
 
 from .derived import DerivedTensors
 
-__all__ = ["onednn_linear", "register_for_packing", "registered_for_packing"]
+__all__ = ["onednn_conv_add_", "onednn_linear", "register_for_packing", "registered_for_packing"]
 
 ACTIVATIONS = ("none", "gelu")  # no ReLU: oneDNN's maps NaN to 0, torch's keeps it
 
@@ -56,6 +60,20 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if residual is not None:
         return pointwise.binary(x, residual.to(dtype), w, bias, "add")
     return pointwise(x, w, bias, activation, [], "none" if activation == "gelu" else "")
+
+
+def onednn_conv_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     conv: torch.nn.Conv2d) -> torch.Tensor:
+    """``residual += conv2d(x, weight, bias)`` with ``conv``'s stride, padding, dilation and groups,
+    as one oneDNN convolution whose sum post-op reads and writes ``residual``; returns ``residual``.
+
+    x (B, C_in, H, W), weight (C_out, C_in/groups, kh, kw), bias (C_out,) or None, residual the
+    output's shape (B, C_out, H', W') in x's memory format (NCHW or channels_last); float32 CPU
+    tensors; the same float32 sums as ``out = F.conv2d(...); out += residual``. No autograd;
+    ``residual`` is overwritten."""
+    return torch.ops.mkldnn._convolution_pointwise_.binary(
+        residual, x, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "add",
+        None, None, [], None)
 
 
 def register_for_packing(weight: torch.Tensor, enabled: bool = True) -> None:
