@@ -1,9 +1,9 @@
 """FusedAttention / the fused attention op against the float64 reference Attention, both backends."""
 
-import collections
 import concurrent.futures
 import copy
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -350,7 +350,7 @@ GRAPHS = pytest.mark.skipif(not onednn_graph_available(), reason="this torch has
 @pytest.fixture
 def no_attention_graphs(monkeypatch):
     """An empty cache of attention graphs for the test (the module's own cache is put back after)."""
-    monkeypatch.setattr(attention_module, "_GRAPHS", collections.OrderedDict())
+    monkeypatch.setattr(attention_module, "_GRAPHS", {})
     return attention_module._GRAPHS
 
 
@@ -425,6 +425,8 @@ def test_unverified_attention_graph_stays_sdpa(no_attention_graphs, gen, monkeyp
 
 @GRAPHS
 def test_attention_graphs_are_bounded_and_thread_safe(no_attention_graphs, gen, monkeypatch):
+    """The first ATTENTION_GRAPHS_MAX signatures get graphs (kept: a trace's memory is never given
+    back, so none is evicted and traced again), the others run SDPA; threads tracing at once agree."""
     monkeypatch.setattr(attention_module, "ATTENTION_GRAPHS_MAX", 2)
     inputs = [torch.randn(B, 17, 3 * 64, generator=gen) for B in (1, 2, 3, 4)]
     expected = [attention(qkv.double(), 2, 0.125) for qkv in inputs]
@@ -437,7 +439,26 @@ def test_attention_graphs_are_bounded_and_thread_safe(no_attention_graphs, gen, 
         outs = list(pool.map(run, range(16)))
     for i, out in enumerate(outs):
         assert_matches(out, expected[i % 4], name=f"thread call {i}")
-    assert len(no_attention_graphs) == 2
+    assert len(no_attention_graphs) == 2 and all(graph is not None for graph in no_attention_graphs.values())
+    traced = set(no_attention_graphs)
+    with torch.no_grad():
+        for qkv in inputs:
+            assert _sdpa_calls(lambda: attention(qkv, 2, 0.125)) == ((qkv.shape, 2, 0.125) not in traced)
+    assert set(no_attention_graphs) == traced
+
+
+@GRAPHS
+def test_attention_graph_token_cap_and_no_warnings(no_attention_graphs, gen, monkeypatch):
+    """Beyond GRAPH_TOKENS_MAX tokens SDPA runs; a first call that traces warns nothing (no
+    DeprecationWarning or TracerWarning reaches the caller, e.g. under -W error)."""
+    qkv = torch.randn(1, 33, 3 * 64, generator=gen)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attention(qkv, 2, 0.125)  # traces (its float64 check runs SDPA once)
+        assert _sdpa_calls(lambda: attention(qkv, 2, 0.125)) == 0 and len(no_attention_graphs) == 1
+        monkeypatch.setattr(attention_module, "GRAPH_TOKENS_MAX", 32)
+        assert _sdpa_calls(lambda: attention(torch.randn(1, 33, 3 * 64, generator=gen), 2, 0.25)) == 1
+    assert len(no_attention_graphs) == 1
 
 
 @pytest.mark.gpu

@@ -227,11 +227,39 @@ def test_conv_block_sums_only_into_its_own_scratch(res_conv, channels_last, gen)
     assert out.is_contiguous(memory_format=fmt)
 
 
+def _hook_cases(block):
+    """(name, register(keep) -> handle) for each hook that sees the map cnn_block returns: on
+    cnn_block or inside it (its output), on the fusion block's conv1 (its input), global ones (kept
+    from those two modules only: the ReLUs' in-place writes into their inputs are the reference's
+    own); and one that removes itself once it has seen the map."""
+    conv1 = block.fusion_block.conv1
+    module_hooks = nn.modules.module
+
+    def once(keep):
+        def hook(module, args, output):
+            keep(module, args, output)
+            handle.remove()
+        handle = block.cnn_block.register_forward_hook(hook)
+        return handle
+
+    return [
+        ("cnn_block", lambda keep: block.cnn_block.register_forward_hook(keep)),
+        ("cnn_block.act3", lambda keep: block.cnn_block.act3.register_forward_hook(keep)),
+        ("cnn_block, removes itself", once),
+        ("fusion conv1 pre-hook", lambda keep: conv1.register_forward_pre_hook(lambda m, args: keep(m, args, None))),
+        ("fusion conv1 hook", lambda keep: conv1.register_forward_hook(keep)),
+        ("global", lambda keep: module_hooks.register_module_forward_hook(
+            lambda m, args, out: keep(m, args, out) if m is block.cnn_block else None)),
+        ("global pre-hook", lambda keep: module_hooks.register_module_forward_pre_hook(
+            lambda m, args: keep(m, args, None) if m is conv1 else None)),
+    ]
+
+
 @pytest.mark.parametrize("last_fusion", [False, True])
 def test_fusion_block_sums_into_the_cnn_output_unless_a_hook_saw_it(last_fusion, gen):
     """The fusion block's conv3 is summed into the map cnn_block returned (the block's own scratch),
-    except when a forward hook (on cnn_block or inside it, or a global one) saw that map: what the
-    hook kept stays as it was. The block's input is never written."""
+    except when a hook could have kept that map (see _hook_cases): what any hook kept stays as it
+    was. The block's input is never written."""
     block = ref.ConvTransBlock(64, 64, res_conv=last_fusion, stride=1, dw_stride=4, embed_dim=96, num_heads=2,
                                last_fusion=last_fusion)
     expected_block, fused = _eval_pair(block, convert_conv_trans_block, gen)
@@ -243,24 +271,36 @@ def test_fusion_block_sums_into_the_cnn_output_unless_a_hook_saw_it(last_fusion,
         assert _conv_sums(lambda: fused(x, x_t)) == 1 + last_fusion  # cnn_block's sum only with its res_conv: none
         assert_matches(fused(x, x_t)[0], expected[0], name="ConvTransBlock x")
         assert torch.equal(x, before)
-        seen = []
+        for name, register in _hook_cases(fused):
+            seen = []
 
-        def keep(module, args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            seen.append((out, out.clone()))
+            def keep(module, args, output):
+                for t in (*args, *(output if isinstance(output, tuple) else (output,))):
+                    if isinstance(t, torch.Tensor):
+                        seen.append((t, t.clone()))
 
-        for hooked in (fused.cnn_block, fused.cnn_block.act3, None):
-            handle = (hooked.register_forward_hook(keep) if hooked is not None
-                      else nn.modules.module.register_module_forward_hook(keep))
+            handle, outs = register(keep), []
             try:
                 # only into the residual convolutions' outputs (cnn_block's and the last fusion block's)
-                assert _conv_sums(lambda: fused(x, x_t)) == 2 * last_fusion
-                out = fused(x, x_t)
+                assert _conv_sums(lambda: outs.append(fused(x, x_t))) == 2 * last_fusion, name
             finally:
                 handle.remove()
-            assert_matches(out[0], expected[0], name="ConvTransBlock x, hooked")
-            assert seen and all(torch.equal(kept, copy_) for kept, copy_ in seen), "a hook's map was overwritten"
-            seen.clear()
+            assert_matches(outs[0][0], expected[0], name=f"ConvTransBlock x, {name}")
+            assert seen and all(torch.equal(kept, copy_) for kept, copy_ in seen), f"{name}: a kept map changed"
+            assert torch.equal(x, before)
+
+
+def test_residual_branch_seen_by_its_modules_is_not_summed_into(gen):
+    """A residual BatchNorm in train mode runs as modules (its hooks see its output): conv3 is not
+    summed into that output."""
+    expected_block, fused = _eval_pair(ref.ConvBlock(64, 256, res_conv=True), FusedConvBlock.from_reference, gen)
+    fused.residual_bn.train()
+    kept = []
+    fused.residual_bn.register_forward_hook(lambda m, args, out: kept.append((out, out.clone())))
+    x = torch.randn(2, 64, 8, 8, generator=gen)
+    with torch.no_grad():
+        assert _conv_sums(lambda: fused(x)) == 0
+    assert kept and all(torch.equal(a, b) for a, b in kept)
 
 
 @pytest.mark.parametrize("last_fusion", [False, True])

@@ -10,7 +10,6 @@ matrix (Triton kernel: ``fastconformer.kernels.attention``, a flash-style online
 
 from __future__ import annotations
 
-import collections
 import threading
 import warnings
 
@@ -22,7 +21,7 @@ from ..dispatch import exporting, fused_op, onednn_bf16, use_onednn
 from ..reference import Attention
 from ..tolerance import MODULE_TOL, rel_error
 from .base import FusedModule, NotFusableError
-from .onednn_fusion import fusing, onednn_graph_available, quiet_tracing, warm_up
+from .onednn_fusion import fusing, onednn_graph_available, warm_up
 
 __all__ = ["FusedAttention", "attention", "check_qkv", "check_tokens"]
 
@@ -63,43 +62,56 @@ def _explicit_bf16_scores(qkv: torch.Tensor, num_heads: int) -> bool:
 
 
 # float32 CPU inference: attention's core as one oneDNN Graph partition per (qkv shape, heads, scale),
-# the most recently used ATTENTION_GRAPHS_MAX of them kept; None: that signature runs SDPA.
-ATTENTION_GRAPHS_MAX = 8
-_GRAPHS: collections.OrderedDict = collections.OrderedDict()
+# for the first ATTENTION_GRAPHS_MAX signatures a process meets (each trace keeps ~2 MB that
+# TorchScript and oneDNN never free, so graphs are not evicted and traced again: later signatures
+# run SDPA); None: that signature runs SDPA. Up to GRAPH_TOKENS_MAX tokens (measured on a 2-core
+# AVX-512 CPU: 1.55-1.85x SDPA's speed up to 1025 tokens, 0.86-0.94x at 2049) and scores within
+# EXPLICIT_SCORES_MAX elements.
+ATTENTION_GRAPHS_MAX = 16
+GRAPH_TOKENS_MAX = 1025
+_GRAPHS: dict[tuple, object] = {}
 _GRAPHS_LOCK = threading.Lock()
+# torch.jit.trace's implementation without its DeprecationWarning (which would reach the user's
+# model(x) call, e.g. under -W error); torch.jit.trace itself where a torch lacks it
+_trace = getattr(torch.jit._trace, "_trace_impl", torch.jit.trace)
 
 
-def _graph_serves(qkv: torch.Tensor) -> bool:
+def _graph_serves(qkv: torch.Tensor, num_heads: int) -> bool:
     """Whether :func:`attention` may run ``qkv`` through a oneDNN Graph partition: float32 CPU
     inference as :func:`~fastconformer.dispatch.use_onednn` allows (no autograd graph, no tracing
-    or compiling, the oneDNN switch on), a contiguous non-empty qkv and TorchScript's fuser here."""
-    return qkv.numel() > 0 and qkv.is_contiguous() and use_onednn(qkv) and onednn_graph_available()
+    or compiling, the oneDNN switch on), a contiguous non-empty qkv of at most
+    :data:`GRAPH_TOKENS_MAX` tokens and :data:`EXPLICIT_SCORES_MAX` score elements, and
+    TorchScript's fuser here."""
+    B, N, _ = qkv.shape
+    return (B > 0 and 0 < N <= GRAPH_TOKENS_MAX and B * num_heads * N * N <= EXPLICIT_SCORES_MAX
+            and qkv.is_contiguous() and use_onednn(qkv) and onednn_graph_available())
 
 
 def _attention_graph(shape: tuple[int, ...], num_heads: int, scale: float):
-    """The verified graph for this signature (traced on first use), or None."""
+    """The verified graph for this signature (traced on first use, outside the lock: other
+    signatures keep running meanwhile), or None."""
     key = (shape, num_heads, scale)
     with _GRAPHS_LOCK:
-        if key not in _GRAPHS:
-            _GRAPHS[key] = _trace_attention(shape, num_heads, scale)
-            while len(_GRAPHS) > ATTENTION_GRAPHS_MAX:
-                _GRAPHS.popitem(last=False)
-        _GRAPHS.move_to_end(key)
-        return _GRAPHS[key]
+        if key in _GRAPHS or len(_GRAPHS) >= ATTENTION_GRAPHS_MAX:
+            return _GRAPHS.get(key)
+    graph = _trace_attention(shape, num_heads, scale)
+    with _GRAPHS_LOCK:
+        if len(_GRAPHS) >= ATTENTION_GRAPHS_MAX and key not in _GRAPHS:
+            return graph  # two threads traced past the cap at once: use it this time, keep none
+        return _GRAPHS.setdefault(key, graph)
 
 
 def _trace_attention(shape: tuple[int, ...], num_heads: int, scale: float):
-    """:func:`attention`'s explicit algebra (the form it takes while tracing) traced for float32
-    qkv of ``shape`` and optimized with oneDNN Graph fusion; None, with a warning, unless it fused
-    and matches the float64 result on a random probe within :data:`~fastconformer.testing.MODULE_TOL`."""
+    """:func:`attention`'s explicit algebra (the form its PyTorch implementation takes while
+    tracing; its input check, which reads sizes, stays outside the trace) traced for float32 qkv of
+    ``shape`` and optimized with oneDNN Graph fusion; None, with a warning, unless it fused and
+    matches the float64 result on a random probe within :data:`~fastconformer.tolerance.MODULE_TOL`."""
     probe = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     expected = attention(probe.double(), num_heads, scale)
-    # traced, attention() takes its explicit form (exporting() is true), never this cache again
-    try:
-        with quiet_tracing():
-            graph = torch.jit.trace(lambda qkv: attention(qkv, num_heads, scale), (probe,), check_trace=False)
-            out, partitions = warm_up(graph, probe)
-    except RuntimeError as error:
+    try:  # traced, the implementation takes its explicit form (exporting() is true), never this cache
+        graph = _trace(lambda qkv: attention.torch_impl(qkv, num_heads, scale), (probe,), check_trace=False)
+        out, partitions = warm_up(graph, probe)
+    except (RuntimeError, TypeError) as error:
         why = f"tracing or running it failed ({error})"
     else:
         error = rel_error(out, expected)
@@ -107,7 +119,7 @@ def _trace_attention(shape: tuple[int, ...], num_heads: int, scale: float):
             return graph
         why = f"{partitions} partitions, relative error {error:.3g} (limit {MODULE_TOL:g})"
     warnings.warn(f"attention: oneDNN Graph for qkv {shape}: {why}; this shape runs "
-                  "F.scaled_dot_product_attention", RuntimeWarning, stacklevel=2)
+                  "F.scaled_dot_product_attention", RuntimeWarning)
     return None
 
 
@@ -124,10 +136,11 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     the reference's ops instead, ``softmax((q @ kᵀ) · scale) @ v`` on q, k, v taken from one
     (3, B, heads, N, head_dim) permute: the pattern inference engines fuse (OpenVINO reads the
     three slices in place), where SDPA exports as a scaled q, a scaled k and more transposes.
-    float32 CPU inference (no autograd, oneDNN allowed, contiguous qkv) runs that explicit form
-    as one oneDNN Graph partition (TorchScript's fuser: :mod:`~fastconformer.modules.onednn_fusion`),
-    traced once per (shape, heads, scale) and verified on a random probe before it serves (else a
-    warning and SDPA for that shape); NaN and Inf come out where SDPA's do.
+    float32 CPU inference (no autograd, oneDNN allowed, contiguous qkv, up to
+    :data:`GRAPH_TOKENS_MAX` tokens) runs that explicit form as one oneDNN Graph partition
+    (TorchScript's fuser: :mod:`~fastconformer.modules.onednn_fusion`), traced once per (shape,
+    heads, scale) for the first :data:`ATTENTION_GRAPHS_MAX` of them and verified on a random probe
+    before it serves (else a warning and SDPA for that shape); NaN and Inf come out where SDPA's do.
     bfloat16 CPU inference (no autograd, oneDNN with native bfloat16, scores up to
     :data:`EXPLICIT_SCORES_MAX` elements) also computes the explicit scores, in bfloat16 (the
     softmax computing in float32 and rounding once), which oneDNN's bfloat16 matmuls make faster
@@ -139,7 +152,7 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
         q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, N, Dh) each
         attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)  # (B, H, N, N)
         return (attn @ v).transpose(1, 2).reshape(B, N, -1)
-    if _graph_serves(qkv):
+    if _graph_serves(qkv, num_heads):
         graph = _attention_graph(tuple(qkv.shape), num_heads, float(scale))
         if graph is not None:
             with fusing():

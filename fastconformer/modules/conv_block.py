@@ -25,7 +25,7 @@ from ..reference import ConvBlock
 from .base import FusedModule
 from .onednn import onednn_conv_add_
 
-__all__ = ["FusedConvBlock", "fold_conv_bn", "conv_bn"]
+__all__ = ["FusedConvBlock", "fold_conv_bn", "folds", "conv_bn"]
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,9 +42,15 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, tor
     return weight.to(conv.weight.dtype), shift.to(conv.weight.dtype)
 
 
+def folds(bn: nn.BatchNorm2d) -> bool:
+    """Whether :func:`conv_bn` folds ``bn`` (eval mode with running statistics): one functional
+    convolution then, which no module hook sees."""
+    return not bn.training and bn.track_running_stats and bn.running_mean is not None
+
+
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """``bn(conv(x))``: one folded convolution in eval mode, the two reference ops in train mode."""
-    if bn.training or not bn.track_running_stats or bn.running_mean is None:
+    """``bn(conv(x))``: one folded convolution in eval mode, the two reference ops (modules) in train mode."""
+    if not folds(bn):
         return bn(conv(x))
     weight, bias = fold_conv_bn(conv, bn)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -91,9 +97,9 @@ class FusedConvBlock(FusedModule):
         ``residual_is_scratch``: nobody reads ``residual`` after this call, so the output may be
         summed into its buffer (and returned in it)."""
         x2 = self.act2(self._conv_bn(h, self.conv2, self.bn2))
-        if self.res_conv:
+        if self.res_conv:  # the residual branch's output is this block's own, unless its modules (and hooks) ran
+            residual_is_scratch = folds(self.residual_bn)
             residual = conv_bn(residual, self.residual_conv, self.residual_bn)
-            residual_is_scratch = True
         if residual_is_scratch and self._sums_into(residual, x2):
             x = onednn_conv_add_(residual, x2, *fold_conv_bn(self.conv3, self.bn3), self.conv3)
         else:
@@ -112,8 +118,8 @@ class FusedConvBlock(FusedModule):
         between them, a 1x1 stride-1 unpadded conv3, and ``residual`` of its output's shape and of
         x2's memory format (the layout the output would have)."""
         conv, bn = self.conv3, self.bn3
-        if (bn.training or not bn.track_running_stats or bn.running_mean is None or not bn.affine
-                or self.drop_block is not None or (self.drop_path is not None and self.drop_path.training)):
+        if (not folds(bn) or not bn.affine or self.drop_block is not None
+                or (self.drop_path is not None and self.drop_path.training)):
             return False
         if (conv.kernel_size, conv.stride, conv.padding, conv.padding_mode) != ((1, 1), (1, 1), (0, 0), "zeros"):
             return False

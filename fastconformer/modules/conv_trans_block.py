@@ -7,7 +7,7 @@ and state_dict). What changes is the coupling back into the CNN branch: the expa
 elementwise pass (:func:`~fastconformer.modules.fcu_up.bn_relu_add_upsampled`) reading that map
 through the nearest-upsampling index map. The rest of the fusion block (conv2, bn2, ReLU, conv3,
 bn3, the residual branch) is :meth:`FusedConvBlock.forward_from_conv2`, which may sum into the
-cnn_block's output map, the block's own scratch (see :meth:`FusedConvTransBlock.fusion_forward`);
+cnn_block's output map when nothing else can hold it (``_cnn_output_unobserved``);
 cnn_block, squeeze_block, trans_block and med_block run as whatever modules the block holds.
 """
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.module import _global_forward_hooks
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..dispatch import exporting
 from ..reference import ConvTransBlock
@@ -84,15 +84,22 @@ class FusedConvTransBlock(FusedModule):
         h = bn_relu_add_upsampled(h, scale, shift, x_t_low, self.dw_stride)
         return fb.forward_from_conv2(h, x, return_x_2=False, residual_is_scratch=x_is_scratch)
 
-    def _cnn_output_is_scratch(self) -> bool:
-        """Whether the map cnn_block returns is this block's own, read by nothing after the fusion
-        block: a :class:`FusedConvBlock` returns a new map (never its input), no med_block sits
-        between, and no forward hook (a global one, cnn_block's or one of its submodules') saw it."""
-        if self.num_med_block > 0 or not isinstance(self.cnn_block, FusedConvBlock) or _global_forward_hooks:
+    def _cnn_output_unobserved(self) -> bool:
+        """Whether nothing but this block can hold the map cnn_block returns: a
+        :class:`FusedConvBlock` returns a new map (never its input), no med_block sits between, and
+        no hook that would see the map is registered: global forward hooks or pre-hooks, hooks or
+        pre-hooks of cnn_block or any of its submodules (its output), of the fusion block's conv1
+        (its input). :meth:`forward` asks before cnn_block runs and again after (a hook that removes
+        itself, or one added on the way)."""
+        if self.num_med_block > 0 or not isinstance(self.cnn_block, FusedConvBlock):
             return False
-        return not any(module._forward_hooks for module in self.cnn_block.modules())
+        if _global_forward_hooks or _global_forward_pre_hooks:
+            return False
+        modules = (*self.cnn_block.modules(), self.fusion_block.conv1)
+        return not any(module._forward_hooks or module._forward_pre_hooks for module in modules)
 
     def forward(self, x: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        unobserved = self._cnn_output_unobserved()
         x, x2 = self.cnn_block(x)
 
         _, _, H, W = x2.shape
@@ -107,6 +114,6 @@ class FusedConvTransBlock(FusedModule):
                 x = m(x)
 
         x_t_low = self.expand_block.forward_low_res(x_t, H // self.dw_stride, W // self.dw_stride)
-        x = self.fusion_forward(x, x_t_low, x_is_scratch=self._cnn_output_is_scratch())
+        x = self.fusion_forward(x, x_t_low, x_is_scratch=unobserved and self._cnn_output_unobserved())
 
         return x, x_t

@@ -5,7 +5,9 @@ Used for a whole model by :func:`fastconformer.onednn_graph` and for attention's
 CPU inference by :func:`fastconformer.modules.attention.attention`.
 
 TorchScript, the only home of this fuser, is deprecated (torch 2.13 warns on ``torch.jit.trace``
-and ``torch.jit.freeze``); :func:`quiet_tracing` silences those warnings for the package's own calls.
+and ``torch.jit.freeze``); :func:`quiet_tracing` silences those warnings around ``onednn_graph``'s
+traces (a ``warnings.catch_warnings`` block, which is not thread-safe: the attention traces, which
+happen inside a plain ``model(x)``, call torch.jit's tracing implementation instead, which does not warn).
 """
 
 from __future__ import annotations
