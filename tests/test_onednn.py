@@ -8,6 +8,7 @@ against float64, in both memory formats."""
 
 import copy
 import pickle
+import sys
 
 import pytest
 import torch
@@ -328,6 +329,8 @@ def test_whole_model_takes_the_path_only_without_autograd():
     # 12 Blocks x (qkv, proj + residual, fc1 + GELU, fc2 + residual), the 11 FCU squeezes and expands,
     # conv3 summed into the residual in the 11 fusion blocks and the 3 blocks with a residual convolution
     assert calls == 12 * 4 + 11 * 2 + 11 + 3
+    graphs = sys.modules["fastconformer.modules.attention"]._GRAPHS  # the op's name shadows its module
+    assert graphs.get(((1, 197, 3 * 384), 6, 64 ** -0.5)) is not None, "attention ran as a oneDNN Graph partition"
     assert onednn_calls(lambda: fast(x)) == 0, "with autograd on, the plain ops must run"
     with torch.inference_mode():
         assert onednn_calls(lambda: fast(x)) == calls
