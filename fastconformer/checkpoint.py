@@ -38,6 +38,9 @@ _EXPECTED_SAFETENSORS = "expected a file written by safetensors (e.g. fastconfor
 # Keys under which training scripts store the state_dict, searched in this order (nested too).
 _CONTAINERS = ("model", "state_dict", "module")
 
+# What wrappers put before every key: DataParallel/DDP, torch.compile, fastconformer.onednn_graph.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
 # MMPretrain's names for the transformer block's submodules -> the official ones.
 _MMPRETRAIN_RENAMES = (
     (re.compile(r"\.ln1\."), ".norm1."),
@@ -193,8 +196,9 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> OrderedDict[str, tor
     A path ending in ``.safetensors`` is read with safetensors, any other with
     ``torch.load(weights_only=True)``; the same key conversions apply to both.
     Accepts a raw state_dict or a dict holding one under ``'model'``, ``'state_dict'`` or
-    ``'module'`` (nested too; the first that holds tensors is used), keys prefixed ``module.``
-    (DataParallel / DDP, also twice) and MMPretrain's layout. The source's ``_metadata`` (the module
+    ``'module'`` (nested too; the first that holds tensors is used), keys that all carry a wrapper's
+    prefix (``module.`` of DataParallel / DDP, ``_orig_mod.`` of torch.compile, ``model.`` of
+    :func:`fastconformer.onednn_graph`; also nested) and MMPretrain's layout. The source's ``_metadata`` (the module
     versions ``nn.Module.state_dict()`` records) is kept, renamed along with the keys, so that
     ``load_state_dict`` treats the result as torch treats the source: BatchNorm's
     ``num_batches_tracked``, for one, may be missing only where no version 2 is recorded.
@@ -219,8 +223,9 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> OrderedDict[str, tor
     metadata = getattr(found, "_metadata", None)
     if metadata is not None:
         state_dict._metadata = OrderedDict(metadata)
-    while all(k.startswith("module.") for k in state_dict):
-        consume_prefix_in_state_dict_if_present(state_dict, "module.")
+    while state_dict and (prefix := next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)),
+                                         None)):
+        consume_prefix_in_state_dict_if_present(state_dict, prefix)
     if any(k.startswith("backbone.") for k in state_dict):
         state_dict = convert_mmpretrain(state_dict)
     return state_dict

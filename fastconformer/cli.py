@@ -23,7 +23,8 @@ import torch
 from . import __version__
 from .checkpoint import CheckpointMismatchError
 from .convert import convert
-from .dispatch import interpreter_enabled, onednn_available, onednn_bf16_available, triton_available
+from .dispatch import (BackendUnavailableError, check_environment, interpreter_enabled, onednn_available,
+                       onednn_bf16_available, triton_available, use_triton)
 from .environment import DTYPES, device_name, timing_environment
 from .export import ExportError, check_writable
 from .modules.prepack import prepack_weights
@@ -52,6 +53,14 @@ def _device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but torch sees no CUDA device; use --device cpu or auto")
     return torch.device(name)
+
+
+def _model_device(name: str) -> torch.device:
+    """:func:`_device`, where the backend in force (FASTCONFORMER_BACKEND) can run the fast model:
+    BackendUnavailableError before anything is built otherwise."""
+    device = _device(name)
+    use_triton(torch.empty(0, device=device))
+    return device
 
 
 def _progress(msg: str) -> None:
@@ -98,7 +107,8 @@ def _spread_warnings(timings: dict[str, Timing]) -> list[str]:
     if rounds < MIN_ROUNDS:
         return [f"only {rounds} round(s): too few to judge the spread; use --iters {MIN_ROUNDS} or more "
                 "for a speed-up to quote"]
-    wide = {label: t.spread for label, t in timings.items() if t.spread > SPREAD_LIMIT}
+    # compared as printed (one decimal of a percent), so that no warning quotes a spread of exactly the limit
+    wide = {label: t.spread for label, t in timings.items() if round(t.spread, 3) > SPREAD_LIMIT}
     if not wide:
         return []
     listed = ", ".join(f"{label} {spread:.1%}" for label, spread in wide.items())
@@ -134,7 +144,7 @@ def _result_rows(timings: dict[str, Timing], outputs: dict[str, object], exact: 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Reference vs fast (and torch.compile(reference)) on the same weights and inputs, timed in
     interleaved rounds after each settled its warm-up."""
-    device = _device(args.device)
+    device = _model_device(args.device)
     name = resolve_name(args.model)
     _check_image_size(name, args.image_size)
     if args.json:
@@ -383,12 +393,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     that cannot be read gets one error line on stderr and exit status 1, the others their results."""
     from .data import imagenet_classes, load_image
 
-    device = _device(args.device)
+    device = _model_device(args.device)
     _progress(f"loading {resolve_name(args.model)} from {args.pretrained} ...")
     model = create_model(args.model, pretrained=args.pretrained, fast=not args.reference).eval().to(device)
     if args.top_k > model.num_classes:
         raise ValueError(f"--top-k must be at most the model's {model.num_classes} classes, got {args.top_k}")
-    classes = imagenet_classes()
+    # class names for ImageNet-1k heads; a checkpoint fine-tuned to other classes prints their indices alone
+    classes = imagenet_classes() if model.num_classes == len(imagenet_classes()) else None
     failed = 0
     for start in range(0, len(args.images), args.batch_size):
         paths, images = [], []
@@ -407,7 +418,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
             print(path)
             for p, i in zip(values, indices):
-                print(f"  {p * 100:6.2f}%  {i:4d}  {classes[i]}")
+                print(f"  {p * 100:6.2f}%  {i:4d}" + (f"  {classes[i]}" if classes else ""))
     if failed:
         _progress(f"{failed} of {len(args.images)} image(s) could not be read")
     return 1 if failed else 0
@@ -472,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fp32 (default); fp16/bf16 run under torch.autocast, as the official evaluation did")
     bench.add_argument("--compile", action="store_true", help="also time torch.compile(reference)")
     bench.add_argument("--pretrained", default=None,
-                       help="checkpoint path or hf-hub:ORG/REPO (default: random weights)")
+                       help="checkpoint file, save_pretrained folder or hf-hub:ORG/REPO (default: random weights)")
     bench.add_argument("--iters", type=positive, default=10,
                        help="interleaved rounds at least, each timing every model once (default 10)")
     bench.add_argument("--min-seconds", type=_seconds, default=3.0,
@@ -493,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="top-5 ImageNet classes for images")
     predict.add_argument("images", nargs="+", help="image files")
-    predict.add_argument("--pretrained", required=True, help="checkpoint path or hf-hub:ORG/REPO")
+    predict.add_argument("--pretrained", required=True,
+                         help="checkpoint file, save_pretrained folder or hf-hub:ORG/REPO")
     predict.add_argument("--model", default="conformer_small_patch16")
     predict.add_argument("--device", choices=devices, default="auto")
     predict.add_argument("--top-k", type=positive, default=5,
@@ -508,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--fast", action="store_true",
                         help="export the fast model's algebra (pool-first squeeze, folded BatchNorm)")
     export.add_argument("--pretrained", default=None,
-                        help="checkpoint path or hf-hub:ORG/REPO (default: random weights)")
+                        help="checkpoint file, save_pretrained folder or hf-hub:ORG/REPO (default: random weights)")
     export.add_argument("--image-size", type=positive, default=224, help="a multiple of the patch size (default 224)")
     export.add_argument("--batch", type=positive, default=1, help="the batch size traced (default 1)")
     export.add_argument("--static-batch", action="store_true", help="fix the batch size to --batch")
@@ -518,12 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status (argparse's usage errors exit with status 2).
-    The errors a user's arguments or files can cause (a missing optional extra such as huggingface_hub
-    for hf-hub: weights included) end as one ``error:`` line on stderr."""
+    The errors a user's arguments, files or environment can cause (a missing optional extra such as
+    huggingface_hub for hf-hub: weights, a wrong FASTCONFORMER_BACKEND, FASTCONFORMER_BACKEND=triton
+    without a GPU included) end as one ``error:`` line on stderr."""
     args = build_parser().parse_args(argv)
     try:
+        check_environment()
         return args.func(args)
-    except (ValueError, TypeError, OSError, CheckpointMismatchError, ImportError) as err:
+    except (ValueError, TypeError, OSError, CheckpointMismatchError, ImportError, BackendUnavailableError) as err:
         print(f"error: {_describe(err)}", file=sys.stderr)
         return 2
     except ExportError as err:  # the export ran, and its file failed verification (or could not be made)

@@ -6,7 +6,7 @@ Rules, for the backend chosen with :func:`backend` (default ``"auto"``):
 - ``"torch"``: always the PyTorch implementation (same algebra, plain torch ops).
 - ``"triton"``: always the Triton kernel; the tensors must be on CUDA, or on the CPU with
   ``TRITON_INTERPRET=1`` set before triton was imported (the interpreter, used by the tests).
-  Anything else raises RuntimeError saying why.
+  Anything else raises :class:`BackendUnavailableError` (a RuntimeError) saying why.
 - ``"auto"``: Triton for CUDA tensors when triton is importable, PyTorch otherwise. The
   interpreter is a verification tool, so ``auto`` never picks it for CPU tensors.
 
@@ -35,9 +35,9 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["BACKENDS", "backend", "current_backend", "exporting", "fused_op", "interpreter_enabled", "onednn",
-           "no_autograd", "onednn_autocast_bf16", "onednn_available", "onednn_bf16", "onednn_bf16_available",
-           "triton_available", "use_onednn", "use_triton"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "backend", "check_environment", "current_backend", "exporting",
+           "fused_op", "interpreter_enabled", "onednn", "no_autograd", "onednn_autocast_bf16", "onednn_available",
+           "onednn_bf16", "onednn_bf16_available", "triton_available", "use_onednn", "use_triton"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -64,17 +64,36 @@ class _Switches:
 
 
 _SWITCHES = _Switches()
-_DEFAULT_BACKEND = _validate(os.environ.get("FASTCONFORMER_BACKEND", "auto"), "FASTCONFORMER_BACKEND")
 
 
-def _onednn_default() -> bool:
-    value = os.environ.get("FASTCONFORMER_ONEDNN", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"FASTCONFORMER_ONEDNN must be '0' or '1', got {value!r}")
-    return value == "1"
+def _environment_defaults() -> tuple[str, bool, str | None]:
+    """(FASTCONFORMER_BACKEND, FASTCONFORMER_ONEDNN == "1", what is wrong with them or None), read
+    once at import. A wrong value does not stop the import (``fastconformer info`` still runs): it
+    raises where the default is first used (:func:`check_environment`)."""
+    name = os.environ.get("FASTCONFORMER_BACKEND", "auto")
+    onednn_value = os.environ.get("FASTCONFORMER_ONEDNN", "1")
+    problems = []
+    if name not in BACKENDS:
+        problems.append(f"FASTCONFORMER_BACKEND must be one of {', '.join(BACKENDS)} (or unset: auto), got {name!r}")
+    if onednn_value not in ("0", "1"):
+        problems.append(f"FASTCONFORMER_ONEDNN must be 0 or 1 (or unset: 1), got {onednn_value!r}")
+    return name, onednn_value == "1", "; ".join(problems) or None
 
 
-_DEFAULT_ONEDNN = _onednn_default()
+_DEFAULT_BACKEND, _DEFAULT_ONEDNN, _ENVIRONMENT_ERROR = _environment_defaults()
+
+
+def check_environment() -> None:
+    """Raise ValueError saying which variable is wrong when FASTCONFORMER_BACKEND or
+    FASTCONFORMER_ONEDNN (read at import) holds a value they do not take. Every fused op runs
+    this check where it falls back on the process defaults; the command line runs it first."""
+    if _ENVIRONMENT_ERROR is not None:
+        raise ValueError(_ENVIRONMENT_ERROR)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The backend in force cannot run the op on these tensors (``"triton"`` without triton, or on
+    tensors it cannot reach); the message says why and what would work."""
 
 
 @contextlib.contextmanager
@@ -106,12 +125,18 @@ def current_backend() -> str:
     """The backend in force for the calling thread or task: its innermost :func:`backend` block,
     else FASTCONFORMER_BACKEND, else auto."""
     choice = _SWITCHES.backend
-    return _DEFAULT_BACKEND if choice is _SWITCHES else choice
+    if choice is _SWITCHES:
+        check_environment()
+        return _DEFAULT_BACKEND
+    return choice
 
 
 def _onednn_enabled() -> bool:
     enabled = _SWITCHES.onednn
-    return _DEFAULT_ONEDNN if enabled is _SWITCHES else enabled
+    if enabled is _SWITCHES:
+        check_environment()
+        return _DEFAULT_ONEDNN
+    return enabled
 
 
 # Read once at import (plain constants keep the dispatch traceable by torch.compile). Like triton
@@ -142,15 +167,16 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return on_cuda and triton_available() and not interpreter_enabled()
     # forced "triton"
     if not triton_available():
-        raise RuntimeError("backend('triton') was requested but triton is not installed")
+        raise BackendUnavailableError("backend('triton') was requested but triton is not installed; use 'auto' or "
+                                      "'torch'")
     if on_cuda and not interpreter_enabled():
         return True
     if devices == {"cpu"} and interpreter_enabled():
         return True
-    raise RuntimeError(
+    raise BackendUnavailableError(
         f"backend('triton') needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is "
         f"imported; got tensors on {sorted(devices)} with TRITON_INTERPRET="
-        f"{os.environ.get('TRITON_INTERPRET', 'unset')} when fastconformer was imported")
+        f"{os.environ.get('TRITON_INTERPRET', 'unset')} when fastconformer was imported; 'auto' or 'torch' run them")
 
 
 def exporting() -> bool:

@@ -65,13 +65,30 @@ def _json(text: str, origin: str) -> object:
         raise ValueError(f"{origin}: not valid JSON ({err})") from err
 
 
+# Where wrappers keep the model they wrap: torch.compile's, DataParallel's and DDP's, onednn_graph's.
+_WRAPPED = ("_orig_mod", "module", "model")
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The Conformer (a module with ``num_classes``) that ``model`` is or wraps."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module (a Conformer), got {type(model).__name__}")
+    inner = model
+    while not hasattr(inner, "num_classes"):
+        inner = next((m for m in (getattr(inner, name, None) for name in _WRAPPED) if isinstance(m, nn.Module)), None)
+        if inner is None:
+            raise TypeError(f"model must be a Conformer (reference or fast) or a wrapper of one (torch.compile, "
+                            f"DataParallel, onednn_graph), got a {type(model).__name__} holding none")
+    return inner
+
+
 def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> pathlib.Path:
     """Write model's state_dict (official keys: a reference and a fast model write the same file)
     to ``path``, by its suffix: ``.safetensors`` (tensors only, with the model's pretrained_cfg as
     JSON under the metadata key ``pretrained_cfg``) or ``.pth``/``.pt`` (``torch.save`` of the
-    state_dict, as the official checkpoints hold it). Returns the path."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module (a Conformer), got {type(model).__name__}")
+    state_dict, as the official checkpoints hold it). A wrapped model (torch.compile, DataParallel,
+    :func:`~fastconformer.onednn_graph`) writes the Conformer it wraps. Returns the path."""
+    model = _unwrapped(model)
     path = pathlib.Path(path)
     if is_safetensors(path):
         from safetensors.torch import save_file
@@ -92,6 +109,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> pathlib.P
     (:func:`save_checkpoint`) and ``config.json`` with ``architecture``, ``num_classes`` and the
     ``pretrained_cfg``. Upload the folder as it is (e.g. ``huggingface_hub.upload_folder``) and
     ``create_model(name, pretrained="hf-hub:ORG/REPO")`` reads it back. Returns the directory."""
+    model = _unwrapped(model)
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, directory / WEIGHTS_NAME)
@@ -143,23 +161,41 @@ def _hub_files(spec: str) -> tuple[str, dict[str, Any] | None]:
         config_path = download(CONFIG_NAME)
     except EntryNotFoundError:
         return weights, None
-    origin = f"{HF_HUB_PREFIX}{spec} {CONFIG_NAME}"
-    config = _json(pathlib.Path(config_path).read_text(), origin)
+    return weights, _config_cfg(config_path, f"{HF_HUB_PREFIX}{spec} {CONFIG_NAME}")
+
+
+def _config_cfg(path: str | os.PathLike, origin: str) -> dict[str, Any] | None:
+    """The pretrained_cfg in a config.json written by :func:`save_pretrained`, None if it has none."""
+    config = _json(pathlib.Path(path).read_text(), origin)
     if not isinstance(config, dict):
         raise ValueError(f"{origin}: must be a JSON object, got {type(config).__name__}")
     cfg = config.get(_CFG_KEY)
-    return weights, None if cfg is None else _checked_cfg(cfg, origin)
+    return None if cfg is None else _checked_cfg(cfg, origin)
+
+
+def _folder_files(directory: str | os.PathLike) -> tuple[str, dict[str, Any] | None]:
+    """(path of model.safetensors, pretrained_cfg from config.json or None) of a folder written by
+    :func:`save_pretrained`."""
+    directory = pathlib.Path(directory)
+    weights, config = directory / WEIGHTS_NAME, directory / CONFIG_NAME
+    if not weights.is_file():
+        raise IsADirectoryError(f"{os.fspath(directory)!r} is a folder without {WEIGHTS_NAME}: pretrained= takes a "
+                                f"checkpoint file, or a folder written by save_pretrained")
+    return os.fspath(weights), _config_cfg(config, os.fspath(config)) if config.is_file() else None
 
 
 def resolve_pretrained(source: str | os.PathLike | Mapping) -> tuple[str | os.PathLike | Mapping,
                                                                      dict[str, Any] | None]:
     """(what to read the weights from, the pretrained_cfg travelling with them or None) for a
     ``pretrained=`` source: ``"hf-hub:ORG/REPO[@REVISION]"`` becomes the cached model.safetensors
-    and its config.json's cfg (else the one in the file's metadata); a .safetensors path brings
+    and its config.json's cfg (else the one in the file's metadata), a folder written by
+    :func:`save_pretrained` likewise its files; a .safetensors path brings
     the cfg in its metadata; any other source comes back as it is, without a cfg."""
     cfg = None
     if isinstance(source, str) and source.startswith(HF_HUB_PREFIX):
         source, cfg = _hub_files(source[len(HF_HUB_PREFIX):])
+    elif isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        source, cfg = _folder_files(source)
     if cfg is None and isinstance(source, (str, os.PathLike)) and is_safetensors(source) and os.path.isfile(source):
         cfg = read_pretrained_cfg(source)
     return source, cfg

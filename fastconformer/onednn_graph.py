@@ -111,8 +111,9 @@ class OneDNNGraph(nn.Module):
     """``model`` for CPU inference through oneDNN Graph (see the module docstring); any call the
     graphs cannot serve runs ``model`` itself. ``forward(x)``: images (B, C, H, W) -> the model's
     list of outputs (for a Conformer ``[conv_logits, trans_logits]``, for ``ConformerFeatures``
-    its maps). ``train()``/``eval()`` reach the wrapped model; save checkpoints from ``.model``
-    (this wrapper's ``state_dict`` keys carry a ``model.`` prefix)."""
+    its maps). ``train()``/``eval()`` reach the wrapped model; :func:`~fastconformer.save_checkpoint`
+    writes the wrapped model (this wrapper's own ``state_dict`` keys carry a ``model.`` prefix, which
+    :func:`~fastconformer.checkpoint.read_state_dict` strips)."""
 
     def __init__(self, model: nn.Module, max_graphs: int = 8):
         super().__init__()

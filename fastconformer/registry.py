@@ -92,7 +92,11 @@ def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> tuple[str | None, s
 
     for name, expected in _variant_shapes().items():
         if body(shapes) == body(expected):
-            return name, f"every key and shape matches {name}"
+            classes = _checkpoint_classes(state_dict)
+            if classes is None:
+                return name, f"every key and shape matches {name}, without classifier heads"
+            heads = "" if classes == 1000 else f", with {classes}-class heads"
+            return name, f"every key and shape matches {name}{heads}"
     patch = shapes.get("trans_patch_conv.weight")
     cls = shapes.get("cls_token")
     clues = []
@@ -124,6 +128,11 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
         model_variant, _ = guess_variant(model.state_dict())
         problems.append(f"the checkpoint looks like {ckpt_variant or 'no registered variant'} ({why}); "
                         f"the model is {model_variant or 'a custom configuration'}")
+        classes = _checkpoint_classes(state_dict)
+        if classes is not None and classes != getattr(model, "num_classes", classes):
+            problems.append(f"its heads are for {classes} classes, the model's for {model.num_classes}: build the "
+                            f"model with num_classes={classes} (create_model(name, pretrained=...) does), or load "
+                            f"the rest with create_model(name, pretrained=..., num_classes={model.num_classes})")
         raise CheckpointMismatchError("\n  ".join(["checkpoint does not fit the model:", *problems]))
     return model.load_state_dict(state_dict, strict=strict)
 
@@ -180,10 +189,28 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping, *, fi
     (CheckpointMismatchError otherwise). The pretrained_cfg that travels with the weights, if any,
     becomes ``model.pretrained_cfg`` (with the model's own architecture and num_classes).
     """
+    _load_read(model, *_read_pretrained(source), fit_heads=fit_heads)
+
+
+def _read_pretrained(source: str | os.PathLike | Mapping) -> tuple[OrderedDict, dict[str, Any] | None, str]:
+    """(state_dict in the official layout, the pretrained_cfg travelling with it or None, where it came from)."""
     origin = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the state_dict"
     source, cfg = resolve_pretrained(source)
-    state_dict = _fit_to_model(model, read_state_dict(source), origin, fit_heads)
-    load_checkpoint(model, state_dict, strict=True)
+    return read_state_dict(source), cfg, origin
+
+
+def _checkpoint_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """The number of classes of the checkpoint's heads, None if it has none."""
+    for head in _HEADS:
+        weight = state_dict.get(f"{head}.weight")
+        if isinstance(weight, torch.Tensor) and weight.ndim == 2:
+            return weight.shape[0]
+    return None
+
+
+def _load_read(model: nn.Module, state_dict: OrderedDict, cfg: dict[str, Any] | None, origin: str,
+               fit_heads: bool) -> None:
+    load_checkpoint(model, _fit_to_model(model, state_dict, origin, fit_heads), strict=True)
     if cfg is not None:
         own = getattr(model, "pretrained_cfg", None) or default_pretrained_cfg(None, model.num_classes)
         model.pretrained_cfg = {**own, **cfg, "architecture": own["architecture"], "num_classes": model.num_classes}
@@ -196,9 +223,12 @@ def create_model(name: str, *, pretrained: str | os.PathLike | Mapping | None = 
 
     name: one of :func:`list_models` (official spellings accepted). pretrained: None (random
     weights), a checkpoint path (``.safetensors`` or a torch.save file) or loaded state_dict (any
-    layout :func:`fastconformer.load_checkpoint` reads), or ``"hf-hub:ORG/REPO"``; loaded strictly
-    by :func:`load_pretrained`, which leaves out what a features_only model has no
-    place for and, when ``num_classes`` is given, heads of another shape (one log line each).
+    layout :func:`fastconformer.load_checkpoint` reads), a folder written by
+    :func:`fastconformer.save_pretrained`, or ``"hf-hub:ORG/REPO"``; loaded strictly by
+    :func:`load_pretrained`, which leaves out what a features_only model has no place for and, when
+    ``num_classes`` is given, heads of another shape (one log line each). Without ``num_classes``
+    the model gets as many classes as the checkpoint's heads have (a checkpoint fine-tuned to 10
+    classes gives a 10-class model).
     fast: True returns the fused model (reference + :func:`fastconformer.convert`).
     features_only: True returns a :class:`~fastconformer.reference.ConformerFeatures`, whose forward
     gives the CNN maps of the blocks in ``out_indices`` (default: the official detection
@@ -219,10 +249,16 @@ def create_model(name: str, *, pretrained: str | os.PathLike | Mapping | None = 
                         f"weights), got {got}: fastconformer has no default weights, name the official or an "
                         f"MMPretrain checkpoint file, or a Hub repository")
     kwargs = {**variant.kwargs, **overrides}
+    read = None
+    if pretrained is not None:
+        read = _read_pretrained(pretrained)
+        classes = _checkpoint_classes(read[0])
+        if classes is not None and "num_classes" not in overrides and not features_only:
+            kwargs["num_classes"] = classes  # a checkpoint fine-tuned to other classes builds its own heads
     model = ConformerFeatures(out_indices=out_indices, **kwargs) if features_only else Conformer(**kwargs)
     model.pretrained_cfg = default_pretrained_cfg(variant.name, model.num_classes)
-    if pretrained is not None:
-        load_pretrained(model, pretrained, fit_heads="num_classes" in overrides)
+    if read is not None:
+        _load_read(model, *read, fit_heads="num_classes" in overrides)
     if fast:
         from .convert import convert
 

@@ -330,3 +330,15 @@ def test_load_checkpoint_argument_types(source_state):
 def test_create_model_argument_types(kwargs, match):
     with pytest.raises(TypeError, match=match):
         fastconformer.create_model(NAME, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_classes=-1), "num_classes must be an int >= 0 .*got -1"),
+    (dict(num_classes=2.5), "num_classes must be an int >= 0 .*got 2.5"),
+    (dict(drop_path_rate=2.0), "drop_path_rate is a probability, from 0 to 1; got 2.0"),
+    (dict(drop_rate=-0.1), "drop_rate is a probability, from 0 to 1; got -0.1"),
+    (dict(attn_drop_rate="0.1"), "attn_drop_rate is a probability, from 0 to 1; got '0.1'"),
+])
+def test_create_model_argument_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastconformer.create_model(NAME, **kwargs)

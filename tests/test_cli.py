@@ -12,9 +12,10 @@ import torch.nn as nn
 from PIL import Image
 
 import fastconformer
-from fastconformer import dispatch
+from fastconformer import cli, dispatch
 from fastconformer.cli import main
 from fastconformer.testing import saved_activation_bytes, to_float64
+from fastconformer.timing import Timing
 from fastconformer.validation import CHECKS
 
 
@@ -230,3 +231,23 @@ def test_check_runs_float32_without_tf32(monkeypatch, capsys):
         status, _, _ = run(["check", "--only", "squeeze", "--device", "cpu"], capsys)
         assert tf32_matmul_enabled()
     assert status == 0 and seen == [False]
+
+
+def test_predict_with_a_checkpoint_for_other_classes_prints_indices(photo, tmp_path, capsys):
+    """A checkpoint fine-tuned to 10 classes builds a 10-class model; ImageNet's names do not apply."""
+    torch.manual_seed(0)
+    path = fastconformer.save_checkpoint(fastconformer.create_model("conformer_tiny_patch16", num_classes=10),
+                                         tmp_path / "ten.safetensors")
+    status, out, _ = run(["predict", str(photo), "--pretrained", str(path), "--model", "conformer_tiny_patch16",
+                          "--device", "cpu", "--top-k", "3"], capsys)
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0] == str(photo) and len(lines) == 4
+    assert all(len(line.split()) == 2 and 0 <= int(line.split()[1]) < 10 for line in lines[1:]), out
+
+
+def test_a_spread_is_flagged_as_printed():
+    """A spread that prints as 5.0% is not flagged as above 5%; one that prints as 5.1% is."""
+    assert cli._spread_warnings({"fast": Timing(warmup=(), rounds=(1.0, 1.0, 1.0, 1.0504, 1.0504))}) == []
+    [warning] = cli._spread_warnings({"fast": Timing(warmup=(), rounds=(1.0, 1.0, 1.0, 1.0506, 1.0506))})
+    assert "above 5%: fast 5.1%;" in warning

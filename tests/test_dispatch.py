@@ -4,6 +4,10 @@ process default, and a model compiled with ``fullgraph=True`` re-traces for anot
 choice instead of replaying a stale one."""
 
 import asyncio
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -111,3 +115,40 @@ def test_compiled_function_follows_each_threads_backend():
     assert results == {i: code[c] for i, c in enumerate(CHOICES)}
     assert scaled(x)[0].item() == code[dispatch.current_backend()]
     torch._dynamo.reset()
+
+
+def _fresh_process(code: str, **env) -> subprocess.CompletedProcess:
+    """``code`` run by a new Python without TRITON_INTERPRET, with ``env`` added to the environment."""
+    environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", code], env={**environ, **env}, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("variable, value, expected", [
+    ("FASTCONFORMER_BACKEND", "trition", "FASTCONFORMER_BACKEND must be one of auto, triton, torch (or unset: auto), "
+                                         "got 'trition'"),
+    ("FASTCONFORMER_ONEDNN", "off", "FASTCONFORMER_ONEDNN must be 0 or 1 (or unset: 1), got 'off'"),
+])
+def test_a_wrong_environment_value_raises_where_it_is_used(variable, value, expected):
+    """fastconformer imports (so ``fastconformer info`` can say what is wrong), a fused op raises
+    ValueError naming the variable, and the command line ends with that one error line."""
+    proc = _fresh_process(textwrap.dedent("""
+        import sys, torch, fastconformer
+        from fastconformer.cli import main
+        model = fastconformer.create_model("conformer_tiny_patch16", depth=3, fast=True).eval()
+        try:
+            model(torch.randn(1, 3, 64, 64))
+        except ValueError as err:
+            print("raised:", err)
+        sys.exit(main(["info"]))
+    """), **{variable: value})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == f"raised: {expected}\n" and proc.stderr == f"error: {expected}\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton backend runs here")
+@pytest.mark.parametrize("argv", [["bench", "--device", "cpu"], ["predict", "x.png", "--pretrained", "x.pth"]])
+def test_the_triton_backend_without_a_gpu_is_one_error_line_before_anything_runs(argv):
+    proc = _fresh_process(f"import sys; from fastconformer.cli import main; sys.exit(main({argv!r}))",
+                          FASTCONFORMER_BACKEND="triton")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: backend('triton') ") and len(proc.stderr.splitlines()) == 1, proc.stderr

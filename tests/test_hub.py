@@ -154,3 +154,71 @@ def test_hf_hub_without_huggingface_hub_says_which_extra(monkeypatch, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[-1] == "error: pretrained='hf-hub:org/repo' needs huggingface_hub: pip install 'fastconformer[hub]'"
     assert not any("Traceback" in line for line in err)
+
+
+@pytest.fixture(scope="module")
+def ten_class_model():
+    """The small Conformer fine-tuned to 10 classes (random weights), with its own pretrained_cfg."""
+    torch.manual_seed(1)
+    model = fastconformer.create_model(NAME, num_classes=10, **CONFIG)
+    randomize_module(model, torch.Generator().manual_seed(1))
+    model.pretrained_cfg = {**model.pretrained_cfg, "crop_pct": 1.0}
+    return model
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_a_checkpoint_for_other_classes_builds_a_model_with_its_classes(tmp_path, ten_class_model, suffix):
+    """Without num_classes, create_model(pretrained=) builds heads for the checkpoint's classes; with
+    it, heads of another shape keep their fresh initialisation (one log line) and the rest loads."""
+    path = fastconformer.save_checkpoint(ten_class_model, tmp_path / f"ten{suffix}")
+    loaded = fastconformer.create_model(NAME, pretrained=path, **CONFIG)
+    assert loaded.num_classes == 10 and loaded.pretrained_cfg["num_classes"] == 10
+    _assert_same_weights(loaded, ten_class_model)
+    fast = fastconformer.create_model(NAME, pretrained=path, fast=True, **CONFIG).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = ten_class_model.eval()(x)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(fast(x), expected))
+    refitted = fastconformer.create_model(NAME, pretrained=path, num_classes=1000, **CONFIG)
+    assert refitted.conv_cls_head.out_features == 1000
+    assert torch.equal(refitted.cls_token, ten_class_model.cls_token)
+    features = fastconformer.create_model(NAME, pretrained=path, features_only=True, **CONFIG)
+    assert torch.equal(features.conv1.weight, ten_class_model.conv1.weight)
+
+
+def test_loading_other_classes_into_a_model_says_how(ten_class_model):
+    """load_checkpoint into a 1000-class model: the error says the heads are for 10 classes (not that
+    every key matches) and what to build instead."""
+    with pytest.raises(fastconformer.registry.CheckpointMismatchError) as info:
+        fastconformer.load_checkpoint(fastconformer.create_model(NAME, **CONFIG), ten_class_model.state_dict())
+    message = str(info.value)
+    assert "size mismatch for conv_cls_head.weight" in message
+    assert "its heads are for 10 classes, the model's for 1000: build the model with num_classes=10" in message
+
+
+def test_a_save_pretrained_folder_is_a_pretrained_source(tmp_path, ten_class_model):
+    folder = fastconformer.save_pretrained(ten_class_model, tmp_path / "repo")
+    loaded = fastconformer.create_model(NAME, pretrained=folder, **CONFIG)
+    _assert_same_weights(loaded, ten_class_model)
+    assert loaded.pretrained_cfg == ten_class_model.pretrained_cfg
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder without model.safetensors: pretrained= takes a "
+                                                "checkpoint file, or a folder written by save_pretrained"):
+        fastconformer.create_model(NAME, pretrained=tmp_path / "empty", **CONFIG)
+
+
+def test_wrapped_models_save_and_load_as_the_model_they_wrap(tmp_path, model):
+    """save_checkpoint of onednn_graph(m) or torch.compile(m) writes m's keys; their own state_dicts
+    (keys prefixed model. / _orig_mod.) load with pretrained=."""
+    wrappers = {"graph": fastconformer.onednn_graph(copy.deepcopy(model).eval()),
+                "compiled": torch.compile(copy.deepcopy(model))}
+    for label, wrapped in wrappers.items():
+        path = fastconformer.save_checkpoint(wrapped, tmp_path / f"{label}.safetensors")
+        _assert_same_weights(fastconformer.create_model(NAME, pretrained=path, **CONFIG), model)
+        assert read_pretrained_cfg(path) == model.pretrained_cfg
+        torch.save(wrapped.state_dict(), tmp_path / f"{label}.pth")
+        assert all(k.startswith(("model.", "_orig_mod.")) for k in wrapped.state_dict())
+        _assert_same_weights(fastconformer.create_model(NAME, pretrained=tmp_path / f"{label}.pth", **CONFIG), model)
+    fastconformer.save_pretrained(wrappers["graph"], tmp_path / "repo")
+    with pytest.raises(TypeError, match="model must be a Conformer .* got a Sequential holding none"):
+        fastconformer.save_checkpoint(torch.nn.Sequential(torch.nn.Linear(2, 2)), tmp_path / "x.pth")

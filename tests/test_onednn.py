@@ -58,14 +58,6 @@ def test_use_onednn_gates():
             pass
 
 
-def test_onednn_env_switch_is_validated(monkeypatch):
-    monkeypatch.setenv("FASTCONFORMER_ONEDNN", "0")
-    assert dispatch._onednn_default() is False
-    monkeypatch.setenv("FASTCONFORMER_ONEDNN", "off")
-    with pytest.raises(ValueError, match="FASTCONFORMER_ONEDNN"):
-        dispatch._onednn_default()
-
-
 @SWITCH
 @pytest.mark.parametrize("B, N, strided", [(3, 197, False), (1, 321, False), (3, 197, True)])
 def test_fused_block_eval(enabled, B, N, strided, gen):

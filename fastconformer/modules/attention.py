@@ -21,7 +21,7 @@ from ..dispatch import exporting, fused_op, onednn_bf16, use_onednn
 from ..reference import Attention
 from ..tolerance import MODULE_TOL, rel_error
 from .base import FusedModule, NotFusableError
-from .onednn_fusion import fusing, onednn_graph_available, warm_up
+from .onednn_fusion import fusing, onednn_graph_available, trace_quietly, warm_up
 
 __all__ = ["FusedAttention", "attention", "check_qkv", "check_tokens"]
 
@@ -71,9 +71,6 @@ ATTENTION_GRAPHS_MAX = 16
 GRAPH_TOKENS_MAX = 1025
 _GRAPHS: dict[tuple, object] = {}
 _GRAPHS_LOCK = threading.Lock()
-# torch.jit.trace's implementation without its DeprecationWarning (which would reach the user's
-# model(x) call, e.g. under -W error); torch.jit.trace itself where a torch lacks it
-_trace = getattr(torch.jit._trace, "_trace_impl", torch.jit.trace)
 
 
 def _graph_serves(qkv: torch.Tensor, num_heads: int) -> bool:
@@ -109,7 +106,7 @@ def _trace_attention(shape: tuple[int, ...], num_heads: int, scale: float):
     probe = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     expected = attention(probe.double(), num_heads, scale)
     try:  # traced, the implementation takes its explicit form (exporting() is true), never this cache
-        graph = _trace(lambda qkv: attention.torch_impl(qkv, num_heads, scale), (probe,), check_trace=False)
+        graph = trace_quietly(lambda qkv: attention.torch_impl(qkv, num_heads, scale), (probe,), check_trace=False)
         out, partitions = warm_up(graph, probe)
     except (RuntimeError, TypeError) as error:
         why = f"tracing or running it failed ({error})"

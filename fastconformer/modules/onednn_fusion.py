@@ -21,7 +21,7 @@ import torch
 
 from ..dispatch import onednn_available
 
-__all__ = ["fused_partitions", "fusing", "onednn_graph_available", "quiet_tracing", "warm_up"]
+__all__ = ["fused_partitions", "fusing", "onednn_graph_available", "quiet_tracing", "trace_quietly", "warm_up"]
 
 _FUSION_LOCK = threading.Lock()
 _FUSION_USERS = [0, False]  # callers inside fusing() now, the switch as it was before the first of them
@@ -60,6 +60,18 @@ def quiet_tracing() -> Iterator[None]:
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", "`torch.jit.(trace|trace_method|freeze)` is deprecated", DeprecationWarning)
         yield
+
+
+# torch.jit.trace's implementation, which warns neither of its deprecation nor (on a function that
+# reads no sizes as Python values) as the tracer; torch.jit.trace itself where a torch lacks it
+_TRACE_IMPL = getattr(torch.jit._trace, "_trace_impl", torch.jit.trace)
+
+
+def trace_quietly(fn: Callable, inputs: tuple, **kwargs):
+    """``torch.jit.trace(fn, inputs, **kwargs)`` without touching the warning filters (so safe
+    inside a user's ``model(x)`` on any thread, where :func:`quiet_tracing` is not) and without its
+    DeprecationWarning: for functions the tracer has nothing to warn about."""
+    return _TRACE_IMPL(fn, inputs, **kwargs)
 
 
 def fused_partitions() -> int:
