@@ -69,7 +69,8 @@ def _existing_file(path: str | os.PathLike, expected: str) -> str:
     """path as a str; IsADirectoryError or FileNotFoundError (saying ``expected``) unless it is a file."""
     name = os.fspath(path)
     if os.path.isdir(name):
-        raise IsADirectoryError(f"{name!r} is a directory, not a checkpoint file ({expected})")
+        raise IsADirectoryError(f"{name!r} is a directory, not a checkpoint file ({expected}); a folder written by "
+                                f"save_pretrained is read by create_model(pretrained=...)")
     if not os.path.exists(name):
         raise FileNotFoundError(f"no checkpoint file {name!r} ({expected})")
     return name

@@ -389,11 +389,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Top-k ImageNet classes for each image, with the official evaluation preprocessing; an image
+    """Top-k classes for each image (with ImageNet's names for 1000-class heads), with the official
+    evaluation preprocessing; an image
     that cannot be read gets one error line on stderr and exit status 1, the others their results."""
     from .data import imagenet_classes, load_image
 
-    device = _model_device(args.device)
+    device = _device(args.device) if args.reference else _model_device(args.device)
     _progress(f"loading {resolve_name(args.model)} from {args.pretrained} ...")
     model = create_model(args.model, pretrained=args.pretrained, fast=not args.reference).eval().to(device)
     if args.top_k > model.num_classes:
@@ -502,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--only", default=None, help="run only the checks whose name contains this text")
     check.set_defaults(func=cmd_check)
 
-    predict = sub.add_parser("predict", help="top-5 ImageNet classes for images")
+    predict = sub.add_parser("predict", help="top-5 classes for images (ImageNet names for 1000-class heads)")
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--pretrained", required=True,
                          help="checkpoint file, save_pretrained folder or hf-hub:ORG/REPO")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .dispatch import check_environment
 from .modules.conv_block import FusedConvBlock, conv_bn
 from .modules.conv_trans_block import FusedConvTransBlock
 from .modules.fcu_down import FusedFCUDown
@@ -142,6 +143,7 @@ def convert(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
         raise TypeError(f"model must be an nn.Module (a Conformer), got {type(model).__name__}")
     if not isinstance(channels_last, bool):
         raise TypeError(f"channels_last must be a bool, got {type(channels_last).__name__}")
+    check_environment()  # here, not first inside a traced forward (torch.compile would bury the message)
     missing = [a for a in _CONFORMER_ATTRS if not hasattr(model, a)]
     if missing:
         raise TypeError(f"convert() expects a Conformer (reference or official); {type(model).__name__} lacks "

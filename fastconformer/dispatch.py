@@ -68,8 +68,8 @@ _SWITCHES = _Switches()
 
 def _environment_defaults() -> tuple[str, bool, str | None]:
     """(FASTCONFORMER_BACKEND, FASTCONFORMER_ONEDNN == "1", what is wrong with them or None), read
-    once at import. A wrong value does not stop the import (``fastconformer info`` still runs): it
-    raises where the default is first used (:func:`check_environment`)."""
+    once at import. A wrong value does not stop the import: it raises where the default is first
+    used (:func:`check_environment`), so the command line can say what is wrong in one line."""
     name = os.environ.get("FASTCONFORMER_BACKEND", "auto")
     onednn_value = os.environ.get("FASTCONFORMER_ONEDNN", "1")
     problems = []
@@ -86,7 +86,8 @@ _DEFAULT_BACKEND, _DEFAULT_ONEDNN, _ENVIRONMENT_ERROR = _environment_defaults()
 def check_environment() -> None:
     """Raise ValueError saying which variable is wrong when FASTCONFORMER_BACKEND or
     FASTCONFORMER_ONEDNN (read at import) holds a value they do not take. Every fused op runs
-    this check where it falls back on the process defaults; the command line runs it first."""
+    this check where it falls back on the process defaults; :func:`fastconformer.convert` and the
+    command line run it first."""
     if _ENVIRONMENT_ERROR is not None:
         raise ValueError(_ENVIRONMENT_ERROR)
 

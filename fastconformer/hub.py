@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
 from typing import Any, Mapping
 
 import torch
@@ -65,21 +66,23 @@ def _json(text: str, origin: str) -> object:
         raise ValueError(f"{origin}: not valid JSON ({err})") from err
 
 
-# Where wrappers keep the model they wrap: torch.compile's, DataParallel's and DDP's, onednn_graph's.
-_WRAPPED = ("_orig_mod", "module", "model")
-
-
 def _unwrapped(model: nn.Module) -> nn.Module:
-    """The Conformer (a module with ``num_classes``) that ``model`` is or wraps."""
+    """The model inside the wrappers it may be in: torch.compile's, DataParallel's and DDP's,
+    :func:`~fastconformer.onednn_graph`'s (unwrapped by type: any other module is its own)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module (a Conformer), got {type(model).__name__}")
-    inner = model
-    while not hasattr(inner, "num_classes"):
-        inner = next((m for m in (getattr(inner, name, None) for name in _WRAPPED) if isinstance(m, nn.Module)), None)
-        if inner is None:
-            raise TypeError(f"model must be a Conformer (reference or fast) or a wrapper of one (torch.compile, "
-                            f"DataParallel, onednn_graph), got a {type(model).__name__} holding none")
-    return inner
+    from .onednn_graph import OneDNNGraph  # above this leaf; imported by the package already
+
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # torch.compile's wrapper exists once dynamo is loaded
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(model, OneDNNGraph):
+            model = model.model
+        elif dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> pathlib.Path:
@@ -87,14 +90,17 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> pathlib.Path:
     to ``path``, by its suffix: ``.safetensors`` (tensors only, with the model's pretrained_cfg as
     JSON under the metadata key ``pretrained_cfg``) or ``.pth``/``.pt`` (``torch.save`` of the
     state_dict, as the official checkpoints hold it). A wrapped model (torch.compile, DataParallel,
-    :func:`~fastconformer.onednn_graph`) writes the Conformer it wraps. Returns the path."""
+    DDP, :func:`~fastconformer.onednn_graph`) writes the model it wraps; any other module is
+    written as it is (the pretrained_cfg only for a Conformer). Returns the path."""
     model = _unwrapped(model)
     path = pathlib.Path(path)
     if is_safetensors(path):
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        metadata = {"format": "pt", _CFG_KEY: json.dumps(_model_cfg(model))}
+        metadata = {"format": "pt"}
+        if hasattr(model, "num_classes"):  # a Conformer (ours or the official code's): its pretrained_cfg
+            metadata[_CFG_KEY] = json.dumps(_model_cfg(model))
         save_file(tensors, os.fspath(path), metadata=metadata)
     elif path.suffix in _TORCH_SUFFIXES:
         torch.save(model.state_dict(), path)
@@ -110,6 +116,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> pathlib.P
     ``pretrained_cfg``. Upload the folder as it is (e.g. ``huggingface_hub.upload_folder``) and
     ``create_model(name, pretrained="hf-hub:ORG/REPO")`` reads it back. Returns the directory."""
     model = _unwrapped(model)
+    if not hasattr(model, "num_classes"):
+        raise TypeError(f"save_pretrained writes a Conformer's repository (its config.json names the architecture "
+                        f"and num_classes), got a {type(model).__name__}; save_checkpoint writes any module")
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, directory / WEIGHTS_NAME)

@@ -10,6 +10,8 @@ Shapes use B = batch, C = CNN channels, D = embed_dim, N = number of patch token
 
 from __future__ import annotations
 
+import numbers
+import operator
 from typing import Iterator, Sequence
 
 import torch
@@ -376,9 +378,15 @@ def _drop_zero_width_heads(module: nn.Module, state_dict, prefix: str, *_) -> No
                     del state_dict[key]
 
 
-def _check_num_classes(num_classes: object) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+def _checked_num_classes(num_classes: object) -> int:
+    """num_classes as an int (NumPy integers too); ValueError for anything but an integer >= 0."""
+    try:
+        value = None if isinstance(num_classes, bool) else operator.index(num_classes)
+    except TypeError:
+        value = None
+    if value is None or value < 0:
         raise ValueError(f"num_classes must be an int >= 0 (0: no heads), got {num_classes!r}")
+    return value
 
 
 class Conformer(nn.Module):
@@ -408,10 +416,10 @@ class Conformer(nn.Module):
         if patch_size % 16 != 0:
             raise ValueError(f"patch_size must be a multiple of 16 (the last stage pools by patch_size // 16), "
                              f"got {patch_size}")
-        _check_num_classes(num_classes)
+        num_classes = _checked_num_classes(num_classes)
         for name, p in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate),
                         ("drop_path_rate", drop_path_rate)):
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} is a probability, from 0 to 1; got {p!r}")
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
@@ -620,7 +628,7 @@ class Conformer(nn.Module):
         (truncated normal, std 0.02, zero bias) on cls_token's device and dtype, in the model's
         train/eval mode; 0 makes both ``nn.Identity`` (forward_head then returns its pre-logits
         features), as ``num_classes=0`` at construction does."""
-        _check_num_classes(num_classes)
+        num_classes = _checked_num_classes(num_classes)
         self.num_classes = num_classes
         if num_classes == 0:
             self.conv_cls_head, self.trans_cls_head = nn.Identity(), nn.Identity()

@@ -93,7 +93,7 @@ def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> tuple[str | None, s
     for name, expected in _variant_shapes().items():
         if body(shapes) == body(expected):
             classes = _checkpoint_classes(state_dict)
-            if classes is None:
+            if classes == 0:
                 return name, f"every key and shape matches {name}, without classifier heads"
             heads = "" if classes == 1000 else f", with {classes}-class heads"
             return name, f"every key and shape matches {name}{heads}"
@@ -128,11 +128,16 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
         model_variant, _ = guess_variant(model.state_dict())
         problems.append(f"the checkpoint looks like {ckpt_variant or 'no registered variant'} ({why}); "
                         f"the model is {model_variant or 'a custom configuration'}")
-        classes = _checkpoint_classes(state_dict)
-        if classes is not None and classes != getattr(model, "num_classes", classes):
-            problems.append(f"its heads are for {classes} classes, the model's for {model.num_classes}: build the "
-                            f"model with num_classes={classes} (create_model(name, pretrained=...) does), or load "
-                            f"the rest with create_model(name, pretrained=..., num_classes={model.num_classes})")
+        classes, own = _checkpoint_classes(state_dict), getattr(model, "num_classes", None)
+        if own is not None and classes != own:
+            held = (f"its heads are for {classes} classes" if classes else "it has no classifier heads")
+            if _has_heads(model):
+                problems.append(f"{held}, the model's are for {own}: create_model(name, pretrained=...) builds the "
+                                f"model for the checkpoint's {classes} classes, create_model(name, pretrained=..., "
+                                f"num_classes={own}) gives it fresh heads for {own}")
+            else:
+                problems.append(f"{held} and the model none: create_model(name, pretrained=..., num_classes=0) or "
+                                f"features_only=True leaves the checkpoint's heads out")
         raise CheckpointMismatchError("\n  ".join(["checkpoint does not fit the model:", *problems]))
     return model.load_state_dict(state_dict, strict=strict)
 
@@ -164,15 +169,16 @@ def _fit_to_model(model: nn.Module, state_dict: OrderedDict, origin: str, fit_he
             fitted._metadata = state_dict._metadata
         state_dict = fitted
     own = model.state_dict()
-    heads = [h for h in _HEADS if fit_heads and f"{h}.weight" in state_dict and f"{h}.weight" in own
-             and state_dict[f"{h}.weight"].shape != own[f"{h}.weight"].shape]
+    heads = [h for h in _HEADS if fit_heads and f"{h}.weight" in own
+             and (f"{h}.weight" not in state_dict or state_dict[f"{h}.weight"].shape != own[f"{h}.weight"].shape)]
     if heads:
-        classes = state_dict[f"{heads[0]}.weight"].shape[0]
+        classes = _checkpoint_classes(state_dict)
         for key in (f"{h}.{p}" for h in heads for p in ("weight", "bias")):
             if key in own:
                 state_dict[key] = own[key]
-        log.warning(f"{origin}: {' and '.join(heads)} not loaded: the checkpoint's are for {classes} classes, "
-                    f"the model's for {model.num_classes}; they keep their fresh initialisation")
+        held = f"the checkpoint's are for {classes} classes" if classes else "the checkpoint has none"
+        log.warning(f"{origin}: {' and '.join(heads)} not loaded: {held}, the model's for {model.num_classes}; "
+                    f"they keep their fresh initialisation")
     return state_dict
 
 
@@ -181,13 +187,15 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping, *, fi
     ``create_model(pretrained=source)`` does.
 
     source: a checkpoint path (``.safetensors`` or a torch.save file, any layout
-    :func:`fastconformer.load_checkpoint` reads), a loaded state_dict, or ``"hf-hub:ORG/REPO"``
+    :func:`fastconformer.load_checkpoint` reads), a folder written by
+    :func:`fastconformer.save_pretrained`, a loaded state_dict, or ``"hf-hub:ORG/REPO"``
     (:func:`fastconformer.hub.resolve_pretrained`). Keys of modules the model is built without (a
     features_only or pruned model's heads and blocks) are left out, saying so in one log line; with
     ``fit_heads`` (``create_model`` was given ``num_classes``) heads of another shape are left out
-    too, as the official ``--finetune`` does, in one line. Everything else must fit
-    (CheckpointMismatchError otherwise). The pretrained_cfg that travels with the weights, if any,
-    becomes ``model.pretrained_cfg`` (with the model's own architecture and num_classes).
+    too, as the official ``--finetune`` does, and heads the checkpoint lacks keep the model's, in one
+    line. Everything else must fit (CheckpointMismatchError otherwise). The pretrained_cfg that
+    travels with the weights, if any, becomes ``model.pretrained_cfg`` (with the model's own
+    architecture and num_classes).
     """
     _load_read(model, *_read_pretrained(source), fit_heads=fit_heads)
 
@@ -199,13 +207,18 @@ def _read_pretrained(source: str | os.PathLike | Mapping) -> tuple[OrderedDict, 
     return read_state_dict(source), cfg, origin
 
 
-def _checkpoint_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
-    """The number of classes of the checkpoint's heads, None if it has none."""
+def _checkpoint_classes(state_dict: Mapping[str, torch.Tensor]) -> int:
+    """The number of classes of the checkpoint's heads; 0 if it has none (a model built with
+    num_classes=0, features_only or pruned wrote it)."""
     for head in _HEADS:
         weight = state_dict.get(f"{head}.weight")
         if isinstance(weight, torch.Tensor) and weight.ndim == 2:
             return weight.shape[0]
-    return None
+    return 0
+
+
+def _has_heads(model: nn.Module) -> bool:
+    return not all(isinstance(getattr(model, h, None), (nn.Identity, type(None))) for h in _HEADS)
 
 
 def _load_read(model: nn.Module, state_dict: OrderedDict, cfg: dict[str, Any] | None, origin: str,
@@ -226,9 +239,9 @@ def create_model(name: str, *, pretrained: str | os.PathLike | Mapping | None = 
     layout :func:`fastconformer.load_checkpoint` reads), a folder written by
     :func:`fastconformer.save_pretrained`, or ``"hf-hub:ORG/REPO"``; loaded strictly by
     :func:`load_pretrained`, which leaves out what a features_only model has no place for and, when
-    ``num_classes`` is given, heads of another shape (one log line each). Without ``num_classes``
-    the model gets as many classes as the checkpoint's heads have (a checkpoint fine-tuned to 10
-    classes gives a 10-class model).
+    ``num_classes`` is given, heads of another shape or missing ones (one log line each). Without
+    ``num_classes`` the model gets as many classes as the checkpoint's heads have (a checkpoint
+    fine-tuned to 10 classes gives a 10-class model, a headless one a model without heads).
     fast: True returns the fused model (reference + :func:`fastconformer.convert`).
     features_only: True returns a :class:`~fastconformer.reference.ConformerFeatures`, whose forward
     gives the CNN maps of the blocks in ``out_indices`` (default: the official detection
@@ -249,16 +262,15 @@ def create_model(name: str, *, pretrained: str | os.PathLike | Mapping | None = 
                         f"weights), got {got}: fastconformer has no default weights, name the official or an "
                         f"MMPretrain checkpoint file, or a Hub repository")
     kwargs = {**variant.kwargs, **overrides}
-    read = None
-    if pretrained is not None:
-        read = _read_pretrained(pretrained)
-        classes = _checkpoint_classes(read[0])
-        if classes is not None and "num_classes" not in overrides and not features_only:
-            kwargs["num_classes"] = classes  # a checkpoint fine-tuned to other classes builds its own heads
     model = ConformerFeatures(out_indices=out_indices, **kwargs) if features_only else Conformer(**kwargs)
+    if pretrained is not None:
+        state_dict, cfg, origin = _read_pretrained(pretrained)
+        classes = _checkpoint_classes(state_dict)
+        if "num_classes" not in overrides and not features_only and classes != model.num_classes:
+            model.reset_classifier(classes)  # a checkpoint fine-tuned to other classes (or headless) brings its own
     model.pretrained_cfg = default_pretrained_cfg(variant.name, model.num_classes)
-    if read is not None:
-        _load_read(model, *read, fit_heads="num_classes" in overrides)
+    if pretrained is not None:
+        _load_read(model, state_dict, cfg, origin, fit_heads="num_classes" in overrides)
     if fast:
         from .convert import convert
 

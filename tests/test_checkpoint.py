@@ -342,3 +342,9 @@ def test_create_model_argument_types(kwargs, match):
 def test_create_model_argument_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fastconformer.create_model(NAME, **kwargs)
+
+
+def test_create_model_takes_numpy_numbers():
+    np = pytest.importorskip("numpy")
+    model = fastconformer.create_model(NAME, depth=3, num_classes=np.int64(10), drop_path_rate=np.float32(0.1))
+    assert model.num_classes == 10 and type(model.num_classes) is int

@@ -13,6 +13,7 @@ import threading
 import pytest
 import torch
 
+import fastconformer
 from fastconformer import dispatch
 
 CHOICES = ("torch", "triton", "auto", "torch")
@@ -129,20 +130,28 @@ def _fresh_process(code: str, **env) -> subprocess.CompletedProcess:
     ("FASTCONFORMER_ONEDNN", "off", "FASTCONFORMER_ONEDNN must be 0 or 1 (or unset: 1), got 'off'"),
 ])
 def test_a_wrong_environment_value_raises_where_it_is_used(variable, value, expected):
-    """fastconformer imports (so ``fastconformer info`` can say what is wrong), a fused op raises
-    ValueError naming the variable, and the command line ends with that one error line."""
+    """fastconformer imports, convert() (before any fused op runs) raises ValueError naming the
+    variable, and the command line ends with that one error line."""
     proc = _fresh_process(textwrap.dedent("""
         import sys, torch, fastconformer
         from fastconformer.cli import main
-        model = fastconformer.create_model("conformer_tiny_patch16", depth=3, fast=True).eval()
+        model = fastconformer.create_model("conformer_tiny_patch16", depth=3).eval()
         try:
-            model(torch.randn(1, 3, 64, 64))
+            fastconformer.convert(model)
         except ValueError as err:
             print("raised:", err)
         sys.exit(main(["info"]))
     """), **{variable: value})
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == f"raised: {expected}\n" and proc.stderr == f"error: {expected}\n"
+
+
+def test_a_wrong_environment_value_raises_before_torch_compile_traces(monkeypatch):
+    """convert() checks the environment, so a compiled model never reaches the check inside a trace
+    (where dynamo would wrap the ValueError in its own multi-line error)."""
+    monkeypatch.setattr(dispatch, "_ENVIRONMENT_ERROR", "FASTCONFORMER_BACKEND must be one of ..., got 'x'")
+    with pytest.raises(ValueError, match="FASTCONFORMER_BACKEND must be one of"):
+        fastconformer.create_model("conformer_tiny_patch16", depth=3, fast=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton backend runs here")
@@ -152,3 +161,8 @@ def test_the_triton_backend_without_a_gpu_is_one_error_line_before_anything_runs
                           FASTCONFORMER_BACKEND="triton")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: backend('triton') ") and len(proc.stderr.splitlines()) == 1, proc.stderr
+    if argv[0] == "predict":  # the reference model never dispatches: it gets as far as the missing checkpoint
+        reference = argv + ["--reference"]
+        proc = _fresh_process(f"import sys; from fastconformer.cli import main; sys.exit(main({reference!r}))",
+                              FASTCONFORMER_BACKEND="triton")
+        assert proc.returncode == 2 and "no checkpoint file 'x.pth'" in proc.stderr, proc.stderr

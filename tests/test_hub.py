@@ -193,7 +193,13 @@ def test_loading_other_classes_into_a_model_says_how(ten_class_model):
         fastconformer.load_checkpoint(fastconformer.create_model(NAME, **CONFIG), ten_class_model.state_dict())
     message = str(info.value)
     assert "size mismatch for conv_cls_head.weight" in message
-    assert "its heads are for 10 classes, the model's for 1000: build the model with num_classes=10" in message
+    assert ("its heads are for 10 classes, the model's are for 1000: create_model(name, pretrained=...) builds the "
+            "model for the checkpoint's 10 classes") in message
+    with pytest.raises(fastconformer.registry.CheckpointMismatchError,
+                       match=r"its heads are for 10 classes and the model none: create_model\(name, pretrained=..., "
+                             r"num_classes=0\) or features_only=True"):
+        fastconformer.load_checkpoint(fastconformer.create_model(NAME, features_only=True, **CONFIG),
+                                      ten_class_model.state_dict())
 
 
 def test_a_save_pretrained_folder_is_a_pretrained_source(tmp_path, ten_class_model):
@@ -207,18 +213,71 @@ def test_a_save_pretrained_folder_is_a_pretrained_source(tmp_path, ten_class_mod
         fastconformer.create_model(NAME, pretrained=tmp_path / "empty", **CONFIG)
 
 
+def _written_keys(path):
+    """The keys of a saved file, sorted (safetensors stores them sorted)."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return sorted(load_file(path))
+    return sorted(torch.load(path, weights_only=True))
+
+
 def test_wrapped_models_save_and_load_as_the_model_they_wrap(tmp_path, model):
-    """save_checkpoint of onednn_graph(m) or torch.compile(m) writes m's keys; their own state_dicts
-    (keys prefixed model. / _orig_mod.) load with pretrained=."""
+    """save_checkpoint of onednn_graph(m), torch.compile(m) or DataParallel(m) writes m's own keys
+    (the official layout); the wrappers' own state_dicts (keys prefixed model. / _orig_mod. /
+    module.) load with pretrained=."""
     wrappers = {"graph": fastconformer.onednn_graph(copy.deepcopy(model).eval()),
-                "compiled": torch.compile(copy.deepcopy(model))}
+                "compiled": torch.compile(copy.deepcopy(model)),
+                "parallel": torch.nn.DataParallel(copy.deepcopy(model)),
+                "compiled graph": torch.compile(fastconformer.onednn_graph(copy.deepcopy(model).eval()))}
     for label, wrapped in wrappers.items():
-        path = fastconformer.save_checkpoint(wrapped, tmp_path / f"{label}.safetensors")
-        _assert_same_weights(fastconformer.create_model(NAME, pretrained=path, **CONFIG), model)
-        assert read_pretrained_cfg(path) == model.pretrained_cfg
-        torch.save(wrapped.state_dict(), tmp_path / f"{label}.pth")
-        assert all(k.startswith(("model.", "_orig_mod.")) for k in wrapped.state_dict())
-        _assert_same_weights(fastconformer.create_model(NAME, pretrained=tmp_path / f"{label}.pth", **CONFIG), model)
-    fastconformer.save_pretrained(wrappers["graph"], tmp_path / "repo")
-    with pytest.raises(TypeError, match="model must be a Conformer .* got a Sequential holding none"):
-        fastconformer.save_checkpoint(torch.nn.Sequential(torch.nn.Linear(2, 2)), tmp_path / "x.pth")
+        for suffix in (".safetensors", ".pth"):
+            path = fastconformer.save_checkpoint(wrapped, tmp_path / f"{label}{suffix}")
+            assert _written_keys(path) == sorted(model.state_dict()), label
+            _assert_same_weights(fastconformer.create_model(NAME, pretrained=path, **CONFIG), model)
+        assert read_pretrained_cfg(tmp_path / f"{label}.safetensors") == model.pretrained_cfg
+        torch.save(wrapped.state_dict(), tmp_path / f"{label}-own.pth")
+        assert all(k.startswith(("model.", "_orig_mod.", "module.")) for k in wrapped.state_dict())
+        _assert_same_weights(fastconformer.create_model(NAME, pretrained=tmp_path / f"{label}-own.pth", **CONFIG),
+                             model)
+    folder = fastconformer.save_pretrained(wrappers["compiled"], tmp_path / "repo")
+    assert _written_keys(folder / "model.safetensors") == sorted(model.state_dict())
+
+
+def test_modules_holding_a_conformer_are_saved_whole(tmp_path, model):
+    """A user's module whose Conformer sits in an attribute named model (not a wrapper) keeps all
+    its keys, as does any other module; save_pretrained takes Conformers only."""
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = copy.deepcopy(model)
+            self.head = torch.nn.Linear(4, 2)
+
+    classifier = Classifier()
+    for suffix in (".safetensors", ".pth"):
+        path = fastconformer.save_checkpoint(classifier, tmp_path / f"classifier{suffix}")
+        assert _written_keys(path) == sorted(classifier.state_dict())
+    linear = torch.nn.Linear(2, 2)
+    assert _written_keys(fastconformer.save_checkpoint(linear, tmp_path / "linear.pth")) == ["bias", "weight"]
+    assert _written_keys(fastconformer.save_checkpoint(linear, tmp_path / "linear.safetensors")) == ["bias", "weight"]
+    with pytest.raises(TypeError, match="save_pretrained writes a Conformer's repository .* got a Linear"):
+        fastconformer.save_pretrained(linear, tmp_path / "repo")
+
+
+def test_a_headless_checkpoint_builds_a_headless_model_or_fresh_heads(tmp_path, model, caplog):
+    """A checkpoint without heads (num_classes=0) loads back as a model without heads; with
+    num_classes the heads keep their fresh initialisation (one log line)."""
+    headless = copy.deepcopy(model)
+    headless.reset_classifier(0)
+    folder = fastconformer.save_pretrained(headless, tmp_path / "headless")
+    loaded = fastconformer.create_model(NAME, pretrained=folder, **CONFIG)
+    assert loaded.num_classes == 0 and loaded.pretrained_cfg["num_classes"] == 0
+    _assert_same_weights(loaded, headless)
+    with caplog.at_level("WARNING", logger="fastconformer"):
+        classifier = fastconformer.create_model(NAME, pretrained=folder, num_classes=7, **CONFIG)
+    assert classifier.num_classes == 7 and torch.equal(classifier.cls_token, model.cls_token)
+    assert "conv_cls_head and trans_cls_head not loaded: the checkpoint has none, the model's for 7" in caplog.text
+    with pytest.raises(fastconformer.registry.CheckpointMismatchError,
+                       match="it has no classifier heads, the model's are for 1000"):
+        fastconformer.load_checkpoint(fastconformer.create_model(NAME, **CONFIG), headless.state_dict())
