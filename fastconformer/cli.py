@@ -29,7 +29,7 @@ from .environment import DTYPES, device_name, timing_environment
 from .export import ExportError, check_writable
 from .modules.prepack import prepack_weights
 from .onednn_graph import OneDNNGraph, onednn_graph, onednn_graph_available
-from .registry import VARIANTS, create_model, resolve_name
+from .registry import VARIANTS, create_model, pretrained_variant, resolve_name
 from .testing import rel_error, tf32
 from .timing import Timing, per_round_speedup, time_interleaved
 
@@ -61,6 +61,22 @@ def _model_device(name: str) -> torch.device:
     device = _device(name)
     use_triton(torch.empty(0, device=device))
     return device
+
+
+DEFAULT_MODEL = "conformer_small_patch16"
+
+
+def _model_name(model: str | None, pretrained: str | None) -> str:
+    """The variant --model names; without it, the one the --pretrained checkpoint holds
+    (:func:`~fastconformer.registry.pretrained_variant`), else DEFAULT_MODEL."""
+    if model is not None:
+        return resolve_name(model)
+    if pretrained is None:
+        return DEFAULT_MODEL
+    try:
+        return pretrained_variant(pretrained)
+    except ValueError as err:
+        raise ValueError(f"{err} with --model") from None
 
 
 def _progress(msg: str) -> None:
@@ -145,10 +161,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Reference vs fast (and torch.compile(reference)) on the same weights and inputs, timed in
     interleaved rounds after each settled its warm-up."""
     device = _model_device(args.device)
-    name = resolve_name(args.model)
-    _check_image_size(name, args.image_size)
     if args.json:
         check_writable(args.json, "--json")
+    name = _model_name(args.model, args.pretrained)
+    _check_image_size(name, args.image_size)
     if args.engines:
         if args.dtype is not None or args.compile:
             raise ValueError("--engines runs fp32 and bf16 and torch.compile of both models itself; drop "
@@ -360,13 +376,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Module and whole-model equality checks on this machine; exit status 1 on any failure."""
     from .validation import run_checks, select_checks
 
-    device = _device(args.device)
+    device = _model_device(args.device)  # FASTCONFORMER_BACKEND=triton where the kernels cannot run: an error
     checks = select_checks(args.only)
     backends = ["torch"]
     if triton_available() and (device.type == "cuda" or interpreter_enabled()):
         backends.append("triton")
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
     print(f"equality checks on {device_name(device)}, torch {torch.__version__}, triton {_triton_version()}")
+    if "triton" not in backends:
+        print("the Triton kernels are not checked here: they need a CUDA device (or TRITON_INTERPRET=1 set before "
+              "the run, for triton's CPU interpreter)" if triton_available() else
+              "the Triton kernels are not checked here: triton is not installed")
     width = max(len(c.name) for c in checks) + 2
     print(f"{'check':<{width}}{'backend':<9}{'dtype':<10}{'rel. error':>12}{'bound':>11}  verdict")
     failures = 0
@@ -395,8 +415,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .data import imagenet_classes, load_image
 
     device = _device(args.device) if args.reference else _model_device(args.device)
-    _progress(f"loading {resolve_name(args.model)} from {args.pretrained} ...")
-    model = create_model(args.model, pretrained=args.pretrained, fast=not args.reference).eval().to(device)
+    name = _model_name(args.model, args.pretrained)
+    _progress(f"loading {name} from {args.pretrained} ...")
+    model = create_model(name, pretrained=args.pretrained, fast=not args.reference).eval().to(device)
     if args.top_k > model.num_classes:
         raise ValueError(f"--top-k must be at most the model's {model.num_classes} classes, got {args.top_k}")
     # class names for ImageNet-1k heads; a checkpoint fine-tuned to other classes prints their indices alone
@@ -476,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_info)
 
     bench = sub.add_parser("bench", help="reference vs fast throughput and logits error, same weights")
-    bench.add_argument("--model", default="conformer_small_patch16", help="variant (default conformer_small_patch16)")
+    bench.add_argument("--model", default=None,
+                       help=f"variant (default: the one --pretrained holds, else {DEFAULT_MODEL})")
     bench.add_argument("--batch-size", type=positive, default=8)
     bench.add_argument("--image-size", type=positive, default=224, help="a multiple of the patch size (default 224)")
     bench.add_argument("--device", choices=devices, default="auto")
@@ -507,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--pretrained", required=True,
                          help="checkpoint file, save_pretrained folder or hf-hub:ORG/REPO")
-    predict.add_argument("--model", default="conformer_small_patch16")
+    predict.add_argument("--model", default=None, help="variant (default: the one --pretrained holds)")
     predict.add_argument("--device", choices=devices, default="auto")
     predict.add_argument("--top-k", type=positive, default=5,
                          help="classes per image, at most the model's number of classes (default 5)")

@@ -70,8 +70,8 @@ def _environment_defaults() -> tuple[str, bool, str | None]:
     """(FASTCONFORMER_BACKEND, FASTCONFORMER_ONEDNN == "1", what is wrong with them or None), read
     once at import. A wrong value does not stop the import: it raises where the default is first
     used (:func:`check_environment`), so the command line can say what is wrong in one line."""
-    name = os.environ.get("FASTCONFORMER_BACKEND", "auto")
-    onednn_value = os.environ.get("FASTCONFORMER_ONEDNN", "1")
+    name = os.environ.get("FASTCONFORMER_BACKEND") or "auto"  # set but empty: as unset
+    onednn_value = os.environ.get("FASTCONFORMER_ONEDNN") or "1"
     problems = []
     if name not in BACKENDS:
         problems.append(f"FASTCONFORMER_BACKEND must be one of {', '.join(BACKENDS)} (or unset: auto), got {name!r}")

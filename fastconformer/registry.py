@@ -19,7 +19,7 @@ from .hub import default_pretrained_cfg, resolve_pretrained
 from .reference import Conformer, ConformerFeatures
 
 __all__ = ["VARIANTS", "Variant", "create_model", "guess_variant", "list_models", "load_checkpoint", "load_pretrained",
-           "resolve_name"]
+           "pretrained_variant", "resolve_name"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,21 @@ def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> tuple[str | None, s
     if "conv_cls_head.weight" in shapes:
         clues.append(f"channel_ratio {shapes['conv_cls_head.weight'][-1] // 256}")
     return None, "no registered variant matches exactly" + (f" ({', '.join(clues)})" if clues else "")
+
+
+def pretrained_variant(source: str | os.PathLike | Mapping) -> str:
+    """The registered variant a ``pretrained=`` source holds: the architecture its pretrained_cfg
+    names (files written by :func:`fastconformer.save_checkpoint` or ``save_pretrained`` carry one),
+    else the variant its keys and shapes match (:func:`guess_variant`). ValueError when neither tells."""
+    resolved, cfg = resolve_pretrained(source)
+    architecture = (cfg or {}).get("architecture")
+    if isinstance(architecture, str) and architecture.strip().lower() in VARIANTS:
+        return resolve_name(architecture)
+    name, why = guess_variant(read_state_dict(resolved))
+    if name is None:
+        origin = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the state_dict"
+        raise ValueError(f"cannot tell which variant {origin} holds ({why}); name the model")
+    return name
 
 
 def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping, strict: bool = True):

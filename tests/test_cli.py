@@ -172,7 +172,8 @@ def test_wrong_input_gives_one_error_line(argv, message, tmp_path, photo, tiny_c
 
 def test_checkpoint_mismatch_is_reported_without_a_traceback(photo, tiny_checkpoint, capsys):
     """The mismatch error's message lists the keys on further lines: printed after "error:"."""
-    status, out, err = run(["predict", str(photo), "--pretrained", str(tiny_checkpoint)], capsys)  # a small model
+    status, out, err = run(["predict", str(photo), "--pretrained", str(tiny_checkpoint), "--model",
+                            "conformer_small_patch16"], capsys)
     assert status == 2 and out == "" and "Traceback" not in err
     assert err.splitlines()[1].startswith("error: ") and "conformer_tiny_patch16" in err
 
@@ -251,3 +252,30 @@ def test_a_spread_is_flagged_as_printed():
     assert cli._spread_warnings({"fast": Timing(warmup=(), rounds=(1.0, 1.0, 1.0, 1.0504, 1.0504))}) == []
     [warning] = cli._spread_warnings({"fast": Timing(warmup=(), rounds=(1.0, 1.0, 1.0, 1.0506, 1.0506))})
     assert "above 5%: fast 5.1%;" in warning
+
+
+def test_predict_and_bench_take_the_variant_the_checkpoint_holds(photo, tiny_checkpoint, tmp_path, capsys):
+    """Without --model: the architecture a save_pretrained folder's config names, the variant a bare
+    state_dict's shapes match; a custom configuration asks for --model in one line."""
+    status, out, err = run(["predict", str(photo), "--pretrained", str(tiny_checkpoint), "--device", "cpu"], capsys)
+    assert status == 0 and "loading conformer_tiny_patch16" in err and len(out.splitlines()) == 6
+    torch.manual_seed(0)
+    folder = fastconformer.save_pretrained(fastconformer.create_model("conformer_tiny_patch16", num_classes=10),
+                                           tmp_path / "tiny10")
+    status, out, err = run(["predict", str(photo), "--pretrained", str(folder), "--top-k", "2"], capsys)
+    assert status == 0 and "loading conformer_tiny_patch16" in err and len(out.splitlines()) == 3
+    status, _, err = run(["bench", "--pretrained", str(folder), "--image-size", "64", "--batch-size", "1", "--iters",
+                          "1", "--min-seconds", "0", "--device", "cpu"], capsys)
+    assert status == 0 and "building conformer_tiny_patch16" in err
+    custom = fastconformer.save_checkpoint(fastconformer.create_model("conformer_tiny_patch16", depth=3),
+                                           tmp_path / "custom.pth")
+    status, out, err = run(["predict", str(photo), "--pretrained", str(custom)], capsys)
+    assert status == 2 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith(f"error: cannot tell which variant {custom} holds (no registered variant matches exactly")
+    assert err.rstrip().endswith("; name the model with --model")
+
+
+def test_check_says_when_the_triton_kernels_are_not_checked(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "interpreter_enabled", lambda: False)
+    status, out, _ = run(["check", "--device", "cpu", "--only", "attention"], capsys)
+    assert status == 0 and "the Triton kernels are not checked here: " in out.splitlines()[1]

@@ -154,8 +154,15 @@ def test_a_wrong_environment_value_raises_before_torch_compile_traces(monkeypatc
         fastconformer.create_model("conformer_tiny_patch16", depth=3, fast=True)
 
 
+def test_an_empty_environment_value_is_as_unset(monkeypatch):
+    monkeypatch.setenv("FASTCONFORMER_BACKEND", "")
+    monkeypatch.setenv("FASTCONFORMER_ONEDNN", "")
+    assert dispatch._environment_defaults() == ("auto", True, None)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton backend runs here")
-@pytest.mark.parametrize("argv", [["bench", "--device", "cpu"], ["predict", "x.png", "--pretrained", "x.pth"]])
+@pytest.mark.parametrize("argv", [["bench", "--device", "cpu"], ["predict", "x.png", "--pretrained", "x.pth"],
+                                  ["check", "--device", "cpu"]])
 def test_the_triton_backend_without_a_gpu_is_one_error_line_before_anything_runs(argv):
     proc = _fresh_process(f"import sys; from fastconformer.cli import main; sys.exit(main({argv!r}))",
                           FASTCONFORMER_BACKEND="triton")
