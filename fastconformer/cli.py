@@ -73,10 +73,8 @@ def _model_name(model: str | None, pretrained: str | None) -> str:
         return resolve_name(model)
     if pretrained is None:
         return DEFAULT_MODEL
-    try:
-        return pretrained_variant(pretrained)
-    except ValueError as err:
-        raise ValueError(f"{err} with --model") from None
+    _progress(f"reading {pretrained} to tell its variant (--model names it) ...")
+    return pretrained_variant(pretrained)
 
 
 def _progress(msg: str) -> None:
@@ -163,12 +161,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = _model_device(args.device)
     if args.json:
         check_writable(args.json, "--json")
-    name = _model_name(args.model, args.pretrained)
-    _check_image_size(name, args.image_size)
     if args.engines:
         if args.dtype is not None or args.compile:
             raise ValueError("--engines runs fp32 and bf16 and torch.compile of both models itself; drop "
                              f"{'--dtype' if args.dtype is not None else '--compile'}")
+        if device.type != "cpu" and args.device != "auto":
+            raise ValueError("--engines compares CPU inference engines; use --device cpu (or auto)")
+    name = _model_name(args.model, args.pretrained)
+    _check_image_size(name, args.image_size)
+    if args.engines:
         return _bench_engines(args, name, device)
     args.dtype = args.dtype or "fp32"
     torch.manual_seed(args.seed)
@@ -276,9 +277,7 @@ def _bench_engines(args: argparse.Namespace, name: str, device: torch.device) ->
     OpenVINO on both models' exports, fp32 and bf16, in one interleaved run on the CPU."""
     import tempfile
 
-    if device.type != "cpu" and args.device != "auto":
-        raise ValueError("--engines compares CPU inference engines; use --device cpu (or auto)")
-    device = torch.device("cpu")
+    device = torch.device("cpu")  # --device auto on a CUDA machine: the engines compared are CPU ones
     torch.manual_seed(args.seed)
     _progress(f"building {name} (reference and fast, same weights) on {device_name(device)} ...")
     reference = create_model(name, pretrained=args.pretrained).eval()
@@ -376,7 +375,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Module and whole-model equality checks on this machine; exit status 1 on any failure."""
     from .validation import run_checks, select_checks
 
-    device = _model_device(args.device)  # FASTCONFORMER_BACKEND=triton where the kernels cannot run: an error
+    device = _device(args.device)  # each row holds its own backend: FASTCONFORMER_BACKEND does not matter here
     checks = select_checks(args.only)
     backends = ["torch"]
     if triton_available() and (device.type == "cuda" or interpreter_enabled()):
@@ -384,9 +383,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
     print(f"equality checks on {device_name(device)}, torch {torch.__version__}, triton {_triton_version()}")
     if "triton" not in backends:
-        print("the Triton kernels are not checked here: they need a CUDA device (or TRITON_INTERPRET=1 set before "
-              "the run, for triton's CPU interpreter)" if triton_available() else
-              "the Triton kernels are not checked here: triton is not installed")
+        why = ("triton is not installed" if not triton_available() else
+               "they run on CUDA tensors (--device cuda)" if torch.cuda.is_available() else
+               "they need a CUDA device (or TRITON_INTERPRET=1 set before the run, for triton's CPU interpreter)")
+        print(f"the Triton kernels are not checked here: {why}")
     width = max(len(c.name) for c in checks) + 2
     print(f"{'check':<{width}}{'backend':<9}{'dtype':<10}{'rel. error':>12}{'bound':>11}  verdict")
     failures = 0
@@ -418,6 +418,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     name = _model_name(args.model, args.pretrained)
     _progress(f"loading {name} from {args.pretrained} ...")
     model = create_model(name, pretrained=args.pretrained, fast=not args.reference).eval().to(device)
+    if model.num_classes == 0:
+        raise ValueError(f"{args.pretrained} has no classifier heads (a num_classes=0 model's checkpoint): predict "
+                         "needs a classifier's")
     if args.top_k > model.num_classes:
         raise ValueError(f"--top-k must be at most the model's {model.num_classes} classes, got {args.top_k}")
     # class names for ImageNet-1k heads; a checkpoint fine-tuned to other classes prints their indices alone

@@ -110,18 +110,21 @@ def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> tuple[str | None, s
 
 
 def pretrained_variant(source: str | os.PathLike | Mapping) -> str:
-    """The registered variant a ``pretrained=`` source holds: the architecture its pretrained_cfg
-    names (files written by :func:`fastconformer.save_checkpoint` or ``save_pretrained`` carry one),
-    else the variant its keys and shapes match (:func:`guess_variant`). ValueError when neither tells."""
+    """The registered variant whose keys and shapes a ``pretrained=`` source's state_dict matches
+    (:func:`guess_variant`: heads of any size, or none, count as a match). ValueError, naming the
+    architecture its pretrained_cfg records if any, when none matches: a custom configuration, or
+    a features_only or pruned model's checkpoint, which only ``create_model`` with that model's
+    arguments builds."""
     resolved, cfg = resolve_pretrained(source)
-    architecture = (cfg or {}).get("architecture")
-    if isinstance(architecture, str) and architecture.strip().lower() in VARIANTS:
-        return resolve_name(architecture)
     name, why = guess_variant(read_state_dict(resolved))
-    if name is None:
-        origin = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the state_dict"
-        raise ValueError(f"cannot tell which variant {origin} holds ({why}); name the model")
-    return name
+    if name is not None:
+        return name
+    origin = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the state_dict"
+    architecture = (cfg or {}).get("architecture")
+    recorded = f"; its metadata records {architecture} with other arguments" if isinstance(architecture, str) else ""
+    raise ValueError(f"cannot tell which registered variant {origin} holds ({why}{recorded}): a custom configuration "
+                     f"or a features_only/pruned model's checkpoint, which create_model(name, <that model's "
+                     f"arguments>, pretrained=...) loads")
 
 
 def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping, strict: bool = True):

@@ -166,7 +166,7 @@ def test_wrong_input_gives_one_error_line(argv, message, tmp_path, photo, tiny_c
     names = dict(tmp=tmp_path, photo=photo, ckpt=tiny_checkpoint)
     status, out, err = run([arg.format(**names) for arg in argv], capsys)
     assert status == 2 and out == "" and "Traceback" not in err
-    lines = [line for line in err.splitlines() if not line.startswith(("loading ", "building "))]  # progress
+    lines = [line for line in err.splitlines() if not line.startswith(("loading ", "building ", "reading "))]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message.format(**names) in lines[0], err
 
 
@@ -255,8 +255,9 @@ def test_a_spread_is_flagged_as_printed():
 
 
 def test_predict_and_bench_take_the_variant_the_checkpoint_holds(photo, tiny_checkpoint, tmp_path, capsys):
-    """Without --model: the architecture a save_pretrained folder's config names, the variant a bare
-    state_dict's shapes match; a custom configuration asks for --model in one line."""
+    """Without --model: the variant the checkpoint's keys and shapes match, whatever its metadata
+    records (create_model records the name it was given, also with arguments that change the
+    shapes); a custom configuration or a headless checkpoint is one error line."""
     status, out, err = run(["predict", str(photo), "--pretrained", str(tiny_checkpoint), "--device", "cpu"], capsys)
     assert status == 0 and "loading conformer_tiny_patch16" in err and len(out.splitlines()) == 6
     torch.manual_seed(0)
@@ -267,12 +268,25 @@ def test_predict_and_bench_take_the_variant_the_checkpoint_holds(photo, tiny_che
     status, _, err = run(["bench", "--pretrained", str(folder), "--image-size", "64", "--batch-size", "1", "--iters",
                           "1", "--min-seconds", "0", "--device", "cpu"], capsys)
     assert status == 0 and "building conformer_tiny_patch16" in err
-    custom = fastconformer.save_checkpoint(fastconformer.create_model("conformer_tiny_patch16", depth=3),
-                                           tmp_path / "custom.pth")
-    status, out, err = run(["predict", str(photo), "--pretrained", str(custom)], capsys)
-    assert status == 2 and out == "" and len(err.splitlines()) == 1
-    assert err.startswith(f"error: cannot tell which variant {custom} holds (no registered variant matches exactly")
-    assert err.rstrip().endswith("; name the model with --model")
+    patch32 = fastconformer.save_checkpoint(fastconformer.create_model("conformer_small_patch16", patch_size=32),
+                                            tmp_path / "patch32.safetensors")  # its metadata says patch16
+    assert fastconformer.hub.read_pretrained_cfg(patch32)["architecture"] == "conformer_small_patch16"
+    status, out, err = run(["predict", str(photo), "--pretrained", str(patch32), "--top-k", "1"], capsys)
+    assert status == 0 and "loading conformer_small_patch32" in err and len(out.splitlines()) == 2
+    custom = fastconformer.create_model("conformer_tiny_patch16", depth=3)
+    for path in (fastconformer.save_checkpoint(custom, tmp_path / "custom.pth"),
+                 fastconformer.save_pretrained(custom, tmp_path / "custom")):
+        status, out, err = run(["predict", str(photo), "--pretrained", str(path)], capsys)
+        lines = [line for line in err.splitlines() if not line.startswith("reading ")]
+        assert status == 2 and out == "" and len(lines) == 1, err
+        assert lines[0].startswith(f"error: cannot tell which registered variant {path} holds (no registered "
+                                   "variant matches exactly")
+        assert lines[0].endswith("which create_model(name, <that model's arguments>, pretrained=...) loads")
+    headless = fastconformer.save_checkpoint(fastconformer.create_model("conformer_tiny_patch16", num_classes=0),
+                                             tmp_path / "headless.pth")
+    status, _, err = run(["predict", str(photo), "--pretrained", str(headless)], capsys)
+    assert status == 2 and err.splitlines()[-1] == (f"error: {headless} has no classifier heads (a num_classes=0 "
+                                                    "model's checkpoint): predict needs a classifier's")
 
 
 def test_check_says_when_the_triton_kernels_are_not_checked(monkeypatch, capsys):
