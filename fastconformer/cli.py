@@ -563,6 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_environment()
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (`fastconformer info | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     except (ValueError, TypeError, OSError, CheckpointMismatchError, ImportError, BackendUnavailableError) as err:
         print(f"error: {_describe(err)}", file=sys.stderr)
         return 2

@@ -293,3 +293,10 @@ def test_check_says_when_the_triton_kernels_are_not_checked(monkeypatch, capsys)
     monkeypatch.setattr(cli, "interpreter_enabled", lambda: False)
     status, out, _ = run(["check", "--device", "cpu", "--only", "attention"], capsys)
     assert status == 0 and "the Triton kernels are not checked here: " in out.splitlines()[1]
+
+
+def test_a_closed_pipe_ends_quietly():
+    """``fastconformer info | head``: no error line and no traceback when the reader goes away."""
+    proc = subprocess.run(["bash", "-c", f"'{sys.executable}' -m fastconformer.cli info | head -c 0; "
+                                         "exit ${PIPESTATUS[0]}"], capture_output=True, text=True)
+    assert proc.stderr == "" and proc.returncode in (0, 141), (proc.returncode, proc.stderr)
