@@ -2,11 +2,12 @@
 
 In eval mode ``bn(conv(x)) == conv'(x)`` with ``w' = w * s`` and ``b' = beta - mean * s`` where
 ``s = gamma / sqrt(var + eps)`` (exact in real arithmetic). The folded weights are recomputed from
-the live parameters and running statistics on every call (keeping them folded between calls,
-invalidated by the sources' version counters, measured no faster for Conformer-S on a 2-core CPU:
-0.999x in a paired A/B), so nothing can go stale after ``train()``/``eval()`` switches, optimizer
-steps or ``load_state_dict``. In train mode the block runs the reference's ops unchanged (batch
-statistics, running-stat updates).
+the live parameters and running statistics on every call, so nothing can go stale after
+``train()``/``eval()`` switches, optimizer steps or ``load_state_dict``; only a model given to
+:func:`~fastconformer.prepack_weights` keeps them, folded and packed for oneDNN per input shape,
+rebuilt when a source changes (:func:`fold_sources`: the running statistics' version counters do
+not move in a train-mode forward, ``num_batches_tracked``'s does). In train mode the block runs
+the reference's ops unchanged (batch statistics, running-stat updates).
 
 In float32 CPU inference (:func:`~fastconformer.dispatch.use_onednn`) conv3 + bn3 and the residual
 add run as one oneDNN convolution accumulating into the residual's buffer, when that buffer is
@@ -23,9 +24,9 @@ import torch.nn.functional as F
 from ..dispatch import use_onednn
 from ..reference import ConvBlock
 from .base import FusedModule
-from .onednn import onednn_conv_add_
+from .onednn import conv_registered_for_packing, onednn_conv_add_, onednn_conv_packed
 
-__all__ = ["FusedConvBlock", "fold_conv_bn", "folds", "conv_bn"]
+__all__ = ["FusedConvBlock", "conv_bn", "fold_conv_bn", "fold_sources", "folds"]
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,10 +49,27 @@ def folds(bn: nn.BatchNorm2d) -> bool:
     return not bn.training and bn.track_running_stats and bn.running_mean is not None
 
 
+def fold_sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, ...]:
+    """The tensors :func:`fold_conv_bn` reads, and ``num_batches_tracked``: BatchNorm's kernel
+    updates the running statistics in train mode without moving their version counters, while the
+    module's forward counts every update in ``num_batches_tracked`` with an ``add_`` that does."""
+    sources = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    if bn.num_batches_tracked is not None:
+        sources = (*sources, bn.num_batches_tracked)
+    return sources if conv.bias is None else (*sources, conv.bias)
+
+
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """``bn(conv(x))``: one folded convolution in eval mode, the two reference ops (modules) in train mode."""
+    """``bn(conv(x))``: one folded convolution in eval mode (in float32 CPU inference with a packed
+    folded weight where :func:`~fastconformer.prepack_weights` registered ``conv``), the two
+    reference ops (modules) in train mode."""
     if not folds(bn):
         return bn(conv(x))
+    if (conv_registered_for_packing(conv) and bn.affine and conv.padding_mode == "zeros" and x.dim() == 4
+            and use_onednn(x, *(t for t in fold_sources(conv, bn) if t.is_floating_point()))):
+        y = onednn_conv_packed(x, conv, fold_sources(conv, bn), lambda: fold_conv_bn(conv, bn))
+        if y is not None:
+            return y
     weight, bias = fold_conv_bn(conv, bn)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 

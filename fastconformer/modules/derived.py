@@ -43,8 +43,9 @@ def stamp_matches(stamp: tuple[tuple, tuple[torch.Tensor, ...]] | None, sources:
 class DerivedTensors:
     """owner (a tensor or module, held weakly) -> values derived from its sources, one per key."""
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, keys_max: int | None = None):
         self.what = what
+        self.keys_max = keys_max  # values kept per owner (the first keys met, until a source changes); None: all
         self._entries = WeakIdKeyDictionary()
 
     def register(self, owner: object, sources: tuple[torch.Tensor, ...]) -> None:
@@ -66,7 +67,8 @@ class DerivedTensors:
             ) -> T | None:
         """The value derived for a registered ``owner`` under ``key``, built by ``build()`` when
         missing or when a source changed since the entry was made; None for an owner not registered
-        (or one whose sources turned into inference tensors, which have no version counter)."""
+        (or one whose sources turned into inference tensors, which have no version counter), and for
+        a new key once ``keys_max`` values are kept for the owner."""
         entry = self._entries.get(owner, False)
         if entry is False or any(t.is_inference() for t in sources):
             return None
@@ -75,5 +77,7 @@ class DerivedTensors:
             self._entries[owner] = entry
         values = entry[1]
         if key not in values:
+            if self.keys_max is not None and len(values) >= self.keys_max:
+                return None
             values[key] = build()
         return values[key]

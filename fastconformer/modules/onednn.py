@@ -1,11 +1,12 @@
-"""oneDNN's fused inner product and convolution for CPU inference, and the prepacked weights the
-inner product can read.
+"""oneDNN's fused inner product and convolution for CPU inference, and the prepacked weights they
+read.
 
 ``onednn_linear``: a linear layer with its activation (exact GELU) or its residual add in one
 call of ``mkldnn::_linear_pointwise`` (the primitive inductor's CPU backend emits).
 ``onednn_conv_add_``: a convolution accumulated into its residual's buffer in one call of
-``mkldnn::_convolution_pointwise_`` (oneDNN's sum post-op). On the CPU, no autograd: callers take
-them only where :func:`fastconformer.dispatch.use_onednn` (float32) or
+``mkldnn::_convolution_pointwise_`` (oneDNN's sum post-op). ``onednn_conv_packed``: a convolution
+with its BatchNorm folded, reading a packed copy of the folded weight. On the CPU, no autograd:
+callers take them only where :func:`fastconformer.dispatch.use_onednn` (float32) or
 :func:`fastconformer.dispatch.onednn_autocast_bf16` (bfloat16 under CPU autocast, the inner
 product only) allows.
 Unlike ``F.linear`` (``aten::addmm``, which calls the BLAS torch was built with: MKL, whose code
@@ -16,20 +17,30 @@ the primitive otherwise reorders the weight into its blocked layout on every cal
 weight is reordered once (``mkldnn::_reorder_linear_weight``) and the copy kept beside the
 parameter, which stays as it is (same state_dict); when a copy is rebuilt:
 :mod:`fastconformer.modules.derived`. Another Parameter put in a registered one's place is not
-registered and is read as it is.
+registered and is read as it is. A registered convolution keeps its folded weight packed per input
+shape (``mkldnn::_reorder_convolution_weight``), rebuilt when the convolution's or its BatchNorm's
+tensors change (:func:`fastconformer.modules.conv_block.fold_sources`).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from .derived import DerivedTensors
 
-__all__ = ["onednn_conv_add_", "onednn_linear", "register_for_packing", "registered_for_packing"]
+__all__ = ["conv_registered_for_packing", "onednn_conv_add_", "onednn_conv_packed", "onednn_linear",
+           "register_conv_for_packing", "register_for_packing", "registered_for_packing"]
 
 ACTIVATIONS = ("none", "gelu")  # no ReLU: oneDNN's maps NaN to 0, torch's keeps it
 
 PACKED = DerivedTensors("parameters")  # parameter -> {dtype: its oneDNN-packed copy}
+# convolution -> {(input shape, channels_last): (its folded weight packed for that input, folded bias)}; oneDNN's
+# blocked weight layout depends on the input's shape (packed without it, the primitive reorders again on every
+# call), so one copy per shape: the first CONV_SHAPES_MAX shapes a convolution meets, the others run unpacked
+CONV_SHAPES_MAX = 4
+PACKED_CONVS = DerivedTensors("convolution weights", keys_max=CONV_SHAPES_MAX)
 
 
 def _packed(weight: torch.Tensor, dtype: torch.dtype, rows: int) -> torch.Tensor | None:
@@ -74,6 +85,45 @@ def onednn_conv_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     return torch.ops.mkldnn._convolution_pointwise_.binary(
         residual, x, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "add",
         None, None, [], None)
+
+
+def onednn_conv_packed(x: torch.Tensor, conv: torch.nn.Conv2d, sources: tuple[torch.Tensor, ...],
+                       fold: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+    """``conv2d(x, *fold())`` with ``conv``'s stride, padding, dilation and groups as one oneDNN
+    convolution reading a packed copy of the folded weight, for a convolution registered by
+    :func:`register_conv_for_packing`: the copy is built (``fold()`` -> (weight, bias) in float32)
+    on first use for x's shape and layout and rebuilt when one of ``sources`` (the tensors the fold
+    reads) changed; None when ``conv`` is not registered or holds copies for CONV_SHAPES_MAX other
+    shapes already (the caller runs the convolution unpacked). x (B, C_in, H, W) float32 on the CPU,
+    NCHW or channels_last; the same sums as the unpacked convolution. No autograd."""
+    params = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        weight, bias = fold()
+        if channels_last:
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        return torch.ops.mkldnn._reorder_convolution_weight(weight, *params, list(x.shape)), bias
+
+    packed = PACKED_CONVS.get(conv, sources, (tuple(x.shape), channels_last), build)
+    if packed is None:
+        return None
+    return torch.ops.mkldnn._convolution_pointwise(x, packed[0], packed[1], *params, "none", [], "")
+
+
+def register_conv_for_packing(conv: torch.nn.Conv2d, sources: tuple[torch.Tensor, ...], enabled: bool = True) -> None:
+    """Let :func:`onednn_conv_packed` keep packed folded weights for ``conv`` (``enabled``), or drop
+    them; ``sources``: the tensors its fold reads (ValueError for inference tensors, as
+    :func:`register_for_packing`)."""
+    if enabled:
+        PACKED_CONVS.register(conv, sources)
+    else:
+        PACKED_CONVS.unregister(conv)
+
+
+def conv_registered_for_packing(conv: torch.nn.Conv2d) -> bool:
+    """Whether :func:`register_conv_for_packing` registered ``conv`` (and did not drop it)."""
+    return PACKED_CONVS.registered(conv)
 
 
 def register_for_packing(weight: torch.Tensor, enabled: bool = True) -> None:

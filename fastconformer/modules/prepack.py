@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .conv_block import FusedConvBlock, fold_sources
 from .fcu_down import FusedFCUDown
-from .onednn import register_for_packing, registered_for_packing
+from .onednn import conv_registered_for_packing, register_conv_for_packing, register_for_packing, registered_for_packing
 from .transformer import FusedBlock
 
 __all__ = ["prepack_weights", "prepacked_weights"]
@@ -25,10 +26,27 @@ def _linear_weights(model: nn.Module) -> list[torch.Tensor]:
     return weights
 
 
+def _folded_convs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+    """The (convolution, BatchNorm) pairs ``model``'s fused path folds through ``conv_bn``: the
+    stem's and those of every fused CNN bottleneck."""
+    pairs = []
+    if isinstance(getattr(model, "conv1", None), nn.Conv2d) and isinstance(getattr(model, "bn1", None), nn.BatchNorm2d):
+        pairs.append((model.conv1, model.bn1))
+    for module in model.modules():
+        if isinstance(module, FusedConvBlock):
+            pairs += [(module.conv1, module.bn1), (module.conv2, module.bn2), (module.conv3, module.bn3)]
+            if module.res_conv:
+                pairs.append((module.residual_conv, module.residual_bn))
+    return [(conv, bn) for conv, bn in pairs if bn.affine and bn.track_running_stats]
+
+
 def prepack_weights(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Keep oneDNN-packed copies of the linear weights ``model``'s fused modules read in CPU
-    inference (``enabled``: float32, and bfloat16 under CPU autocast, each packed on first use), or
-    drop them (``enabled=False``); returns ``model``.
+    """Keep oneDNN-packed copies of the weights ``model``'s fused modules read in CPU inference
+    (``enabled``), or drop them (``enabled=False``); returns ``model``. Linear layers: float32, and
+    bfloat16 under CPU autocast, each packed on first use. Convolutions with their BatchNorm folded
+    (the stem's and the CNN bottlenecks', float32): packed for the input's shape and layout, which
+    oneDNN's layout depends on, for the first four shapes each meets (so up to four copies of the
+    CNN branch's weights; other shapes run unpacked).
 
     The packed copies are built on first use, live as long as their parameters and are not part
     of the state_dict; a copy of the model (``copy.deepcopy``) starts without them. See the module
@@ -48,9 +66,12 @@ def prepack_weights(model: nn.Module, enabled: bool = True) -> nn.Module:
                          "create_model(..., fast=True))")
     for weight in weights:
         register_for_packing(weight, enabled)
+    for conv, bn in _folded_convs(model):
+        register_conv_for_packing(conv, fold_sources(conv, bn), enabled)
     return model
 
 
 def prepacked_weights(model: nn.Module) -> int:
-    """How many of ``model``'s weights :func:`prepack_weights` registered."""
-    return sum(registered_for_packing(weight) for weight in _linear_weights(model))
+    """How many of ``model``'s weights :func:`prepack_weights` registered (linear and convolution)."""
+    return (sum(registered_for_packing(weight) for weight in _linear_weights(model))
+            + sum(conv_registered_for_packing(conv) for conv, _ in _folded_convs(model)))
