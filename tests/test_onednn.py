@@ -9,6 +9,7 @@ against float64, in both memory formats."""
 import copy
 import pickle
 import sys
+import threading
 
 import pytest
 import torch
@@ -432,7 +433,8 @@ def test_prepacked_convolutions_are_exact_per_shape_and_follow_their_batch_norm(
         with torch.no_grad():
             m.conv_trans_2.cnn_block.bn2.running_var.mul_(1.7)
             m.conv1.weight.add_(0.01)
-    check("after BatchNorm statistics and a weight changed in place")
+        m.conv_1.bn1.eps = 0.5  # a plain number: in the key, not in the stamp
+    check("after BatchNorm statistics, a weight and an eps changed in place")
     for m in (fast, packed, model):
         m.conv_trans_2.cnn_block.train()
     with torch.no_grad():
@@ -442,6 +444,43 @@ def test_prepacked_convolutions_are_exact_per_shape_and_follow_their_batch_norm(
     for m in (fast, packed, model):
         m.eval()
     check("back in eval mode, after train mode updated the running statistics")
+
+
+def test_prepacked_convolutions_keep_their_bound_under_threads():
+    """Threads calling one prepacked model with more shapes than CONV_SHAPES_MAX at once: every
+    result right, at most CONV_SHAPES_MAX packed copies per convolution."""
+    _, fast = reference_and_fast("conformer_tiny_patch16", depth=3)
+    fast = fast.eval()
+    packed = prepack_weights(copy.deepcopy(fast))
+    inputs = [torch.randn(b, 3, 32, 32 + 16 * b, generator=torch.Generator().manual_seed(b)) for b in range(1, 7)]
+    with torch.no_grad():
+        expected = [fast(x) for x in inputs]
+    errors = []
+
+    def run(i):
+        with torch.no_grad():
+            for _ in range(3):
+                if not all(rel_error(a, b) <= 1e-6 for a, b in zip(packed(inputs[i]), expected[i])):
+                    errors.append(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert len(PACKED_CONVS._entries[packed.conv1][1]) == CONV_SHAPES_MAX
+
+
+def test_prepacked_model_compiles_in_one_graph():
+    """torch.compile traces around the packed path (its registry lookup is not traceable): one graph."""
+    _, fast = reference_and_fast("conformer_tiny_patch16", depth=3)
+    packed = prepack_weights(fast.eval())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    torch.compiler.reset()
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(packed)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
 def test_prepacked_weights_follow_new_storage():

@@ -65,9 +65,10 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tenso
     reference ops (modules) in train mode."""
     if not folds(bn):
         return bn(conv(x))
-    if (conv_registered_for_packing(conv) and bn.affine and conv.padding_mode == "zeros" and x.dim() == 4
+    if (not torch.compiler.is_compiling() and conv_registered_for_packing(conv)  # a dict lookup dynamo cannot trace
+            and bn.affine and conv.padding_mode == "zeros" and x.dim() == 4
             and use_onednn(x, *(t for t in fold_sources(conv, bn) if t.is_floating_point()))):
-        y = onednn_conv_packed(x, conv, fold_sources(conv, bn), lambda: fold_conv_bn(conv, bn))
+        y = onednn_conv_packed(x, conv, fold_sources(conv, bn), bn.eps, lambda: fold_conv_bn(conv, bn))
         if y is not None:
             return y
     weight, bias = fold_conv_bn(conv, bn)

@@ -13,6 +13,7 @@ again after those.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Hashable, TypeVar
 
 import torch
@@ -47,6 +48,7 @@ class DerivedTensors:
         self.what = what
         self.keys_max = keys_max  # values kept per owner (the first keys met, until a source changes); None: all
         self._entries = WeakIdKeyDictionary()
+        self._lock = threading.Lock()  # threads calling one model: one entry per owner, keys_max per entry
 
     def register(self, owner: object, sources: tuple[torch.Tensor, ...]) -> None:
         """Keep values derived for ``owner`` from now on (built on first use). ValueError when a
@@ -69,15 +71,16 @@ class DerivedTensors:
         missing or when a source changed since the entry was made; None for an owner not registered
         (or one whose sources turned into inference tensors, which have no version counter), and for
         a new key once ``keys_max`` values are kept for the owner."""
-        entry = self._entries.get(owner, False)
-        if entry is False or any(t.is_inference() for t in sources):
-            return None
-        if entry is None or not stamp_matches(entry[0], sources):
-            entry = (stamp(sources), {})
-            self._entries[owner] = entry
-        values = entry[1]
-        if key not in values:
-            if self.keys_max is not None and len(values) >= self.keys_max:
+        with self._lock:
+            entry = self._entries.get(owner, False)
+            if entry is False or any(t.is_inference() for t in sources):
                 return None
-            values[key] = build()
-        return values[key]
+            if entry is None or not stamp_matches(entry[0], sources):
+                entry = (stamp(sources), {})
+                self._entries[owner] = entry
+            values = entry[1]
+            if key not in values:
+                if self.keys_max is not None and len(values) >= self.keys_max:
+                    return None
+                values[key] = build()
+            return values[key]

@@ -87,15 +87,17 @@ def onednn_conv_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tens
         None, None, [], None)
 
 
-def onednn_conv_packed(x: torch.Tensor, conv: torch.nn.Conv2d, sources: tuple[torch.Tensor, ...],
+def onednn_conv_packed(x: torch.Tensor, conv: torch.nn.Conv2d, sources: tuple[torch.Tensor, ...], eps: float,
                        fold: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
     """``conv2d(x, *fold())`` with ``conv``'s stride, padding, dilation and groups as one oneDNN
     convolution reading a packed copy of the folded weight, for a convolution registered by
     :func:`register_conv_for_packing`: the copy is built (``fold()`` -> (weight, bias) in float32)
-    on first use for x's shape and layout and rebuilt when one of ``sources`` (the tensors the fold
-    reads) changed; None when ``conv`` is not registered or holds copies for CONV_SHAPES_MAX other
-    shapes already (the caller runs the convolution unpacked). x (B, C_in, H, W) float32 on the CPU,
-    NCHW or channels_last; the same sums as the unpacked convolution. No autograd."""
+    on first use for x's shape and layout (and the convolution's geometry and the fold's ``eps``,
+    plain numbers no version counter tracks) and rebuilt when one of ``sources`` (the tensors the
+    fold reads) changed; None when ``conv`` is not registered or holds copies for CONV_SHAPES_MAX
+    other keys already (the caller runs the convolution unpacked). x (B, C_in, H, W) float32 on the
+    CPU, NCHW or channels_last; float32 sums as the unpacked convolution's, in the order of the
+    kernel oneDNN picks for the packed layout (within ~1e-6 of it). No autograd."""
     params = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
@@ -105,7 +107,8 @@ def onednn_conv_packed(x: torch.Tensor, conv: torch.nn.Conv2d, sources: tuple[to
             weight = weight.contiguous(memory_format=torch.channels_last)
         return torch.ops.mkldnn._reorder_convolution_weight(weight, *params, list(x.shape)), bias
 
-    packed = PACKED_CONVS.get(conv, sources, (tuple(x.shape), channels_last), build)
+    key = (tuple(x.shape), channels_last, eps, *map(tuple, params[:3]), params[3])
+    packed = PACKED_CONVS.get(conv, sources, key, build)
     if packed is None:
         return None
     return torch.ops.mkldnn._convolution_pointwise(x, packed[0], packed[1], *params, "none", [], "")
