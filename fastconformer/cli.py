@@ -424,7 +424,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k > model.num_classes:
         raise ValueError(f"--top-k must be at most the model's {model.num_classes} classes, got {args.top_k}")
     # class names for ImageNet-1k heads; a checkpoint fine-tuned to other classes prints their indices alone
-    classes = imagenet_classes() if model.num_classes == len(imagenet_classes()) else None
+    names = imagenet_classes()
+    classes = names if model.num_classes == len(names) else None
     failed = 0
     for start in range(0, len(args.images), args.batch_size):
         paths, images = [], []

@@ -66,11 +66,12 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tenso
     if not folds(bn):
         return bn(conv(x))
     if (not torch.compiler.is_compiling() and conv_registered_for_packing(conv)  # a dict lookup dynamo cannot trace
-            and bn.affine and conv.padding_mode == "zeros" and x.dim() == 4
-            and use_onednn(x, *(t for t in fold_sources(conv, bn) if t.is_floating_point()))):
-        y = onednn_conv_packed(x, conv, fold_sources(conv, bn), bn.eps, lambda: fold_conv_bn(conv, bn))
-        if y is not None:
-            return y
+            and bn.affine and conv.padding_mode == "zeros" and x.dim() == 4):
+        sources = fold_sources(conv, bn)
+        if use_onednn(x, *(t for t in sources if t.is_floating_point())):
+            y = onednn_conv_packed(x, conv, sources, bn.eps, lambda: fold_conv_bn(conv, bn))
+            if y is not None:
+                return y
     weight, bias = fold_conv_bn(conv, bn)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 

@@ -36,9 +36,10 @@ __all__ = ["conv_registered_for_packing", "onednn_conv_add_", "onednn_conv_packe
 ACTIVATIONS = ("none", "gelu")  # no ReLU: oneDNN's maps NaN to 0, torch's keeps it
 
 PACKED = DerivedTensors("parameters")  # parameter -> {dtype: its oneDNN-packed copy}
-# convolution -> {(input shape, channels_last): (its folded weight packed for that input, folded bias)}; oneDNN's
-# blocked weight layout depends on the input's shape (packed without it, the primitive reorders again on every
-# call), so one copy per shape: the first CONV_SHAPES_MAX shapes a convolution meets, the others run unpacked
+# convolution -> {(input shape, channels_last, eps, geometry): (its folded weight packed for that input, folded
+# bias)}; oneDNN's blocked weight layout depends on the input's shape (packed without it, the primitive reorders
+# again on every call), so one copy per shape: the first CONV_SHAPES_MAX shapes a convolution meets, the others
+# run unpacked
 CONV_SHAPES_MAX = 4
 PACKED_CONVS = DerivedTensors("convolution weights", keys_max=CONV_SHAPES_MAX)
 
@@ -82,9 +83,13 @@ def onednn_conv_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     output's shape (B, C_out, H', W') in x's memory format (NCHW or channels_last); float32 CPU
     tensors; the same float32 sums as ``out = F.conv2d(...); out += residual``. No autograd;
     ``residual`` is overwritten."""
-    return torch.ops.mkldnn._convolution_pointwise_.binary(
-        residual, x, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "add",
-        None, None, [], None)
+    return torch.ops.mkldnn._convolution_pointwise_.binary(residual, x, weight, bias, *_conv_params(conv), "add",
+                                                           None, None, [], None)
+
+
+def _conv_params(conv: torch.nn.Conv2d) -> tuple[list[int], list[int], list[int], int]:
+    """``conv``'s (padding, stride, dilation, groups) as the mkldnn convolution ops take them."""
+    return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
 
 
 def onednn_conv_packed(x: torch.Tensor, conv: torch.nn.Conv2d, sources: tuple[torch.Tensor, ...], eps: float,
@@ -98,7 +103,7 @@ def onednn_conv_packed(x: torch.Tensor, conv: torch.nn.Conv2d, sources: tuple[to
     other keys already (the caller runs the convolution unpacked). x (B, C_in, H, W) float32 on the
     CPU, NCHW or channels_last; float32 sums as the unpacked convolution's, in the order of the
     kernel oneDNN picks for the packed layout (within ~1e-6 of it). No autograd."""
-    params = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    params = _conv_params(conv)
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
     def build() -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +112,7 @@ def onednn_conv_packed(x: torch.Tensor, conv: torch.nn.Conv2d, sources: tuple[to
             weight = weight.contiguous(memory_format=torch.channels_last)
         return torch.ops.mkldnn._reorder_convolution_weight(weight, *params, list(x.shape)), bias
 
-    key = (tuple(x.shape), channels_last, eps, *map(tuple, params[:3]), params[3])
+    key = (tuple(x.shape), channels_last, eps, conv.padding, conv.stride, conv.dilation, conv.groups)
     packed = PACKED_CONVS.get(conv, sources, key, build)
     if packed is None:
         return None
