@@ -1,0 +1,51 @@
+"""``python -m benchmarks.cpu_breakdown``: the parsing of oneDNN's verbose lines into kinds, and the
+whole tool at a small size (CPU only: it reads oneDNN's verbose output)."""
+
+import pytest
+import torch
+
+from benchmarks import cpu_breakdown
+from fastconformer.onednn_graph import onednn_graph_available
+
+PREFIX = "onednn_verbose,v1,primitive,exec,cpu,"
+LINES = {  # verbose lines as this machine's oneDNN 3.12 prints them, trimmed to the fields the parser reads
+    PREFIX + "convolution,brgconv_1x1:avx512_core,forward_inference,src:f32::blocked:acdb::f0,attr-scratchpad:user,"
+             "alg:convolution_direct,mb8_ic64oc64_ih56oh56kh1sh1dh0ph0_iw56ow56kw1sw1dw0pw0,1.07104":
+        ("convolution 1x1", 1.07104),
+    PREFIX + "convolution,brg_conv_fwd:avx512_core,forward_inference,src:f32::blocked:acdb::f0,attr-scratchpad:user,"
+             "alg:convolution_direct,mb8_ic64oc64_ih56oh56kh3sh1dh0ph1_iw56ow56kw3sw1dw0pw1,5.19678":
+        ("convolution kxk", 5.19678),
+    PREFIX + "inner_product,brg_matmul:avx512_core,forward_inference,src:f32::blocked:ab::f0,"
+             "attr-scratchpad:user attr-post-ops:eltwise_gelu_erf,,mb1576ic384oc1536,5.68115": ("linear", 5.68115),
+    PREFIX + "matmul,brg_matmul:avx512_core,undef,src:f32::blocked:ab::f0,attr-scratchpad:user,,"
+             "1576x384:384x1152,3.21313": ("linear", 3.21313),
+    PREFIX + "matmul,brg_matmul:avx512_core,undef,src:f32::blocked:ab::f0,attr-scratchpad:user "
+             "attr-post-ops:binary_mul:f32:0,,197x64:64x197,0.0390625": ("attention matmul", 0.0390625),
+    PREFIX + "matmul,brg_matmul:avx512_core,undef,src:f32::blocked:ab::f0,attr-scratchpad:user,,"
+             "197x197:197x64,0.0251465": ("attention matmul", 0.0251465),
+    PREFIX + "softmax,jit:avx512_core_bf16,forward_inference,src:f32::blocked:ab::f0,,alg:softmax_accurate axis:1,"
+             "197x197,0.02": ("softmax", 0.02),
+    PREFIX + "eltwise,jit:avx512_core_bf16,forward_inference,data:f32::blocked:ab::f0,,alg:eltwise_gelu_erf,"
+             "1576x1536,0.15": ("other", 0.15),
+    "onednn_verbose,v1,primitive,create:cache_hit,cpu,convolution,brgconv_1x1:avx512_core,forward_inference,"
+    "src:f32,,,mb8,0.01": None,
+    "onednn_verbose,v1,info,oneDNN v3.12.0": None,
+}
+
+
+@pytest.mark.parametrize("line", list(LINES))
+def test_primitive_kind(line):
+    assert cpu_breakdown.primitive_kind(line, tokens=197) == LINES[line]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available() or not onednn_graph_available(),
+                    reason="needs torch's oneDNN and its oneDNN Graph fuser")
+def test_main_small(capsys):
+    assert cpu_breakdown.main(["--model", "conformer_tiny_patch16", "--batch-size", "1", "--image-size", "32",
+                               "--rounds", "1"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    header, rows = table[0], {line.split(" | ")[0].strip("| *"): line for line in table[2:]}
+    assert header.count("|") == 5 and "fast oneDNN graph" in header
+    total = [float(v) for v in rows["oneDNN primitives, total"].strip("| ").split(" | ")[1:]]
+    assert all(v > 0 for v in total), table  # every model ran oneDNN primitives, and they were captured
+    assert "oneDNN convolution kxk" in rows and "wall" in rows
