@@ -1,17 +1,22 @@
 """Where a CPU forward's time goes: inside oneDNN's primitives, by kind, and outside them.
 
     python -m benchmarks.cpu_breakdown                      # Conformer-S, batch 8, 224, fp32
-    python -m benchmarks.cpu_breakdown --rounds 8 --batch-size 1 --bf16
+    python -m benchmarks.cpu_breakdown --rounds 8 --batch-size 1 --bf16 --json out.json
 
 Runs the eager fast model, the same with prepacked weights and the fast model through oneDNN
 Graph (:func:`fastconformer.onednn_graph`), same random weights, in interleaved rounds. Each round
 times every model's forward twice: once plainly (wall clock, and the process's system time and
 minor page faults from ``getrusage``), once with oneDNN's verbose mode on, whose ``exec`` lines give
 every primitive's execution time (the verbose forward's own wall time is not used: printing slows
-it). The table holds the medians over rounds: the primitives summed by kind (convolutions 1x1 and
-larger, the linear layers' inner products or matmuls, the attention's matmuls and softmax,
-LayerNorm, pooling, reorders, the rest), their total, and the wall time less that total: what runs
-outside oneDNN (aten's element-wise ops, Python, the dispatcher, page faults).
+it). The table holds the medians over rounds: the primitives summed by kind, their total, and the
+wall time less that total.
+
+What the rows hold: "outside oneDNN" is everything else, aten's kernels included (element-wise
+passes; the eager models' LayerNorms, pooling and classifier heads; convolutions torch sends to
+its own kernels, as it does for some small ones), Python and the dispatcher; a page fault on a
+primitive's fresh output counts inside that primitive. The kinds are the primitives each path runs:
+the graph runs the FCUs' linear layers as 1x1 convolutions, which the eager models run as inner
+products ("linear"). A "-" marks a kind that model runs no oneDNN primitive of.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import collections
 import contextlib
 import copy
 import ctypes
+import json
 import os
 import resource
 import statistics
@@ -32,20 +38,32 @@ from typing import Callable
 import torch
 
 import fastconformer
-from fastconformer.environment import device_name
-from fastconformer.testing import randomize_module
+from fastconformer.cli import _check_image_size, _int_at_least, _Parser
+from fastconformer.dispatch import onednn_available, onednn_bf16_available
+from fastconformer.environment import device_name, timing_environment
+from fastconformer.export import check_writable
+from fastconformer.onednn_graph import onednn_graph_available
+from fastconformer.registry import VARIANTS, resolve_name
+from fastconformer.testing import reference_and_fast
 
 KINDS = ("convolution 1x1", "convolution kxk", "linear", "attention matmul", "softmax", "layer norm", "pooling",
          "reorder", "other")
+VERBOSE_VARIABLES = ("ONEDNN_VERBOSE", "DNNL_VERBOSE", "ONEDNN_VERBOSE_TIMESTAMP", "DNNL_VERBOSE_TIMESTAMP")
 
 
-def primitive_kind(line: str, tokens: int) -> tuple[str, float] | None:
-    """(kind, milliseconds) of one ``onednn_verbose,...,primitive,exec,cpu,...`` line, else None.
-    A matmul is the attention's when the token count is one of its inner or output dims."""
+def primitive_time(line: str, tokens: int) -> tuple[str, float] | None:
+    """(kind, milliseconds) of one oneDNN verbose line reporting a CPU primitive's execution
+    (``onednn_verbose,v1,[timestamp,]primitive,exec,cpu,<kind>,...,<problem>,<ms>``), else None.
+    A matmul counts as the attention's when the token count is its inner or output dim (no linear
+    layer of the registered variants has a dim of n*n + 1, which a token count is; a head of such a
+    num_classes would be counted as attention)."""
     fields = line.strip().split(",")
-    if len(fields) < 8 or fields[2:5] != ["primitive", "exec", "cpu"]:
+    if not fields or fields[0] != "onednn_verbose" or "primitive" not in fields:
         return None
-    kind, problem, ms = fields[5], fields[-2], float(fields[-1])
+    at = fields.index("primitive")
+    if fields[at + 1:at + 3] != ["exec", "cpu"] or len(fields) < at + 6:
+        return None
+    kind, problem, ms = fields[at + 3], fields[-2], float(fields[-1])
     if kind == "convolution":
         return ("convolution 1x1" if "kh1" in problem and "kw1" in problem else "convolution kxk"), ms
     if kind == "inner_product":
@@ -60,13 +78,15 @@ def primitive_kind(line: str, tokens: int) -> tuple[str, float] | None:
 
 def onednn_times(fn: Callable[[], object], tokens: int) -> dict[str, float]:
     """{kind: milliseconds} of the oneDNN primitives ``fn()`` executes (verbose mode, whose lines
-    oneDNN prints to the process's standard output: captured through a temporary file)."""
+    oneDNN prints to the process's standard output: captured through a temporary file).
+    RuntimeError when no execution line was captured."""
     libc = ctypes.CDLL(None)
-    sys.stdout.flush()
-    saved = os.dup(1)
     with tempfile.TemporaryFile("w+") as capture:
-        os.dup2(capture.fileno(), 1)
+        sys.stdout.flush()
+        libc.fflush(None)
+        saved = os.dup(1)
         try:
+            os.dup2(capture.fileno(), 1)
             with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
                 fn()
         finally:
@@ -76,9 +96,12 @@ def onednn_times(fn: Callable[[], object], tokens: int) -> dict[str, float]:
         capture.seek(0)
         times = collections.Counter()
         for line in capture:
-            parsed = primitive_kind(line, tokens)
+            parsed = primitive_time(line, tokens)
             if parsed:
                 times[parsed[0]] += parsed[1]
+    if not times:
+        raise RuntimeError("oneDNN's verbose mode reported no primitive execution: this torch's oneDNN prints "
+                           "another format, or the forward ran no oneDNN primitive")
     return dict(times)
 
 
@@ -92,59 +115,118 @@ def timed(fn: Callable[[], object]) -> tuple[float, float, int]:
     return wall * 1e3, (after.ru_stime - before.ru_stime) * 1e3, after.ru_minflt - before.ru_minflt
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_breakdown", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="conformer_small_patch16")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--bf16", action="store_true", help="under CPU bfloat16 autocast")
-    args = parser.parse_args(argv)
+def unavailable(bf16: bool) -> str | None:
+    """Why the breakdown cannot run here, or None."""
+    preset = sorted(set(VERBOSE_VARIABLES) & set(os.environ))
+    if preset:
+        return (f"unset {', '.join(preset)}: the tool turns oneDNN's verbose mode on for its own forwards only, "
+                "and reads its default line format")
+    if not onednn_available() or not onednn_graph_available():
+        return "this torch has no oneDNN or no oneDNN Graph fuser (torch.jit.enable_onednn_fusion)"
+    if bf16 and not onednn_bf16_available():
+        return "--bf16: oneDNN has no native bfloat16 on this CPU, so the graph path would run the eager model"
+    return None
 
-    torch.manual_seed(0)
-    reference = fastconformer.create_model(args.model)
-    randomize_module(reference, torch.Generator().manual_seed(0))
-    fast = fastconformer.convert(reference.eval())
+
+def breakdown(name: str, batch_size: int, image_size: int, rounds: int, bf16: bool,
+              progress: Callable[[str], None] = lambda msg: None) -> dict[str, dict]:
+    """{model label: {"wall_ms", "system_ms", "minor_faults": [per round], "onednn_ms": {kind: [per
+    round]}}} for the eager fast model, the prepacked one and the oneDNN Graph path (random weights),
+    timed in interleaved rounds on (batch_size, 3, image_size, image_size) float32 images."""
+    reference, fast = reference_and_fast(name)
+    fast.eval()
     models = {"fast": fast, "fast prepacked": fastconformer.prepack_weights(copy.deepcopy(fast)),
               "fast oneDNN graph": fastconformer.onednn_graph(copy.deepcopy(fast))}
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
-    tokens = (args.image_size // reference.patch_size) ** 2 + 1
-    precision = contextlib.nullcontext if not args.bf16 else lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-    walls, system, faults = ({name: [] for name in models} for _ in range(3))
-    kinds = {name: {kind: [] for kind in KINDS} for name in models}
-    print(f"{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'}, {device_name('cpu')}", file=sys.stderr)
+    x = torch.randn(batch_size, 3, image_size, image_size)
+    tokens = (image_size // reference.patch_size) ** 2 + 1
+    precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    result = {label: {"wall_ms": [], "system_ms": [], "minor_faults": [], "onednn_ms": {kind: [] for kind in KINDS}}
+              for label in models}
     with torch.inference_mode(), precision():
         for model in models.values():
             for _ in range(3):
                 model(x)
-        for index in range(args.rounds):
-            for name, model in models.items():
-                wall, sys_ms, minflt = timed(lambda: model(x))
-                walls[name].append(wall)
-                system[name].append(sys_ms)
-                faults[name].append(minflt)
+        for index in range(rounds):
+            for label, model in models.items():
+                row = result[label]
+                for key, value in zip(("wall_ms", "system_ms", "minor_faults"), timed(lambda: model(x))):
+                    row[key].append(value)
                 times = onednn_times(lambda: model(x), tokens)
                 for kind in KINDS:
-                    kinds[name][kind].append(times.get(kind, 0.0))
-            print(f"round {index + 1}: " + ", ".join(f"{name} {walls[name][-1]:.0f} ms" for name in models),
-                  file=sys.stderr)
+                    row["onednn_ms"][kind].append(times.get(kind, 0.0))
+            progress(f"round {index + 1}: " + ", ".join(f"{label} {row['wall_ms'][-1]:.0f} ms"
+                                                        for label, row in result.items()))
+    return result
 
-    def row(label: str, values: dict[str, list[float]], fmt: str = "{:.1f}") -> str:
-        return f"| {label} | " + " | ".join(fmt.format(statistics.median(values[name])) for name in models) + " |"
 
-    totals = {name: [sum(kinds[name][kind][i] for kind in KINDS) for i in range(args.rounds)] for name in models}
-    outside = {name: [w - t for w, t in zip(walls[name], totals[name])] for name in models}
-    print("| ms per forward (median of rounds) | " + " | ".join(models) + " |")
-    print("|---" * (len(models) + 1) + "|")
+def table(result: dict[str, dict]) -> str:
+    """The Markdown table of :func:`breakdown`'s medians over rounds."""
+    labels = list(result)
+
+    def column(key: str) -> dict[str, list[float]]:
+        return {label: row[key] for label, row in result.items()}
+
+    def cells(values: dict[str, list[float]], fmt: str = "{:.1f}", dash_if_zero: bool = False) -> str:
+        return " | ".join("-" if dash_if_zero and not any(values[label])
+                          else fmt.format(statistics.median(values[label])) for label in labels)
+
+    totals = {label: [sum(kinds) for kinds in zip(*row["onednn_ms"].values())] for label, row in result.items()}
+    outside = {label: [wall - total for wall, total in zip(row["wall_ms"], totals[label])]
+               for label, row in result.items()}
+    lines = ["| ms per forward (median of rounds) | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
     for kind in KINDS:
-        if any(any(kinds[name][kind]) for name in models):
-            print(row(f"oneDNN {kind}", {name: kinds[name][kind] for name in models}))
-    print(row("**oneDNN primitives, total**", totals))
-    print(row("**outside oneDNN** (wall - primitives)", outside))
-    print(row("system time (page faults)", system))
-    print(row("minor page faults", faults, "{:.0f}"))
-    print(row("**wall**", walls))
+        per_kind = {label: row["onednn_ms"][kind] for label, row in result.items()}
+        if any(any(values) for values in per_kind.values()):
+            lines.append(f"| oneDNN {kind} | {cells(per_kind, dash_if_zero=True)} |")
+    lines += [f"| **oneDNN primitives, total** | {cells(totals)} |",
+              f"| **outside oneDNN** (wall - primitives) | {cells(outside)} |",
+              f"| system time, ms | {cells(column('system_ms'))} |",
+              f"| minor page faults | {cells(column('minor_faults'), '{:.0f}')} |",
+              f"| **wall** | {cells(column('wall_ms'))} |"]
+    return "\n".join(lines)
+
+
+def _model(text: str) -> str:
+    try:
+        return resolve_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="python -m benchmarks.cpu_breakdown", description=__doc__.split("\n")[0])
+    positive = _int_at_least(1)
+    parser.add_argument("--model", type=_model, default="conformer_small_patch16", help=", ".join(VARIANTS))
+    parser.add_argument("--batch-size", type=positive, default=8)
+    parser.add_argument("--image-size", type=positive, default=224)
+    parser.add_argument("--rounds", type=positive, default=6)
+    parser.add_argument("--bf16", action="store_true", help="under CPU bfloat16 autocast")
+    parser.add_argument("--json", metavar="PATH", help="also write the per-round numbers as JSON")
+    args = parser.parse_args(argv)
+    try:
+        _check_image_size(args.model, args.image_size)
+        if args.json is not None:
+            check_writable(args.json, "--json")
+    except ValueError as error:
+        parser.error(str(error))
+    why = unavailable(args.bf16)
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    setting = (f"{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+               f"{'bf16 autocast' if args.bf16 else 'fp32'}, {device_name('cpu')}, torch {torch.__version__}")
+    progress(setting)
+    result = breakdown(args.model, args.batch_size, args.image_size, args.rounds, args.bf16, progress)
+    print(table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"setting": setting, "environment": timing_environment(), "rounds": args.rounds,
+                       "results": result}, f, indent=1)
+        progress(f"wrote {args.json}")
     return 0
 
 

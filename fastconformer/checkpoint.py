@@ -31,7 +31,7 @@ _SAFE_GLOBALS = [argparse.Namespace]
 # object is torch's magic number (the LONG1 opcode and its 10 bytes, after the protocol header).
 _ZIP_HEADER = b"PK\x03\x04"
 _LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:-1]
-_EXPECTED_FILE = "expected a file written by torch.save"
+_EXPECTED_FILE = "expected a file written by torch.save (or a .safetensors file)"
 SAFETENSORS_SUFFIX = ".safetensors"
 _EXPECTED_SAFETENSORS = "expected a file written by safetensors (e.g. fastconformer.save_checkpoint)"
 

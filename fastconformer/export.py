@@ -86,7 +86,8 @@ def require_export_packages(verify: bool = True) -> None:
     if missing:
         raise ImportError(f"ONNX export needs {', '.join(missing)}: {_EXTRA}")
     if verify and len(missing_engines()) == len(ENGINES):
-        raise ImportError(f"verifying an export needs onnxruntime or openvino: {_EXTRA} (or verify=False)")
+        raise ImportError(f"verifying an export needs onnxruntime or openvino: {_EXTRA} (from Python, "
+                          "export_onnx(..., verify=False) writes the file unverified)")
 
 
 def onnx_op_histogram(path: str | os.PathLike) -> dict[str, int]:
@@ -176,8 +177,11 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int, int]:
 
 
 def check_writable(path: str, what: str) -> None:
-    """ValueError naming ``what`` (e.g. ``"--json"``) unless a file can be written at ``path``: its
-    folder exists and is writable, and it is not a folder itself."""
+    """ValueError naming ``what`` (e.g. ``"--json"``) unless a file can be written at ``path``: a
+    non-empty path, not a folder, in a folder that exists, and opening it for writing works (tried
+    in append mode, so an existing file keeps its content; a file the try created is removed)."""
+    if not os.fspath(path):
+        raise ValueError(f"{what}: the path is empty; expected a file path")
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ValueError(f"{what} {path!r} is a folder; expected a file path")
@@ -185,6 +189,14 @@ def check_writable(path: str, what: str) -> None:
         raise ValueError(f"{what} {path!r}: the folder {folder!r} does not exist")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise ValueError(f"{what} {path!r}: no permission to write there")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as error:
+        raise ValueError(f"{what} {path!r}: cannot be written ({error.strerror or error})") from None
+    if not existed:
+        os.remove(path)
 
 
 @contextlib.contextmanager

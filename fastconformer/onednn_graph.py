@@ -31,10 +31,12 @@ of that shape and layout before it serves: oneDNN Graph must have fused partitio
 dtypes and shapes must be the eager model's, and their values within
 :data:`~fastconformer.testing.MODEL_TOL` relative error of the eager float32 model (bfloat16:
 within twice the eager autocast model's own error from it, +1e-6); otherwise a warning says why
-and that signature stays eager. At most ``max_graphs`` signatures are kept (least recently used
-dropped). The graphs hold the parameters and buffers as constants: any change that PyTorch
-tracks (optimizer steps, ``load_state_dict``, ``.to()``, in-place updates under ``no_grad``: a
-version counter or storage moved) or a module added, removed or replaced drops every graph, and
+and that signature stays eager. At most ``max_graphs`` signatures are traced per state of the
+weights; other signatures run the eager model (a warning says so, once), since no trace's memory
+comes back. The graphs hold the parameters and buffers as constants: any change that PyTorch
+tracks (optimizer steps, fused ones included: :mod:`~fastconformer.modules.derived`;
+``load_state_dict``, ``.to()``, in-place updates under ``no_grad``: a version counter or storage
+moved) or a module added, removed or replaced drops every graph, and
 the next call traces again (with a warning: every trace keeps about a copy of the weights that
 TorchScript and oneDNN never free, measured ~95 MB more per retrace of Conformer-Ti, so wrap a
 model whose weights stay fixed, and keep the signatures few). Not seen: in-place writes that
@@ -44,7 +46,6 @@ bypass version counters (``param.data.mul_()``, NumPy views) and changed plain a
 
 from __future__ import annotations
 
-import collections
 import copy
 import operator
 import threading
@@ -119,8 +120,9 @@ class OneDNNGraph(nn.Module):
         super().__init__()
         self.model = model
         self.max_graphs = max_graphs
-        self._graphs: collections.OrderedDict = collections.OrderedDict()  # signature -> (graph, partitions) or None
+        self._graphs: dict[tuple, tuple | None] = {}  # signature -> (graph, partitions) or None (runs eagerly)
         self._stamp = None  # (the modules, a stamp of their parameters and buffers) the graphs were traced from
+        self._full_warned = False  # whether a signature beyond max_graphs was told it runs eagerly (this stamp)
         self._lock = threading.Lock()
 
     def _state(self) -> tuple[bool, tuple[nn.Module, ...], tuple[torch.Tensor, ...]]:
@@ -162,7 +164,7 @@ class OneDNNGraph(nn.Module):
         """Drop every graph (the next call traces again)."""
         with self._lock:
             self._graphs.clear()
-            self._stamp = None
+            self._stamp, self._full_warned = None, False
 
     def graphs(self) -> dict[tuple, int]:
         """{input signature (shape, channels_last, bfloat16): oneDNN Graph partitions} for every
@@ -189,17 +191,24 @@ class OneDNNGraph(nn.Module):
                 if self._stamp is not None:
                     warnings.warn("onednn_graph: the model changed since its graphs were traced; each new trace keeps "
                                   "about a copy of the weights that TorchScript never frees (wrap models whose weights "
-                                  "stay fixed)", RuntimeWarning, stacklevel=4)
+                                  "stay fixed)", RuntimeWarning, stacklevel=5)  # the caller's line
                 self._graphs.clear()  # stale, and their constants and the stamp's aliases hold the old weights
+                self._full_warned = False
                 self._stamp, taken = None, stamp(sources)  # taken before the check: a write after it moves the stamp
                 if not _servable_sources(sources):  # checked once per stamp: unchanged sources stay servable
                     return None
                 self._stamp = (modules, taken)
             if signature not in self._graphs:
+                if len(self._graphs) >= self.max_graphs:  # no eviction: a dropped trace's memory never comes back
+                    if not self._full_warned:
+                        self._full_warned = True
+                        warnings.warn(f"onednn_graph: {self.max_graphs} input signatures (max_graphs) are traced "
+                                      f"already; input {signature[0]} and other new signatures run the eager model "
+                                      "(each trace keeps about a copy of the weights that TorchScript never frees; "
+                                      "pass a larger max_graphs, or call clear() to trace anew)", RuntimeWarning,
+                                      stacklevel=5)  # the caller's line
+                    return None
                 self._graphs[signature] = self._trace(*signature)
-                while len(self._graphs) > self.max_graphs:
-                    self._graphs.popitem(last=False)
-            self._graphs.move_to_end(signature)
             entry = self._graphs[signature]
             return None if entry is None else entry[0]
 
@@ -257,7 +266,7 @@ class OneDNNGraph(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()  # graphs and the lock do not copy: a copy traces again
-        state["_graphs"], state["_stamp"], state["_lock"] = collections.OrderedDict(), None, None
+        state["_graphs"], state["_stamp"], state["_full_warned"], state["_lock"] = {}, None, False, None
         return state
 
     def __setstate__(self, state):

@@ -1,12 +1,17 @@
 """``python -m benchmarks.cpu_breakdown``: the parsing of oneDNN's verbose lines into kinds, and the
 whole tool at a small size (CPU only: it reads oneDNN's verbose output)."""
 
+import json
+import os
+
 import pytest
 import torch
 
 from benchmarks import cpu_breakdown
 from fastconformer.onednn_graph import onednn_graph_available
 
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available() or not onednn_graph_available(),
+                                  reason="needs torch's oneDNN and its oneDNN Graph fuser")
 PREFIX = "onednn_verbose,v1,primitive,exec,cpu,"
 LINES = {  # verbose lines as this machine's oneDNN 3.12 prints them, trimmed to the fields the parser reads
     PREFIX + "convolution,brgconv_1x1:avx512_core,forward_inference,src:f32::blocked:acdb::f0,attr-scratchpad:user,"
@@ -30,22 +35,55 @@ LINES = {  # verbose lines as this machine's oneDNN 3.12 prints them, trimmed to
     "onednn_verbose,v1,primitive,create:cache_hit,cpu,convolution,brgconv_1x1:avx512_core,forward_inference,"
     "src:f32,,,mb8,0.01": None,
     "onednn_verbose,v1,info,oneDNN v3.12.0": None,
+    # with ONEDNN_VERBOSE_TIMESTAMP=1 a timestamp precedes the marker
+    "onednn_verbose,v1,1764790000123.45,primitive,exec,cpu,reorder,jit:uni,undef,src:f32::blocked:ab::f0,,,"
+    "197x64,0.006": ("reorder", 0.006),
+    "some other line, primitive,exec,cpu": None,
 }
 
 
 @pytest.mark.parametrize("line", list(LINES))
-def test_primitive_kind(line):
-    assert cpu_breakdown.primitive_kind(line, tokens=197) == LINES[line]
+def test_primitive_time(line):
+    assert cpu_breakdown.primitive_time(line, tokens=197) == LINES[line]
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available() or not onednn_graph_available(),
-                    reason="needs torch's oneDNN and its oneDNN Graph fuser")
-def test_main_small(capsys):
+@needs_onednn
+def test_onednn_times_restores_stdout():
+    """The capture counts a primitive's execution, raises when none ran, and gives file descriptor 1
+    back on every path (a forward that raises included)."""
+    before = os.fstat(1)
+    x, weight = torch.randn(4, 8), torch.randn(16, 8)
+    inner_product = torch.ops.mkldnn._linear_pointwise  # always a oneDNN primitive
+    times = cpu_breakdown.onednn_times(lambda: inner_product(x, weight, None, "none", [], ""), tokens=197)
+    assert times.get("linear", 0) > 0, times
+    with pytest.raises(RuntimeError, match="no primitive execution"):
+        cpu_breakdown.onednn_times(lambda: None, tokens=197)
+    with pytest.raises(ZeroDivisionError):
+        cpu_breakdown.onednn_times(lambda: 1 / 0, tokens=197)
+    after = os.fstat(1)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+
+
+@pytest.mark.parametrize("argv", [["--rounds", "0"], ["--image-size", "100"], ["--model", "nope"],
+                                  ["--batch-size", "0"], ["--json", "/no/such/folder/out.json"]])
+def test_wrong_input(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cpu_breakdown.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
+@needs_onednn
+def test_main_small(capsys, tmp_path):
     assert cpu_breakdown.main(["--model", "conformer_tiny_patch16", "--batch-size", "1", "--image-size", "32",
-                               "--rounds", "1"]) == 0
+                               "--rounds", "1", "--json", str(tmp_path / "out.json")]) == 0
     table = capsys.readouterr().out.splitlines()
     header, rows = table[0], {line.split(" | ")[0].strip("| *"): line for line in table[2:]}
     assert header.count("|") == 5 and "fast oneDNN graph" in header
     total = [float(v) for v in rows["oneDNN primitives, total"].strip("| ").split(" | ")[1:]]
     assert all(v > 0 for v in total), table  # every model ran oneDNN primitives, and they were captured
     assert "oneDNN convolution kxk" in rows and "wall" in rows
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert set(saved["results"]) == {"fast", "fast prepacked", "fast oneDNN graph"}
+    assert all(len(row["wall_ms"]) == 1 for row in saved["results"].values())

@@ -208,6 +208,8 @@ def test_cli_export_writes_and_verifies(shallow_models, tmp_path, capsys):
     (["export", MODEL, "{out}", "--image-size", "100"], "--image-size must be a positive multiple of"),
     (["export", MODEL, "/no/such/folder/m.onnx"], "does not exist"),
     (["export", MODEL, "{out}", "--image-size", "0"], "expected an integer >= 1"),
+    (["export", MODEL, ""], "the path is empty"),
+    (["export", MODEL, "/proc/m.onnx"], "/proc/m.onnx"),  # an existing folder where no file can be made
 ])
 def test_cli_export_errors_are_one_line(argv, message, tmp_path, capsys):
     argv = [a.replace("{out}", str(tmp_path / "m.onnx")) for a in argv]

@@ -401,6 +401,30 @@ def test_prepacked_weights_give_the_same_model_and_follow_every_tracked_change()
     assert prepack_weights(fast, enabled=False) is fast and prepacked_weights(fast) == 0
 
 
+@pytest.mark.parametrize("make_optimizer", [lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True),
+                                            lambda ps: torch.optim.SGD(ps, lr=1e-1, fused=True),
+                                            lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True)],
+                         ids=["adam-fused", "sgd-fused", "adamw-foreach"])
+def test_prepacked_weights_follow_fused_optimizer_steps(make_optimizer):
+    """The fused optimizer kernels write parameters without moving their version counters (torch
+    2.13); the packed copies must still be rebuilt after such a step, never served stale."""
+    _, fast = reference_and_fast("conformer_tiny_patch16", depth=3)
+    fast = prepack_weights(fast.eval())
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    optimizer = make_optimizer(list(fast.parameters()))
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        with torch.inference_mode():
+            fast(x)  # packs (first round) or rebuilds from the last step's weights
+        for p in fast.parameters():
+            p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()
+        with torch.inference_mode():
+            out, unpacked = fast(x), copy.deepcopy(fast)(x)  # a copy starts unpacked
+        errors = [rel_error(o, u) for o, u in zip(out, unpacked)]
+        assert all(error <= 1e-5 for error in errors), errors
+
+
 def test_prepacked_convolutions_are_exact_per_shape_and_follow_their_batch_norm():
     """Folded convolution weights packed for each input shape and layout (the first CONV_SHAPES_MAX
     a convolution meets; later ones run unpacked): the float64 reference's logits within the

@@ -5,6 +5,9 @@ kept for inference until one of their sources changes. Opt-in per owner:
 A derived tensor is rebuilt on first use after any of its sources changed through PyTorch: its
 version counter moved (optimizer steps, ``load_state_dict``, in-place ops under ``no_grad``) or it
 got other storage, dtype, shape or strides (``module.to()``, ``.half()`` and back, ``param.data = ...``).
+The fused optimizer kernels (``torch.optim.Adam(..., fused=True)`` and the like) write parameters
+without moving their version counters: once a stamp has been taken, a global optimizer step
+post-hook moves the counters of every parameter a ``fused`` param group holds after each step.
 Each entry keeps an alias of the sources it was built from, so no new tensor can be allocated at
 a source's old address and pass for it. In-place writes that bypass the version counter (through
 ``param.data``, e.g. ``param.data.mul_(2)``, a NumPy view or the storage) are not seen: register
@@ -17,6 +20,8 @@ import threading
 from typing import Callable, Hashable, TypeVar
 
 import torch
+from torch.autograd.graph import increment_version
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["DerivedTensors", "stamp", "stamp_matches"]
@@ -28,11 +33,27 @@ def _key(sources: tuple[torch.Tensor, ...]) -> tuple:
     return tuple((t._version, t.data_ptr(), t.dtype, t.shape, t.stride()) for t in sources)
 
 
+_FUSED_STEP_HOOK = []  # the handle of the hook below, once registered
+_FUSED_STEP_HOOK_LOCK = threading.Lock()
+
+
+def _count_fused_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Global optimizer step post-hook: move the version counter of every parameter of a ``fused``
+    param group, which the fused kernels wrote without moving it."""
+    for group in optimizer.param_groups:
+        if group.get("fused"):
+            increment_version([p for p in group["params"] if isinstance(p, torch.Tensor) and not p.is_inference()])
+
+
 def stamp(sources: tuple[torch.Tensor, ...]) -> tuple[tuple, tuple[torch.Tensor, ...]]:
     """What :func:`stamp_matches` compares later: each source's version, storage address, dtype,
     shape and strides (``param.data = param.data.t()`` keeps the rest), and an alias of each (which
     pins its storage, so that no new tensor can take its address). Not for inference tensors (no
-    version counter)."""
+    version counter). The first stamp registers the fused-optimizer hook (module docstring)."""
+    if not _FUSED_STEP_HOOK:
+        with _FUSED_STEP_HOOK_LOCK:
+            if not _FUSED_STEP_HOOK:
+                _FUSED_STEP_HOOK.append(register_optimizer_step_post_hook(_count_fused_step))
     return _key(sources), tuple(t.detach() for t in sources)
 
 
