@@ -394,6 +394,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     # convolutions a float32 model is ~1e-3 from float64 on Ampere and later, whatever the kernels do.
     with tf32(False):
         for result in run_checks(checks, device, tuple(dtypes), tuple(backends), seed=args.seed):
+            if result.not_run:
+                print(f"{result.check:<{width}}{'-':<9}{'-':<10}{'-':>12}{'-':>11}  not run: {result.not_run}",
+                      flush=True)
+                continue
             dtype = str(result.dtype).replace("torch.", "")
             if result.comparison is not None:
                 c = result.comparison

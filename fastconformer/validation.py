@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Callable, Iterator
 
 import torch
@@ -23,22 +24,63 @@ from .modules.attention import FusedAttention
 from .modules.conv_block import FusedConvBlock
 from .modules.fcu_down import FusedFCUDown
 from .modules.fcu_up import FusedFCUUp
+from .modules.prepack import prepack_weights
 from .modules.transformer import FusedBlock
+from .onednn_graph import onednn_graph, onednn_graph_available
 from .registry import create_model
 from .testing import MODEL_TOL, MODULE_TOL, Comparison, compare, randomize_module, to_float64
 
 __all__ = ["Check", "CheckResult", "CHECKS", "run_checks", "select_checks"]
 
 
+def _everywhere(device: torch.device) -> str | None:
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Check:
-    """A reference module, how to convert it, and how to draw its inputs."""
+    """A reference module, how to convert it, and how to draw its inputs; ``not_here(device)`` says
+    why the check does not run on a device (None: it runs), ``dtypes`` and ``backends`` limit it
+    (None: every one the run asks for)."""
 
     name: str
     build: Callable[[], nn.Module]
     convert: Callable[[nn.Module], nn.Module]
     inputs: Callable[[torch.Generator], tuple]
     tol: float = MODULE_TOL
+    not_here: Callable[[torch.device], str | None] = _everywhere
+    dtypes: tuple[torch.dtype, ...] | None = None
+    backends: tuple[str, ...] | None = None
+
+
+def _cpu_serving(device: torch.device) -> str | None:
+    return "a CPU serving path (--device cpu)" if device.type != "cpu" else None
+
+
+def _graph_serving(device: torch.device) -> str | None:
+    return _cpu_serving(device) or (None if onednn_graph_available() else "this torch has no oneDNN Graph fuser")
+
+
+class _ServedByGraph(nn.Module):
+    """A :class:`~fastconformer.onednn_graph.OneDNNGraph` whose calls must be served by a graph:
+    RuntimeError (with the wrapper's warnings) when one ran the eager model instead."""
+
+    def __init__(self, graph: nn.Module):
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, x: torch.Tensor):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            served = self.graph.serves(x)
+            out = self.graph(x)
+        if not (served and self.graph.graphs()):
+            why = "; ".join(str(w.message) for w in caught) or "its gate refused the call"
+            raise RuntimeError(f"no oneDNN graph served the call, the eager model ran ({why})")
+        return out
+
+
+CPU_SERVING = dict(dtypes=(torch.float32,), backends=("torch",), tol=MODEL_TOL)
 
 
 def _conv_trans_block() -> nn.Module:
@@ -61,6 +103,12 @@ CHECKS = (
           lambda g: (torch.randn(2, 256, 56, 56, generator=g), torch.randn(2, 197, 384, generator=g))),
     Check("whole model (tiny, 224)", lambda: create_model("conformer_tiny_patch16"), convert,
           lambda g: (torch.randn(2, 3, 224, 224, generator=g),), tol=MODEL_TOL),
+    Check("whole model, prepacked (tiny, 224)", lambda: create_model("conformer_tiny_patch16"),
+          lambda model: prepack_weights(convert(model)), lambda g: (torch.randn(3, 3, 224, 224, generator=g),),
+          not_here=_cpu_serving, **CPU_SERVING),
+    Check("whole model, onednn_graph (tiny, 224)", lambda: create_model("conformer_tiny_patch16"),
+          lambda model: _ServedByGraph(onednn_graph(convert(model))),
+          lambda g: (torch.randn(3, 3, 224, 224, generator=g),), not_here=_graph_serving, **CPU_SERVING),
 )
 
 
@@ -95,10 +143,11 @@ class CheckResult:
     """One check on one backend in one dtype: its comparison, or the error it raised."""
 
     check: str
-    backend: str
-    dtype: torch.dtype
+    backend: str | None
+    dtype: torch.dtype | None
     comparison: Comparison | None = None
     error: str | None = None
+    not_run: str | None = None  # why the check does not run here (backend and dtype then None)
 
     @property
     def passed(self) -> bool:
@@ -119,19 +168,26 @@ def run_checks(checks: list[Check], device: torch.device, dtypes: tuple[torch.dt
     """An iterator of :class:`CheckResult` for ``checks`` (e.g. :func:`select_checks`'s), check by
     check, then dtype by dtype, then backend by backend. The reference side of a check (module,
     inputs, float64 output, plain output in each dtype) is computed once and shared by the
-    backends. A check that raises is a failed result carrying the error's text."""
+    backends. A check that raises is a failed result carrying the error's text; a check that does
+    not run on ``device`` is one result saying why (``not_run``); a check limited to some dtypes or
+    backends runs those of ``dtypes`` and ``backends``."""
     for check in checks:
+        why = check.not_here(device)
+        if why:
+            yield CheckResult(check.name, None, None, not_run=why)
+            continue
         reference = None
-        for dtype in dtypes:
+        backends_here = [name for name in backends if check.backends is None or name in check.backends]
+        for dtype in (d for d in dtypes if check.dtypes is None or d in check.dtypes):
             try:
                 if reference is None:
                     reference = _reference(check, seed)
                 module, inputs, expected = reference
                 baseline = _baseline(module, inputs, dtype, device)
             except Exception as err:  # the reference side failed: so does the check on every backend
-                yield from (CheckResult(check.name, name, dtype, error=_error_text(err)) for name in backends)
+                yield from (CheckResult(check.name, name, dtype, error=_error_text(err)) for name in backends_here)
                 continue
-            for name in backends:
+            for name in backends_here:
                 try:
                     with backend(name), torch.no_grad():
                         out = check.convert(copy.deepcopy(module)).to(device, dtype)(*_cast(inputs, dtype, device))

@@ -14,7 +14,7 @@ from PIL import Image
 import fastconformer
 from fastconformer import cli, dispatch
 from fastconformer.cli import main
-from fastconformer.testing import saved_activation_bytes, to_float64
+from fastconformer.testing import reference_and_fast, saved_activation_bytes, to_float64
 from fastconformer.timing import Timing
 from fastconformer.validation import CHECKS
 
@@ -96,8 +96,9 @@ def test_check_default_run_passes():
                            "sys.exit(main(['check', '--device', 'cpu']))"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.endswith("  pass")]
-    assert len(rows) == len(CHECKS) * 2
+    assert len(rows) == sum(1 if c.dtypes == (torch.float32,) else 2 for c in CHECKS)
     assert {row.split()[-5] for row in rows} == {"torch"}
+    assert any(row.startswith("whole model, onednn_graph") for row in rows)
     assert "FAIL" not in proc.stdout and proc.stdout.rstrip().endswith("all checks passed")
 
 
@@ -122,6 +123,28 @@ def test_check_reports_a_pass_table(capsys):
     assert main(["check", "--device", "cpu", "--only", "expand"]) == 0
     out = capsys.readouterr().out
     assert "expand (FCUUp, S block 2)" in out and "all checks passed" in out and "FAIL" not in out
+
+
+def test_check_says_which_checks_do_not_run_here(monkeypatch, capsys):
+    """A serving path this torch lacks is a "not run" row with the reason, not a failure."""
+    from fastconformer import validation
+
+    monkeypatch.setattr(validation, "onednn_graph_available", lambda: False)
+    status, out, _ = run(["check", "--device", "cpu", "--only", "onednn_graph"], capsys)
+    assert status == 0 and "not run: this torch has no oneDNN Graph fuser" in out
+    assert out.rstrip().endswith("all checks passed")
+    results = list(validation.run_checks(validation.select_checks("prepacked"), torch.device("cuda"),
+                                         (torch.float32,), ("torch",)))
+    assert [(r.not_run, r.passed) for r in results] == [("a CPU serving path (--device cpu)", False)]
+
+
+def test_graph_check_fails_when_the_eager_model_ran():
+    """The onednn_graph check judges the graph: a call its gate refuses (autograd on) is an error."""
+    from fastconformer.validation import _ServedByGraph
+
+    _, fast = reference_and_fast("conformer_tiny_patch16", depth=3)
+    with pytest.raises(RuntimeError, match="no oneDNN graph served the call"):
+        _ServedByGraph(fastconformer.onednn_graph(fast.eval()))(torch.randn(1, 3, 224, 224))
 
 
 def test_testing_helpers_take_non_tensor_inputs():
