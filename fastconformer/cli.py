@@ -389,7 +389,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"the Triton kernels are not checked here: {why}")
     width = max(len(c.name) for c in checks) + 2
     print(f"{'check':<{width}}{'backend':<9}{'dtype':<10}{'rel. error':>12}{'bound':>11}  verdict")
-    failures = 0
+    failures = ran = 0
     # float32 is checked in IEEE arithmetic, as the test suite does: with cuDNN's default TF32
     # convolutions a float32 model is ~1e-3 from float64 on Ampere and later, whatever the kernels do.
     with tf32(False):
@@ -398,6 +398,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"{result.check:<{width}}{'-':<9}{'-':<10}{'-':>12}{'-':>11}  not run: {result.not_run}",
                       flush=True)
                 continue
+            ran += 1
             dtype = str(result.dtype).replace("torch.", "")
             if result.comparison is not None:
                 c = result.comparison
@@ -407,8 +408,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             else:
                 print(f"{result.check:<{width}}{result.backend:<9}{dtype:<10}{'-':>12}{'-':>11}  FAIL "
                       f"({result.error})", flush=True)
-            failures += not result.passed
-    print("all checks passed" if not failures else f"{failures} check(s) FAILED")
+            failures += result.failed
+    print(f"{failures} check(s) FAILED" if failures else "all checks passed" if ran else "no check runs here")
     return 1 if failures else 0
 
 
@@ -559,11 +560,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_of_memory(err: RuntimeError) -> bool:
+    """Whether ``err`` is an allocation that failed: torch.OutOfMemoryError (CUDA), or the CPU
+    allocator's RuntimeError."""
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status (argparse's usage errors exit with status 2).
     The errors a user's arguments, files or environment can cause (a missing optional extra such as
     huggingface_hub for hf-hub: weights, a wrong FASTCONFORMER_BACKEND, FASTCONFORMER_BACKEND=triton
-    without a GPU included) end as one ``error:`` line on stderr."""
+    without a GPU included) and sizes too large to allocate end as one ``error:`` line on stderr."""
     args = build_parser().parse_args(argv)
     try:
         check_environment()
@@ -577,6 +584,12 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as err:  # the export ran, and its file failed verification (or could not be made)
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except RuntimeError as err:
+        if not _out_of_memory(err):
+            raise
+        print(f"error: out of memory ({str(err).splitlines()[0].strip()}); expected a --batch-size and "
+              "--image-size whose tensors fit this machine's memory", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -178,25 +178,30 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int, int]:
 
 def check_writable(path: str, what: str) -> None:
     """ValueError naming ``what`` (e.g. ``"--json"``) unless a file can be written at ``path``: a
-    non-empty path, not a folder, in a folder that exists, and opening it for writing works (tried
-    in append mode, so an existing file keeps its content; a file the try created is removed)."""
+    non-empty path, not a folder, in a folder that exists, with permission to write the file (an
+    existing one, not opened: a FIFO would block) or to create it there (tried, with O_EXCL, and
+    removed again; a dangling symbolic link is judged by its target's folder, never created)."""
     if not os.fspath(path):
         raise ValueError(f"{what}: the path is empty; expected a file path")
-    folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ValueError(f"{what} {path!r} is a folder; expected a file path")
+    target = os.path.realpath(path)  # a symbolic link's target: what writing creates or overwrites
+    folder = os.path.dirname(target)
     if not os.path.isdir(folder):
         raise ValueError(f"{what} {path!r}: the folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    if os.path.exists(target):
+        if not os.access(target, os.W_OK):
+            raise ValueError(f"{what} {path!r}: no permission to write there")
+        return
+    if not os.access(folder, os.W_OK):
         raise ValueError(f"{what} {path!r}: no permission to write there")
-    existed = os.path.exists(path)
+    if os.path.lexists(path):
+        return  # a dangling link: its target's folder takes files
     try:
-        with open(path, "ab"):
-            pass
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     except OSError as error:
         raise ValueError(f"{what} {path!r}: cannot be written ({error.strerror or error})") from None
-    if not existed:
-        os.remove(path)
+    os.remove(path)
 
 
 @contextlib.contextmanager

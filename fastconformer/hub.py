@@ -29,7 +29,7 @@ from .checkpoint import is_safetensors
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["HF_HUB_PREFIX", "default_pretrained_cfg", "read_pretrained_cfg", "resolve_pretrained", "save_checkpoint",
-           "save_pretrained"]
+           "save_pretrained", "unwrap_model"]
 
 HF_HUB_PREFIX = "hf-hub:"
 WEIGHTS_NAME = "model.safetensors"
@@ -66,7 +66,7 @@ def _json(text: str, origin: str) -> object:
         raise ValueError(f"{origin}: not valid JSON ({err})") from err
 
 
-def _unwrapped(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside the wrappers it may be in: torch.compile's, DataParallel's and DDP's,
     :func:`~fastconformer.onednn_graph`'s (unwrapped by type: any other module is its own)."""
     if not isinstance(model, nn.Module):
@@ -92,7 +92,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> pathlib.Path:
     state_dict, as the official checkpoints hold it). A wrapped model (torch.compile, DataParallel,
     DDP, :func:`~fastconformer.onednn_graph`) writes the model it wraps; any other module is
     written as it is (the pretrained_cfg only for a Conformer). Returns the path."""
-    model = _unwrapped(model)
+    model = unwrap_model(model)
     path = pathlib.Path(path)
     if is_safetensors(path):
         from safetensors.torch import save_file
@@ -115,7 +115,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> pathlib.P
     (:func:`save_checkpoint`) and ``config.json`` with ``architecture``, ``num_classes`` and the
     ``pretrained_cfg``. Upload the folder as it is (e.g. ``huggingface_hub.upload_folder``) and
     ``create_model(name, pretrained="hf-hub:ORG/REPO")`` reads it back. Returns the directory."""
-    model = _unwrapped(model)
+    model = unwrap_model(model)
     if not hasattr(model, "num_classes"):
         raise TypeError(f"save_pretrained writes a Conformer's repository (its config.json names the architecture "
                         f"and num_classes), got a {type(model).__name__}; save_checkpoint writes any module")

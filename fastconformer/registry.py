@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointMismatchError, mismatch_report, read_state_dict
-from .hub import default_pretrained_cfg, resolve_pretrained
+from .hub import default_pretrained_cfg, resolve_pretrained, unwrap_model
 from .reference import Conformer, ConformerFeatures
 
 __all__ = ["VARIANTS", "Variant", "create_model", "guess_variant", "list_models", "load_checkpoint", "load_pretrained",
@@ -135,10 +135,12 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     whose rules decide what fits. Raises CheckpointMismatchError, leaving the model untouched,
     listing missing and unexpected keys (strict=True) and size mismatches, and naming the variant
     the checkpoint looks like. Returns the ``load_state_dict`` result (missing / unexpected keys
-    when strict=False).
+    when strict=False). A wrapped model (``torch.compile``, DataParallel / DDP,
+    :func:`~fastconformer.onednn_graph`) loads into the model it wraps.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)
     state_dict = read_state_dict(path_or_state_dict)
     problems = mismatch_report(model, state_dict, strict)
     if problems:

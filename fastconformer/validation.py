@@ -19,12 +19,12 @@ import torch.nn as nn
 
 from . import reference as ref
 from .convert import convert, convert_conv_trans_block
-from .dispatch import backend
+from .dispatch import backend, onednn_available, use_onednn
 from .modules.attention import FusedAttention
 from .modules.conv_block import FusedConvBlock
 from .modules.fcu_down import FusedFCUDown
 from .modules.fcu_up import FusedFCUUp
-from .modules.prepack import prepack_weights
+from .modules.prepack import prepack_weights, weights_packed_now
 from .modules.transformer import FusedBlock
 from .onednn_graph import onednn_graph, onednn_graph_available
 from .registry import create_model
@@ -53,31 +53,44 @@ class Check:
     backends: tuple[str, ...] | None = None
 
 
-def _cpu_serving(device: torch.device) -> str | None:
-    return "a CPU serving path (--device cpu)" if device.type != "cpu" else None
+def _onednn_serving(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return "a CPU serving path (--device cpu)"
+    if not onednn_available():
+        return "this torch has no working oneDNN fused primitives"
+    if not use_onednn(torch.zeros(1)):
+        return "oneDNN is switched off (FASTCONFORMER_ONEDNN=0 or fastconformer.dispatch.onednn(False))"
+    return None
 
 
 def _graph_serving(device: torch.device) -> str | None:
-    return _cpu_serving(device) or (None if onednn_graph_available() else "this torch has no oneDNN Graph fuser")
+    return _onednn_serving(device) or (None if onednn_graph_available() else "this torch has no oneDNN Graph fuser")
 
 
-class _ServedByGraph(nn.Module):
-    """A :class:`~fastconformer.onednn_graph.OneDNNGraph` whose calls must be served by a graph:
-    RuntimeError (with the wrapper's warnings) when one ran the eager model instead."""
+class _MustServe(nn.Module):
+    """``model`` under a serving check: RuntimeError (with the warnings the call raised) when
+    ``unserved(model, x)`` says the path under check did not compute the call."""
 
-    def __init__(self, graph: nn.Module):
+    def __init__(self, model: nn.Module, unserved: Callable[[nn.Module, torch.Tensor], str | None]):
         super().__init__()
-        self.graph = graph
+        self.model, self.unserved = model, unserved
 
     def forward(self, x: torch.Tensor):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            served = self.graph.serves(x)
-            out = self.graph(x)
-        if not (served and self.graph.graphs()):
-            why = "; ".join(str(w.message) for w in caught) or "its gate refused the call"
-            raise RuntimeError(f"no oneDNN graph served the call, the eager model ran ({why})")
+            out = self.model(x)
+        why = self.unserved(self.model, x)
+        if why:
+            raise RuntimeError("; ".join([why, *(str(w.message) for w in caught)]))
         return out
+
+
+def _unpacked(model: nn.Module, x: torch.Tensor) -> str | None:
+    return None if weights_packed_now(model) else "the model read no packed weight"
+
+
+def _ungraphed(graph: nn.Module, x: torch.Tensor) -> str | None:
+    return None if graph.serves(x) and graph.graphs() else "no oneDNN graph served the call, the eager model ran"
 
 
 CPU_SERVING = dict(dtypes=(torch.float32,), backends=("torch",), tol=MODEL_TOL)
@@ -104,10 +117,10 @@ CHECKS = (
     Check("whole model (tiny, 224)", lambda: create_model("conformer_tiny_patch16"), convert,
           lambda g: (torch.randn(2, 3, 224, 224, generator=g),), tol=MODEL_TOL),
     Check("whole model, prepacked (tiny, 224)", lambda: create_model("conformer_tiny_patch16"),
-          lambda model: prepack_weights(convert(model)), lambda g: (torch.randn(3, 3, 224, 224, generator=g),),
-          not_here=_cpu_serving, **CPU_SERVING),
+          lambda model: _MustServe(prepack_weights(convert(model)), _unpacked),
+          lambda g: (torch.randn(3, 3, 224, 224, generator=g),), not_here=_onednn_serving, **CPU_SERVING),
     Check("whole model, onednn_graph (tiny, 224)", lambda: create_model("conformer_tiny_patch16"),
-          lambda model: _ServedByGraph(onednn_graph(convert(model))),
+          lambda model: _MustServe(onednn_graph(convert(model)), _ungraphed),
           lambda g: (torch.randn(3, 3, 224, 224, generator=g),), not_here=_graph_serving, **CPU_SERVING),
 )
 
@@ -140,7 +153,8 @@ def _baseline(module: nn.Module, inputs: tuple, dtype: torch.dtype, device: torc
 
 @dataclasses.dataclass(frozen=True)
 class CheckResult:
-    """One check on one backend in one dtype: its comparison, or the error it raised."""
+    """One check on one backend in one dtype: its comparison, or the error it raised; or a check
+    that does not run on the device, with the reason (``not_run``; neither passed nor failed)."""
 
     check: str
     backend: str | None
@@ -152,6 +166,10 @@ class CheckResult:
     @property
     def passed(self) -> bool:
         return self.comparison is not None and self.comparison.passed
+
+    @property
+    def failed(self) -> bool:
+        return self.not_run is None and not self.passed
 
 
 def select_checks(only: str | None = None) -> list[Check]:

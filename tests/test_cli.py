@@ -16,6 +16,7 @@ from fastconformer import cli, dispatch
 from fastconformer.cli import main
 from fastconformer.testing import reference_and_fast, saved_activation_bytes, to_float64
 from fastconformer.timing import Timing
+from fastconformer.onednn_graph import onednn_graph_available
 from fastconformer.validation import CHECKS
 
 
@@ -96,9 +97,10 @@ def test_check_default_run_passes():
                            "sys.exit(main(['check', '--device', 'cpu']))"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.endswith("  pass")]
-    assert len(rows) == sum(1 if c.dtypes == (torch.float32,) else 2 for c in CHECKS)
+    graph_rows = int(onednn_graph_available())  # elsewhere that check is a "not run" row
+    assert len(rows) == sum(1 if c.dtypes == (torch.float32,) else 2 for c in CHECKS) - 1 + graph_rows
     assert {row.split()[-5] for row in rows} == {"torch"}
-    assert any(row.startswith("whole model, onednn_graph") for row in rows)
+    assert sum(row.startswith("whole model, onednn_graph") for row in rows) == graph_rows
     assert "FAIL" not in proc.stdout and proc.stdout.rstrip().endswith("all checks passed")
 
 
@@ -130,21 +132,28 @@ def test_check_says_which_checks_do_not_run_here(monkeypatch, capsys):
     from fastconformer import validation
 
     monkeypatch.setattr(validation, "onednn_graph_available", lambda: False)
-    status, out, _ = run(["check", "--device", "cpu", "--only", "onednn_graph"], capsys)
+    status, out, _ = run(["check", "--device", "cpu", "--only", "whole model,"], capsys)
     assert status == 0 and "not run: this torch has no oneDNN Graph fuser" in out
-    assert out.rstrip().endswith("all checks passed")
+    assert out.rstrip().endswith("all checks passed")  # the prepacked row ran
+    with dispatch.onednn(False):
+        status, out, _ = run(["check", "--device", "cpu", "--only", "whole model,"], capsys)
+    assert status == 0 and out.count("not run: oneDNN is switched off") == 2
+    assert out.rstrip().endswith("no check runs here")
     results = list(validation.run_checks(validation.select_checks("prepacked"), torch.device("cuda"),
                                          (torch.float32,), ("torch",)))
-    assert [(r.not_run, r.passed) for r in results] == [("a CPU serving path (--device cpu)", False)]
+    assert [(r.not_run, r.passed, r.failed) for r in results] == [("a CPU serving path (--device cpu)", False, False)]
 
 
-def test_graph_check_fails_when_the_eager_model_ran():
-    """The onednn_graph check judges the graph: a call its gate refuses (autograd on) is an error."""
-    from fastconformer.validation import _ServedByGraph
+def test_serving_checks_fail_when_the_eager_model_ran():
+    """The serving checks judge their paths: a call their gates refuse (autograd on) is an error."""
+    from fastconformer.validation import _MustServe, _ungraphed, _unpacked
 
     _, fast = reference_and_fast("conformer_tiny_patch16", depth=3)
+    x = torch.randn(1, 3, 224, 224)
     with pytest.raises(RuntimeError, match="no oneDNN graph served the call"):
-        _ServedByGraph(fastconformer.onednn_graph(fast.eval()))(torch.randn(1, 3, 224, 224))
+        _MustServe(fastconformer.onednn_graph(fast.eval()), _ungraphed)(x)
+    with pytest.raises(RuntimeError, match="the model read no packed weight"):
+        _MustServe(fastconformer.prepack_weights(fast), _unpacked)(x)
 
 
 def test_testing_helpers_take_non_tensor_inputs():
@@ -199,6 +208,27 @@ def test_checkpoint_mismatch_is_reported_without_a_traceback(photo, tiny_checkpo
                             "conformer_small_patch16"], capsys)
     assert status == 2 and out == "" and "Traceback" not in err
     assert err.splitlines()[1].startswith("error: ") and "conformer_tiny_patch16" in err
+
+
+def test_output_path_checks_create_and_remove_nothing_else(tmp_path):
+    """check_writable (bench --json, export OUT) leaves a dangling link and its target alone, does
+    not block on a FIFO, and removes the file its creation test made."""
+    from fastconformer.export import check_writable
+
+    link, fifo = tmp_path / "link.json", tmp_path / "fifo"
+    link.symlink_to(tmp_path / "target.json")
+    os.mkfifo(fifo)
+    for path in (link, fifo, tmp_path / "new.json"):
+        check_writable(str(path), "--json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link.json"] and link.is_symlink()
+    with pytest.raises(ValueError, match="does not exist"):
+        check_writable(str(tmp_path / "missing" / "x.json"), "--json")
+
+
+def test_sizes_beyond_memory_end_in_one_line(capsys):
+    status, _, err = run(["bench", "--model", "conformer_tiny_patch16", "--batch-size", "100000000"], capsys)
+    lines = [line for line in err.splitlines() if not line.startswith("building ")]
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: out of memory (")
 
 
 @pytest.mark.parametrize("argv", [["--json", "{tmp}/missing/bench.json"], ["--image-size", "100"]])

@@ -14,7 +14,7 @@ import torch
 
 import fastconformer
 from fastconformer import cli
-from fastconformer.hub import read_pretrained_cfg
+from fastconformer.hub import read_pretrained_cfg, unwrap_model
 from fastconformer.testing import randomize_module
 
 NAME = "conformer_tiny_patch16"
@@ -225,7 +225,7 @@ def _written_keys(path):
 def test_wrapped_models_save_and_load_as_the_model_they_wrap(tmp_path, model):
     """save_checkpoint of onednn_graph(m), torch.compile(m) or DataParallel(m) writes m's own keys
     (the official layout); the wrappers' own state_dicts (keys prefixed model. / _orig_mod. /
-    module.) load with pretrained=."""
+    module.) load with pretrained=; load_checkpoint into a wrapper loads the model it wraps."""
     wrappers = {"graph": fastconformer.onednn_graph(copy.deepcopy(model).eval()),
                 "compiled": torch.compile(copy.deepcopy(model)),
                 "parallel": torch.nn.DataParallel(copy.deepcopy(model)),
@@ -240,6 +240,12 @@ def test_wrapped_models_save_and_load_as_the_model_they_wrap(tmp_path, model):
         assert all(k.startswith(("model.", "_orig_mod.", "module.")) for k in wrapped.state_dict())
         _assert_same_weights(fastconformer.create_model(NAME, pretrained=tmp_path / f"{label}-own.pth", **CONFIG),
                              model)
+        for path in (tmp_path / f"{label}.pth", tmp_path / f"{label}-own.pth"):
+            with torch.no_grad():
+                for p in unwrap_model(wrapped).parameters():
+                    p.zero_()
+            fastconformer.load_checkpoint(wrapped, path)
+            _assert_same_weights(unwrap_model(wrapped), model)
     folder = fastconformer.save_pretrained(wrappers["compiled"], tmp_path / "repo")
     assert _written_keys(folder / "model.safetensors") == sorted(model.state_dict())
 

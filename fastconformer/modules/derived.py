@@ -6,8 +6,12 @@ A derived tensor is rebuilt on first use after any of its sources changed throug
 version counter moved (optimizer steps, ``load_state_dict``, in-place ops under ``no_grad``) or it
 got other storage, dtype, shape or strides (``module.to()``, ``.half()`` and back, ``param.data = ...``).
 The fused optimizer kernels (``torch.optim.Adam(..., fused=True)`` and the like) write parameters
-without moving their version counters: once a stamp has been taken, a global optimizer step
-post-hook moves the counters of every parameter a ``fused`` param group holds after each step.
+without moving their version counters: once a stamp has been taken, a global optimizer step pre-hook
+and post-hook move the counters of every parameter a ``fused`` param group holds before and after
+each step (before: a stamp taken earlier no longer matches in the optimizer's own post-hooks, which
+torch runs before the global ones; after: nor does one taken by a pre-hook during the step). The
+hooks are process-wide, for every fused optimizer: as after a non-fused step, a backward through a
+graph retained from before the step then raises "modified by an inplace operation".
 Each entry keeps an alias of the sources it was built from, so no new tensor can be allocated at
 a source's old address and pass for it. In-place writes that bypass the version counter (through
 ``param.data``, e.g. ``param.data.mul_(2)``, a NumPy view or the storage) are not seen: register
@@ -21,7 +25,7 @@ from typing import Callable, Hashable, TypeVar
 
 import torch
 from torch.autograd.graph import increment_version
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["DerivedTensors", "stamp", "stamp_matches"]
@@ -33,13 +37,13 @@ def _key(sources: tuple[torch.Tensor, ...]) -> tuple:
     return tuple((t._version, t.data_ptr(), t.dtype, t.shape, t.stride()) for t in sources)
 
 
-_FUSED_STEP_HOOK = []  # the handle of the hook below, once registered
-_FUSED_STEP_HOOK_LOCK = threading.Lock()
+_FUSED_STEP_HOOKS = []  # the handles of the hooks below, once registered
+_FUSED_STEP_HOOKS_LOCK = threading.Lock()
 
 
 def _count_fused_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Global optimizer step post-hook: move the version counter of every parameter of a ``fused``
-    param group, which the fused kernels wrote without moving it."""
+    """Global optimizer step pre-hook and post-hook: move the version counter of every parameter of
+    a ``fused`` param group, which the fused kernels write without moving it."""
     for group in optimizer.param_groups:
         if group.get("fused"):
             increment_version([p for p in group["params"] if isinstance(p, torch.Tensor) and not p.is_inference()])
@@ -49,11 +53,12 @@ def stamp(sources: tuple[torch.Tensor, ...]) -> tuple[tuple, tuple[torch.Tensor,
     """What :func:`stamp_matches` compares later: each source's version, storage address, dtype,
     shape and strides (``param.data = param.data.t()`` keeps the rest), and an alias of each (which
     pins its storage, so that no new tensor can take its address). Not for inference tensors (no
-    version counter). The first stamp registers the fused-optimizer hook (module docstring)."""
-    if not _FUSED_STEP_HOOK:
-        with _FUSED_STEP_HOOK_LOCK:
-            if not _FUSED_STEP_HOOK:
-                _FUSED_STEP_HOOK.append(register_optimizer_step_post_hook(_count_fused_step))
+    version counter). The first stamp registers the fused-optimizer hooks (module docstring)."""
+    if not _FUSED_STEP_HOOKS:
+        with _FUSED_STEP_HOOKS_LOCK:
+            if not _FUSED_STEP_HOOKS:
+                _FUSED_STEP_HOOKS.extend((register_optimizer_step_pre_hook(_count_fused_step),
+                                          register_optimizer_step_post_hook(_count_fused_step)))
     return _key(sources), tuple(t.detach() for t in sources)
 
 
@@ -85,6 +90,11 @@ class DerivedTensors:
 
     def registered(self, owner: object) -> bool:
         return owner in self._entries
+
+    def built(self, owner: object) -> int:
+        """How many values are kept for ``owner`` now (0 when not registered or none built yet)."""
+        entry = self._entries.get(owner)
+        return 0 if entry is None else len(entry[1])
 
     def get(self, owner: object, sources: tuple[torch.Tensor, ...], key: Hashable, build: Callable[[], T]
             ) -> T | None:

@@ -30,7 +30,7 @@ import torch
 
 from .derived import DerivedTensors
 
-__all__ = ["conv_registered_for_packing", "onednn_conv_add_", "onednn_conv_packed", "onednn_linear",
+__all__ = ["conv_registered_for_packing", "onednn_conv_add_", "onednn_conv_packed", "onednn_linear", "packed_copies",
            "register_conv_for_packing", "register_for_packing", "registered_for_packing"]
 
 ACTIVATIONS = ("none", "gelu")  # no ReLU: oneDNN's maps NaN to 0, torch's keeps it
@@ -142,6 +142,11 @@ def register_for_packing(weight: torch.Tensor, enabled: bool = True) -> None:
         PACKED.register(weight, (weight,))
     else:
         PACKED.unregister(weight)
+
+
+def packed_copies(owner: torch.Tensor | torch.nn.Conv2d) -> int:
+    """How many packed copies a registered weight (dtypes) or convolution (input shapes) holds now."""
+    return (PACKED_CONVS if isinstance(owner, torch.nn.Conv2d) else PACKED).built(owner)
 
 
 def registered_for_packing(weight: torch.Tensor) -> bool:

@@ -8,10 +8,11 @@ import torch.nn as nn
 
 from .conv_block import FusedConvBlock, fold_sources
 from .fcu_down import FusedFCUDown
-from .onednn import conv_registered_for_packing, register_conv_for_packing, register_for_packing, registered_for_packing
+from .onednn import (conv_registered_for_packing, packed_copies, register_conv_for_packing, register_for_packing,
+                     registered_for_packing)
 from .transformer import FusedBlock
 
-__all__ = ["prepack_weights", "prepacked_weights"]
+__all__ = ["prepack_weights", "prepacked_weights", "weights_packed_now"]
 
 
 def _linear_weights(model: nn.Module) -> list[torch.Tensor]:
@@ -75,3 +76,10 @@ def prepacked_weights(model: nn.Module) -> int:
     """How many of ``model``'s weights :func:`prepack_weights` registered (linear and convolution)."""
     return (sum(registered_for_packing(weight) for weight in _linear_weights(model))
             + sum(conv_registered_for_packing(conv) for conv, _ in _folded_convs(model)))
+
+
+def weights_packed_now(model: nn.Module) -> int:
+    """How many of ``model``'s registered weights hold a packed copy now (copies are built on first
+    use: after a CPU inference forward, those it read packed)."""
+    return (sum(packed_copies(weight) > 0 for weight in _linear_weights(model) if registered_for_packing(weight))
+            + sum(packed_copies(conv) > 0 for conv, _ in _folded_convs(model) if conv_registered_for_packing(conv)))
