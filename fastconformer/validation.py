@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import reference as ref
 from .convert import convert, convert_conv_trans_block
-from .dispatch import backend, onednn_available, use_onednn
+from .dispatch import backend, onednn_available, onednn_bf16_available, use_onednn
 from .modules.attention import FusedAttention
 from .modules.conv_block import FusedConvBlock
 from .modules.fcu_down import FusedFCUDown
@@ -41,7 +41,9 @@ def _everywhere(device: torch.device) -> str | None:
 class Check:
     """A reference module, how to convert it, and how to draw its inputs; ``not_here(device)`` says
     why the check does not run on a device (None: it runs), ``dtypes`` and ``backends`` limit it
-    (None: every one the run asks for)."""
+    (None: every one the run asks for). An ``autocast`` check runs its own ``dtypes`` whatever the
+    run asks for, as CPU or CUDA autocast to that dtype around the float32 module and inputs (its
+    baseline: the plain module under the same autocast)."""
 
     name: str
     build: Callable[[], nn.Module]
@@ -51,6 +53,7 @@ class Check:
     not_here: Callable[[torch.device], str | None] = _everywhere
     dtypes: tuple[torch.dtype, ...] | None = None
     backends: tuple[str, ...] | None = None
+    autocast: bool = False
 
 
 def _onednn_serving(device: torch.device) -> str | None:
@@ -65,6 +68,15 @@ def _onednn_serving(device: torch.device) -> str | None:
 
 def _graph_serving(device: torch.device) -> str | None:
     return _onednn_serving(device) or (None if onednn_graph_available() else "this torch has no oneDNN Graph fuser")
+
+
+def _bf16_serving(device: torch.device) -> str | None:
+    return _onednn_serving(device) or (None if onednn_bf16_available()
+                                       else "oneDNN has no native bf16 on this CPU (AVX512-BF16 or AMX)")
+
+
+def _graph_bf16_serving(device: torch.device) -> str | None:
+    return _bf16_serving(device) or _graph_serving(device)
 
 
 class _MustServe(nn.Module):
@@ -94,6 +106,7 @@ def _ungraphed(graph: nn.Module, x: torch.Tensor) -> str | None:
 
 
 CPU_SERVING = dict(dtypes=(torch.float32,), backends=("torch",), tol=MODEL_TOL)
+CPU_BF16_SERVING = dict(dtypes=(torch.bfloat16,), backends=("torch",), autocast=True)
 
 
 def _conv_trans_block() -> nn.Module:
@@ -122,6 +135,11 @@ CHECKS = (
     Check("whole model, onednn_graph (tiny, 224)", lambda: create_model("conformer_tiny_patch16"),
           lambda model: _MustServe(onednn_graph(convert(model)), _ungraphed),
           lambda g: (torch.randn(3, 3, 224, 224, generator=g),), not_here=_graph_serving, **CPU_SERVING),
+    Check("whole model, bf16 autocast (tiny, 224)", lambda: create_model("conformer_tiny_patch16"), convert,
+          lambda g: (torch.randn(3, 3, 224, 224, generator=g),), not_here=_bf16_serving, **CPU_BF16_SERVING),
+    Check("whole model, onednn_graph bf16 autocast (tiny, 224)", lambda: create_model("conformer_tiny_patch16"),
+          lambda model: _MustServe(onednn_graph(convert(model)), _ungraphed),
+          lambda g: (torch.randn(3, 3, 224, 224, generator=g),), not_here=_graph_bf16_serving, **CPU_BF16_SERVING),
 )
 
 
@@ -142,13 +160,18 @@ def _reference(check: Check, seed: int) -> tuple[nn.Module, tuple, object]:
 
 
 @torch.no_grad()
-def _baseline(module: nn.Module, inputs: tuple, dtype: torch.dtype, device: torch.device):
-    """The plain reference module's output in ``dtype`` on ``device``: the yardstick of a float16 or
-    bfloat16 bound (None for float32, whose bound is absolute)."""
+def _baseline(module: nn.Module, inputs: tuple, dtype: torch.dtype, device: torch.device, autocast: bool):
+    """The plain reference module's output in ``dtype`` (or under autocast to it) on ``device``: the
+    yardstick of a float16 or bfloat16 bound (None for float32, whose bound is absolute)."""
     if dtype == torch.float32:
         return None
-    with backend("torch"):
-        return copy.deepcopy(module).to(device, dtype)(*_cast(inputs, dtype, device))
+    with backend("torch"), _autocast(device, dtype, autocast):
+        return copy.deepcopy(module).to(device, torch.float32 if autocast else dtype)(
+            *_cast(inputs, torch.float32 if autocast else dtype, device))
+
+
+def _autocast(device: torch.device, dtype: torch.dtype, enabled: bool):
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +211,7 @@ def run_checks(checks: list[Check], device: torch.device, dtypes: tuple[torch.dt
     inputs, float64 output, plain output in each dtype) is computed once and shared by the
     backends. A check that raises is a failed result carrying the error's text; a check that does
     not run on ``device`` is one result saying why (``not_run``); a check limited to some dtypes or
-    backends runs those of ``dtypes`` and ``backends``."""
+    backends runs those of ``dtypes`` and ``backends``; an autocast check runs its own dtypes."""
     for check in checks:
         why = check.not_here(device)
         if why:
@@ -196,19 +219,22 @@ def run_checks(checks: list[Check], device: torch.device, dtypes: tuple[torch.dt
             continue
         reference = None
         backends_here = [name for name in backends if check.backends is None or name in check.backends]
-        for dtype in (d for d in dtypes if check.dtypes is None or d in check.dtypes):
+        dtypes_here = (check.dtypes if check.autocast
+                       else [d for d in dtypes if check.dtypes is None or d in check.dtypes])
+        for dtype in dtypes_here:
             try:
                 if reference is None:
                     reference = _reference(check, seed)
                 module, inputs, expected = reference
-                baseline = _baseline(module, inputs, dtype, device)
+                baseline = _baseline(module, inputs, dtype, device, check.autocast)
             except Exception as err:  # the reference side failed: so does the check on every backend
                 yield from (CheckResult(check.name, name, dtype, error=_error_text(err)) for name in backends_here)
                 continue
             for name in backends_here:
                 try:
-                    with backend(name), torch.no_grad():
-                        out = check.convert(copy.deepcopy(module)).to(device, dtype)(*_cast(inputs, dtype, device))
+                    held = torch.float32 if check.autocast else dtype  # the module's and inputs' dtype
+                    with backend(name), torch.no_grad(), _autocast(device, dtype, check.autocast):
+                        out = check.convert(copy.deepcopy(module)).to(device, held)(*_cast(inputs, held, device))
                     result = CheckResult(check.name, name, dtype, comparison=compare(
                         out, expected, baseline=baseline, fp32_tol=check.tol, name=check.name))
                 except Exception as err:  # reported as a failed check, never swallowed

@@ -16,7 +16,6 @@ from fastconformer import cli, dispatch
 from fastconformer.cli import main
 from fastconformer.testing import reference_and_fast, saved_activation_bytes, to_float64
 from fastconformer.timing import Timing
-from fastconformer.onednn_graph import onednn_graph_available
 from fastconformer.validation import CHECKS
 
 
@@ -97,10 +96,12 @@ def test_check_default_run_passes():
                            "sys.exit(main(['check', '--device', 'cpu']))"], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.endswith("  pass")]
-    graph_rows = int(onednn_graph_available())  # elsewhere that check is a "not run" row
-    assert len(rows) == sum(1 if c.dtypes == (torch.float32,) else 2 for c in CHECKS) - 1 + graph_rows
+    cpu = torch.device("cpu")  # a check that does not apply here is a "not run" row
+    ran = [c for c in CHECKS if c.not_here(cpu) is None]
+    assert len(rows) == sum(len(c.dtypes) if c.dtypes else 2 for c in ran)
     assert {row.split()[-5] for row in rows} == {"torch"}
-    assert sum(row.startswith("whole model, onednn_graph") for row in rows) == graph_rows
+    assert sum(line.endswith(" not run: " + (c.not_here(cpu) or "-")) for c in CHECKS
+               for line in proc.stdout.splitlines()) == len(CHECKS) - len(ran)
     assert "FAIL" not in proc.stdout and proc.stdout.rstrip().endswith("all checks passed")
 
 
@@ -137,7 +138,7 @@ def test_check_says_which_checks_do_not_run_here(monkeypatch, capsys):
     assert out.rstrip().endswith("all checks passed")  # the prepacked row ran
     with dispatch.onednn(False):
         status, out, _ = run(["check", "--device", "cpu", "--only", "whole model,"], capsys)
-    assert status == 0 and out.count("not run: oneDNN is switched off") == 2
+    assert status == 0 and out.count("not run: oneDNN is switched off") == 4
     assert out.rstrip().endswith("no check runs here")
     results = list(validation.run_checks(validation.select_checks("prepacked"), torch.device("cuda"),
                                          (torch.float32,), ("torch",)))
