@@ -399,14 +399,15 @@ def cmd_check(args: argparse.Namespace) -> int:
                       flush=True)
                 continue
             ran += 1
-            dtype = str(result.dtype).replace("torch.", "")
+            backend_ = result.backend or "-"
+            dtype = "-" if result.dtype is None else str(result.dtype).replace("torch.", "")
             if result.comparison is not None:
                 c = result.comparison
                 verdict = "pass" if c.passed else "FAIL"
-                print(f"{result.check:<{width}}{result.backend:<9}{dtype:<10}{c.error:>12.2e}{c.bound:>11.2e}  "
+                print(f"{result.check:<{width}}{backend_:<9}{dtype:<10}{c.error:>12.2e}{c.bound:>11.2e}  "
                       f"{verdict}", flush=True)
             else:
-                print(f"{result.check:<{width}}{result.backend:<9}{dtype:<10}{'-':>12}{'-':>11}  FAIL "
+                print(f"{result.check:<{width}}{backend_:<9}{dtype:<10}{'-':>12}{'-':>11}  FAIL "
                       f"({result.error})", flush=True)
             failures += result.failed
     print(f"{failures} check(s) FAILED" if failures else "all checks passed" if ran else "no check runs here")
@@ -561,9 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _out_of_memory(err: RuntimeError) -> bool:
-    """Whether ``err`` is an allocation that failed: torch.OutOfMemoryError (CUDA), or the CPU
-    allocator's RuntimeError."""
-    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+    """Whether ``err`` is an allocation that failed or could not be sized: torch.OutOfMemoryError
+    (CUDA), the CPU allocator's RuntimeError, or a storage size beyond 64 bits."""
+    text = str(err)
+    return (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in text
+            or "size calculation overflowed" in text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -587,8 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         if not _out_of_memory(err):
             raise
-        print(f"error: out of memory ({str(err).splitlines()[0].strip()}); expected a --batch-size and "
-              "--image-size whose tensors fit this machine's memory", file=sys.stderr)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"error: out of memory ({first}); expected sizes (batch, image size) whose tensors fit this "
+              "machine's memory", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

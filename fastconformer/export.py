@@ -189,7 +189,13 @@ def check_writable(path: str, what: str) -> None:
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):
         raise ValueError(f"{what} {path!r}: the folder {folder!r} does not exist")
-    if os.path.exists(target):
+    try:
+        os.stat(path)  # follows links, and honours a trailing slash (a file is not a folder)
+    except FileNotFoundError:
+        pass
+    except OSError as error:  # a link loop, a file named as a folder
+        raise ValueError(f"{what} {path!r}: cannot be written ({error.strerror or error})") from None
+    else:
         if not os.access(target, os.W_OK):
             raise ValueError(f"{what} {path!r}: no permission to write there")
         return

@@ -46,25 +46,26 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD) -> bool:
 
     ``mmap_threshold`` (bytes, at most 2 GiB less one byte): the default, 32 MiB, is the most
     glibc's adaptive threshold reaches, so the heap serves the blocks it serves anyway once warm
-    (every block of Conformer-S's eager forward at batch 8, 224x224: no page fault from the fourth
-    forward on). A larger value lets the heap serve larger batches' blocks too, at a cost glibc's
-    defaults limit to blocks below 32 MiB: a freed block that a small long-lived allocation then
-    pins mid-heap is not reused for the next block of the same size, so a loop of such rounds
-    grows the heap by a block each time (blocks at or above the threshold are mapped, never
-    pinned). Older glibc releases refuse values above 32 MiB (False).
+    (every block of Conformer-S's eager forward at batch 8, 224x224: few page faults once warm,
+    where glibc's defaults fault in thousands per forward). A larger value lets the heap serve
+    larger batches' blocks too, at a cost glibc's defaults limit to blocks below 32 MiB: a freed
+    block that a small long-lived allocation then pins mid-heap is not reused for the next block of
+    the same size, so a loop of such rounds grows the heap by a block each time (blocks at or above
+    the threshold are mapped, never pinned). Older glibc releases refuse values above 32 MiB
+    (False).
 
     Costs: the process keeps its peak heap (a batch larger than the usual leaves its memory
     reserved), and glibc's adaptive thresholds do not come back (no undo: start a new process).
     Threads other than the main one allocate from their own arenas, whose heaps are at most 64 MiB,
-    so large blocks there may still be mapped afresh. Other engines'
-    own memory pools (OpenVINO's) and GPU memory are not affected.
+    so large blocks there may still be mapped afresh. Other engines' own memory pools (OpenVINO's)
+    and GPU memory are not affected.
 
-    Returns True when both settings took; False, changing nothing, where the C library is not
-    glibc (musl, macOS, Windows), where another allocator serves ``malloc`` (jemalloc or tcmalloc
-    through ``LD_PRELOAD``, which keep freed memory in their own way), or where glibc refuses
-    ``mmap_threshold``. The mmap threshold is set first: a trim threshold alone also
-    stops the mmap threshold from adapting, and left at its 128 KiB start that maps most
-    activations afresh on every allocation."""
+    Returns True when both settings took (glibc never refuses the trim threshold); False, changing
+    nothing, where the C library is not glibc (musl, macOS, Windows), where another allocator
+    serves ``malloc`` (jemalloc or tcmalloc through ``LD_PRELOAD``, which keep freed memory in their
+    own way), or where glibc refuses ``mmap_threshold``. The mmap threshold is set first: a trim
+    threshold alone also stops the mmap threshold from adapting, and left at its 128 KiB start that
+    maps most activations afresh on every allocation."""
     if not isinstance(mmap_threshold, int) or isinstance(mmap_threshold, bool) or not 0 < mmap_threshold < 2 ** 31:
         raise ValueError(f"keep_freed_memory: mmap_threshold must be an int in [1, 2**31 - 1] bytes, got "
                          f"{mmap_threshold!r}")

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import reference as ref
 from .convert import convert, convert_conv_trans_block
-from .dispatch import backend, onednn_available, onednn_bf16_available, use_onednn
+from .dispatch import _onednn_enabled, backend, onednn_available, onednn_bf16_available
 from .modules.attention import FusedAttention
 from .modules.conv_block import FusedConvBlock
 from .modules.fcu_down import FusedFCUDown
@@ -61,7 +61,7 @@ def _onednn_serving(device: torch.device) -> str | None:
         return "a CPU serving path (--device cpu)"
     if not onednn_available():
         return "this torch has no working oneDNN fused primitives"
-    if not use_onednn(torch.zeros(1)):
+    if not _onednn_enabled():  # the switch alone: the backend a run sets does not matter here
         return "oneDNN is switched off (FASTCONFORMER_ONEDNN=0 or fastconformer.dispatch.onednn(False))"
     return None
 
@@ -213,7 +213,11 @@ def run_checks(checks: list[Check], device: torch.device, dtypes: tuple[torch.dt
     not run on ``device`` is one result saying why (``not_run``); a check limited to some dtypes or
     backends runs those of ``dtypes`` and ``backends``; an autocast check runs its own dtypes."""
     for check in checks:
-        why = check.not_here(device)
+        try:
+            why = check.not_here(device)
+        except Exception as err:  # asking failed: a failed result, never an aborted run
+            yield CheckResult(check.name, None, None, error=_error_text(err))
+            continue
         if why:
             yield CheckResult(check.name, None, None, not_run=why)
             continue

@@ -9,7 +9,9 @@ The fused optimizer kernels (``torch.optim.Adam(..., fused=True)`` and the like)
 without moving their version counters: once a stamp has been taken, a global optimizer step pre-hook
 and post-hook move the counters of every parameter a ``fused`` param group holds before and after
 each step (before: a stamp taken earlier no longer matches in the optimizer's own post-hooks, which
-torch runs before the global ones; after: nor does one taken by a pre-hook during the step). The
+torch runs before the global ones; after: nor does one taken by a pre-hook during the step, once
+step() returns). Not covered: a derived tensor built in a pre-hook that runs after the global one
+(the optimizer's own pre-hooks) and read again in the optimizer's own post-hooks. The
 hooks are process-wide, for every fused optimizer: as after a non-fused step, a backward through a
 graph retained from before the step then raises "modified by an inplace operation".
 Each entry keeps an alias of the sources it was built from, so no new tensor can be allocated at
