@@ -29,7 +29,7 @@ from .environment import DTYPES, device_name, timing_environment
 from .export import ExportError, check_writable
 from .modules.prepack import prepack_weights
 from .onednn_graph import OneDNNGraph, onednn_graph, onednn_graph_available
-from .registry import VARIANTS, create_model, pretrained_variant, resolve_name
+from .registry import VARIANTS, Pretrained, create_model, pretrained_variant, read_pretrained, resolve_name
 from .testing import rel_error, tf32
 from .timing import Timing, per_round_speedup, time_interleaved
 
@@ -66,15 +66,17 @@ def _model_device(name: str) -> torch.device:
 DEFAULT_MODEL = "conformer_small_patch16"
 
 
-def _model_name(model: str | None, pretrained: str | None) -> str:
-    """The variant --model names; without it, the one the --pretrained checkpoint holds
-    (:func:`~fastconformer.registry.pretrained_variant`), else DEFAULT_MODEL."""
+def _model_and_weights(model: str | None, pretrained: str | None) -> tuple[str, str | Pretrained | None]:
+    """(The variant --model names, else the one the --pretrained checkpoint holds
+    (:func:`~fastconformer.registry.pretrained_variant`), else DEFAULT_MODEL; what create_model's
+    ``pretrained=`` takes: the checkpoint, read once when its variant had to be told)."""
     if model is not None:
-        return resolve_name(model)
+        return resolve_name(model), pretrained
     if pretrained is None:
-        return DEFAULT_MODEL
+        return DEFAULT_MODEL, None
     _progress(f"reading {pretrained} to tell its variant (--model names it) ...")
-    return pretrained_variant(pretrained)
+    weights = read_pretrained(pretrained)
+    return pretrained_variant(weights), weights
 
 
 def _progress(msg: str) -> None:
@@ -167,14 +169,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              f"{'--dtype' if args.dtype is not None else '--compile'}")
         if device.type != "cpu" and args.device != "auto":
             raise ValueError("--engines compares CPU inference engines; use --device cpu (or auto)")
-    name = _model_name(args.model, args.pretrained)
+    name, weights = _model_and_weights(args.model, args.pretrained)
     _check_image_size(name, args.image_size)
     if args.engines:
-        return _bench_engines(args, name, device)
+        return _bench_engines(args, name, weights, device)
     args.dtype = args.dtype or "fp32"
     torch.manual_seed(args.seed)
     _progress(f"building {name} (reference and fast, same weights) on {device_name(device)} ...")
-    reference = create_model(name, pretrained=args.pretrained).eval()
+    reference = create_model(name, pretrained=weights).eval()
     fast = convert(copy.deepcopy(reference)).to(device)
     reference = reference.to(device)
     dtype = DTYPES[args.dtype]
@@ -272,7 +274,7 @@ def _engine_candidates(reference: torch.nn.Module, fast: torch.nn.Module, graph:
     return dict(sorted(rows.items(), key=lambda row: row[1][0] != "fp32")), skipped  # fp32 rows first
 
 
-def _bench_engines(args: argparse.Namespace, name: str, device: torch.device) -> int:
+def _bench_engines(args: argparse.Namespace, name: str, weights: str | Pretrained | None, device: torch.device) -> int:
     """``bench --engines``: eager reference and fast model, torch.compile of each, ONNX Runtime and
     OpenVINO on both models' exports, fp32 and bf16, in one interleaved run on the CPU."""
     import tempfile
@@ -280,7 +282,7 @@ def _bench_engines(args: argparse.Namespace, name: str, device: torch.device) ->
     device = torch.device("cpu")  # --device auto on a CUDA machine: the engines compared are CPU ones
     torch.manual_seed(args.seed)
     _progress(f"building {name} (reference and fast, same weights) on {device_name(device)} ...")
-    reference = create_model(name, pretrained=args.pretrained).eval()
+    reference = create_model(name, pretrained=weights).eval()
     fast = convert(copy.deepcopy(reference))
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     load = [os.getloadavg()[0]]
@@ -421,9 +423,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .data import imagenet_classes, load_image
 
     device = _device(args.device) if args.reference else _model_device(args.device)
-    name = _model_name(args.model, args.pretrained)
+    name, weights = _model_and_weights(args.model, args.pretrained)
     _progress(f"loading {name} from {args.pretrained} ...")
-    model = create_model(name, pretrained=args.pretrained, fast=not args.reference).eval().to(device)
+    model = create_model(name, pretrained=weights, fast=not args.reference).eval().to(device)
     if model.num_classes == 0:
         raise ValueError(f"{args.pretrained} has no classifier heads (a num_classes=0 model's checkpoint): predict "
                          "needs a classifier's")

@@ -18,8 +18,8 @@ from .checkpoint import CheckpointMismatchError, mismatch_report, read_state_dic
 from .hub import default_pretrained_cfg, resolve_pretrained, unwrap_model
 from .reference import Conformer, ConformerFeatures
 
-__all__ = ["VARIANTS", "Variant", "create_model", "guess_variant", "list_models", "load_checkpoint", "load_pretrained",
-           "pretrained_variant", "resolve_name"]
+__all__ = ["VARIANTS", "Pretrained", "Variant", "create_model", "guess_variant", "list_models", "load_checkpoint",
+           "load_pretrained", "pretrained_variant", "read_pretrained", "resolve_name"]
 
 log = logging.getLogger(__name__)
 
@@ -109,18 +109,38 @@ def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> tuple[str | None, s
     return None, "no registered variant matches exactly" + (f" ({', '.join(clues)})" if clues else "")
 
 
-def pretrained_variant(source: str | os.PathLike | Mapping) -> str:
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A ``pretrained=`` source read once (:func:`read_pretrained`): its state_dict in the official
+    layout, the pretrained_cfg travelling with it (or None) and where it came from.
+    :func:`create_model`, :func:`load_pretrained` and :func:`pretrained_variant` take it in place of
+    the source, without reading the file again."""
+
+    state_dict: OrderedDict
+    cfg: dict[str, Any] | None
+    origin: str
+
+
+def read_pretrained(source: str | os.PathLike | Mapping | Pretrained) -> Pretrained:
+    """Read a ``pretrained=`` source (:func:`create_model`'s kinds) once; a :class:`Pretrained` comes back as it is."""
+    if isinstance(source, Pretrained):
+        return source
+    origin = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the state_dict"
+    resolved, cfg = resolve_pretrained(source)
+    return Pretrained(read_state_dict(resolved), cfg, origin)
+
+
+def pretrained_variant(source: str | os.PathLike | Mapping | Pretrained) -> str:
     """The registered variant whose keys and shapes a ``pretrained=`` source's state_dict matches
     (:func:`guess_variant`: heads of any size, or none, count as a match). ValueError, naming the
     architecture its pretrained_cfg records if any, when none matches: a custom configuration, or
     a features_only or pruned model's checkpoint, which only ``create_model`` with that model's
     arguments builds."""
-    resolved, cfg = resolve_pretrained(source)
-    name, why = guess_variant(read_state_dict(resolved))
+    weights = read_pretrained(source)
+    name, why = guess_variant(weights.state_dict)
     if name is not None:
         return name
-    origin = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the state_dict"
-    architecture = (cfg or {}).get("architecture")
+    origin, architecture = weights.origin, (weights.cfg or {}).get("architecture")
     recorded = f"; its metadata records {architecture} with other arguments" if isinstance(architecture, str) else ""
     raise ValueError(f"cannot tell which registered variant {origin} holds ({why}{recorded}): a custom configuration "
                      f"or a features_only/pruned model's checkpoint, which create_model(name, <that model's "
@@ -202,29 +222,25 @@ def _fit_to_model(model: nn.Module, state_dict: OrderedDict, origin: str, fit_he
     return state_dict
 
 
-def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping, *, fit_heads: bool = False) -> None:
+def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping | Pretrained, *,
+                    fit_heads: bool = False) -> None:
     """Load ``source`` into a model built by :func:`fastconformer.create_model`, strictly, as
     ``create_model(pretrained=source)`` does.
 
     source: a checkpoint path (``.safetensors`` or a torch.save file, any layout
     :func:`fastconformer.load_checkpoint` reads), a folder written by
     :func:`fastconformer.save_pretrained`, a loaded state_dict, or ``"hf-hub:ORG/REPO"``
-    (:func:`fastconformer.hub.resolve_pretrained`). Keys of modules the model is built without (a
-    features_only or pruned model's heads and blocks) are left out, saying so in one log line; with
+    (:func:`fastconformer.hub.resolve_pretrained`), or one of these read by :func:`read_pretrained`.
+    Keys of modules the model is built without (a features_only or pruned model's heads and
+    blocks) are left out, saying so in one log line; with
     ``fit_heads`` (``create_model`` was given ``num_classes``) heads of another shape are left out
     too, as the official ``--finetune`` does, and heads the checkpoint lacks keep the model's, in one
     line. Everything else must fit (CheckpointMismatchError otherwise). The pretrained_cfg that
     travels with the weights, if any, becomes ``model.pretrained_cfg`` (with the model's own
     architecture and num_classes).
     """
-    _load_read(model, *_read_pretrained(source), fit_heads=fit_heads)
-
-
-def _read_pretrained(source: str | os.PathLike | Mapping) -> tuple[OrderedDict, dict[str, Any] | None, str]:
-    """(state_dict in the official layout, the pretrained_cfg travelling with it or None, where it came from)."""
-    origin = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the state_dict"
-    source, cfg = resolve_pretrained(source)
-    return read_state_dict(source), cfg, origin
+    weights = read_pretrained(source)
+    _load_read(model, weights.state_dict, weights.cfg, weights.origin, fit_heads=fit_heads)
 
 
 def _checkpoint_classes(state_dict: Mapping[str, torch.Tensor]) -> int:
@@ -257,10 +273,11 @@ def create_model(name: str, *, pretrained: str | os.PathLike | Mapping | None = 
     name: one of :func:`list_models` (official spellings accepted). pretrained: None (random
     weights), a checkpoint path (``.safetensors`` or a torch.save file) or loaded state_dict (any
     layout :func:`fastconformer.load_checkpoint` reads), a folder written by
-    :func:`fastconformer.save_pretrained`, or ``"hf-hub:ORG/REPO"``; loaded strictly by
-    :func:`load_pretrained`, which leaves out what a features_only model has no place for and, when
-    ``num_classes`` is given, heads of another shape or missing ones (one log line each). Without
-    ``num_classes`` the model gets as many classes as the checkpoint's heads have (a checkpoint
+    :func:`fastconformer.save_pretrained`, ``"hf-hub:ORG/REPO"``, or any of these already read by
+    :func:`read_pretrained`; loaded strictly by :func:`load_pretrained`, which leaves out what a
+    features_only model has no place for and, when ``num_classes`` is given, heads of another
+    shape or missing ones (one log line each). Without ``num_classes`` the model gets as many
+    classes as the checkpoint's heads have (a checkpoint
     fine-tuned to 10 classes gives a 10-class model, a headless one a model without heads).
     fast: True returns the fused model (reference + :func:`fastconformer.convert`).
     features_only: True returns a :class:`~fastconformer.reference.ConformerFeatures`, whose forward
@@ -276,7 +293,7 @@ def create_model(name: str, *, pretrained: str | os.PathLike | Mapping | None = 
     if out_indices is not None and not features_only:
         raise ValueError("out_indices selects the maps of a features_only=True model; for a classifier use "
                          "model.forward_intermediates(x, indices=...)")
-    if isinstance(pretrained, bool) or not isinstance(pretrained, (str, os.PathLike, Mapping, type(None))):
+    if isinstance(pretrained, bool) or not isinstance(pretrained, (str, os.PathLike, Mapping, Pretrained, type(None))):
         got = repr(pretrained) if isinstance(pretrained, bool) else type(pretrained).__name__
         raise TypeError(f"pretrained must be a checkpoint path, a state_dict, 'hf-hub:ORG/REPO' or None (random "
                         f"weights), got {got}: fastconformer has no default weights, name the official or an "
@@ -284,13 +301,14 @@ def create_model(name: str, *, pretrained: str | os.PathLike | Mapping | None = 
     kwargs = {**variant.kwargs, **overrides}
     model = ConformerFeatures(out_indices=out_indices, **kwargs) if features_only else Conformer(**kwargs)
     if pretrained is not None:
-        state_dict, cfg, origin = _read_pretrained(pretrained)
+        weights = read_pretrained(pretrained)
+        state_dict = weights.state_dict
         classes = _checkpoint_classes(state_dict)
         if "num_classes" not in overrides and not features_only and classes != model.num_classes:
             model.reset_classifier(classes)  # a checkpoint fine-tuned to other classes (or headless) brings its own
     model.pretrained_cfg = default_pretrained_cfg(variant.name, model.num_classes)
     if pretrained is not None:
-        _load_read(model, state_dict, cfg, origin, fit_heads="num_classes" in overrides)
+        _load_read(model, state_dict, weights.cfg, weights.origin, fit_heads="num_classes" in overrides)
     if fast:
         from .convert import convert
 

@@ -249,6 +249,22 @@ def test_predict_top5(photo, tiny_checkpoint, capsys):
         fastconformer.data.imagenet_classes()[int(lines[1].split()[1])])
 
 
+def test_the_variant_is_told_from_one_read_of_the_checkpoint(photo, tiny_checkpoint, monkeypatch, capsys):
+    """Without --model, predict tells the variant from the checkpoint and builds the model from the
+    same read (the file is read once), with the same answer as naming the variant."""
+    from fastconformer import registry
+
+    reads = []
+    read_state_dict = registry.read_state_dict
+    monkeypatch.setattr(registry, "read_state_dict", lambda source: reads.append(source) or read_state_dict(source))
+    assert main(["predict", str(photo), "--pretrained", str(tiny_checkpoint), "--device", "cpu"]) == 0
+    told = capsys.readouterr().out
+    assert [source for source in reads if not isinstance(source, dict)] == [str(tiny_checkpoint)]  # files only
+    assert main(["predict", str(photo), "--pretrained", str(tiny_checkpoint), "--model", "conformer_tiny_patch16",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == told
+
+
 def test_predict_keeps_the_good_images_of_a_bad_batch(photo, tiny_checkpoint, tmp_path, capsys):
     """One line per unreadable image on stderr, results for the others (in batches of two here),
     exit status 1."""
