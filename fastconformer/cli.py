@@ -396,21 +396,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     # convolutions a float32 model is ~1e-3 from float64 on Ampere and later, whatever the kernels do.
     with tf32(False):
         for result in run_checks(checks, device, tuple(dtypes), tuple(backends), seed=args.seed):
-            if result.not_run:
-                print(f"{result.check:<{width}}{'-':<9}{'-':<10}{'-':>12}{'-':>11}  not run: {result.not_run}",
-                      flush=True)
-                continue
-            ran += 1
-            backend_ = result.backend or "-"
             dtype = "-" if result.dtype is None else str(result.dtype).replace("torch.", "")
+            row = f"{result.check:<{width}}{result.backend or '-':<9}{dtype:<10}"
             if result.comparison is not None:
                 c = result.comparison
-                verdict = "pass" if c.passed else "FAIL"
-                print(f"{result.check:<{width}}{backend_:<9}{dtype:<10}{c.error:>12.2e}{c.bound:>11.2e}  "
-                      f"{verdict}", flush=True)
+                print(f"{row}{c.error:>12.2e}{c.bound:>11.2e}  {'pass' if c.passed else 'FAIL'}", flush=True)
             else:
-                print(f"{result.check:<{width}}{backend_:<9}{dtype:<10}{'-':>12}{'-':>11}  FAIL "
-                      f"({result.error})", flush=True)
+                verdict = f"not run: {result.not_run}" if result.not_run else f"FAIL ({result.error})"
+                print(f"{row}{'-':>12}{'-':>11}  {verdict}", flush=True)
+            ran += result.not_run is None
             failures += result.failed
     print(f"{failures} check(s) FAILED" if failures else "all checks passed" if ran else "no check runs here")
     return 1 if failures else 0

@@ -239,8 +239,7 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping | Pret
     travels with the weights, if any, becomes ``model.pretrained_cfg`` (with the model's own
     architecture and num_classes).
     """
-    weights = read_pretrained(source)
-    _load_read(model, weights.state_dict, weights.cfg, weights.origin, fit_heads=fit_heads)
+    _load_read(model, read_pretrained(source), fit_heads=fit_heads)
 
 
 def _checkpoint_classes(state_dict: Mapping[str, torch.Tensor]) -> int:
@@ -257,15 +256,15 @@ def _has_heads(model: nn.Module) -> bool:
     return not all(isinstance(getattr(model, h, None), (nn.Identity, type(None))) for h in _HEADS)
 
 
-def _load_read(model: nn.Module, state_dict: OrderedDict, cfg: dict[str, Any] | None, origin: str,
-               fit_heads: bool) -> None:
-    load_checkpoint(model, _fit_to_model(model, state_dict, origin, fit_heads), strict=True)
-    if cfg is not None:
+def _load_read(model: nn.Module, weights: Pretrained, fit_heads: bool) -> None:
+    load_checkpoint(model, _fit_to_model(model, weights.state_dict, weights.origin, fit_heads), strict=True)
+    if weights.cfg is not None:
         own = getattr(model, "pretrained_cfg", None) or default_pretrained_cfg(None, model.num_classes)
-        model.pretrained_cfg = {**own, **cfg, "architecture": own["architecture"], "num_classes": model.num_classes}
+        model.pretrained_cfg = {**own, **weights.cfg, "architecture": own["architecture"],
+                                "num_classes": model.num_classes}
 
 
-def create_model(name: str, *, pretrained: str | os.PathLike | Mapping | None = None, fast: bool = False,
+def create_model(name: str, *, pretrained: str | os.PathLike | Mapping | Pretrained | None = None, fast: bool = False,
                  features_only: bool = False, out_indices: int | Sequence[int] | None = None,
                  **overrides: Any) -> nn.Module:
     """Build a Conformer variant.
@@ -302,13 +301,12 @@ def create_model(name: str, *, pretrained: str | os.PathLike | Mapping | None = 
     model = ConformerFeatures(out_indices=out_indices, **kwargs) if features_only else Conformer(**kwargs)
     if pretrained is not None:
         weights = read_pretrained(pretrained)
-        state_dict = weights.state_dict
-        classes = _checkpoint_classes(state_dict)
+        classes = _checkpoint_classes(weights.state_dict)
         if "num_classes" not in overrides and not features_only and classes != model.num_classes:
             model.reset_classifier(classes)  # a checkpoint fine-tuned to other classes (or headless) brings its own
     model.pretrained_cfg = default_pretrained_cfg(variant.name, model.num_classes)
     if pretrained is not None:
-        _load_read(model, state_dict, weights.cfg, weights.origin, fit_heads="num_classes" in overrides)
+        _load_read(model, weights, fit_heads="num_classes" in overrides)
     if fast:
         from .convert import convert
 

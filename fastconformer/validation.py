@@ -165,13 +165,16 @@ def _baseline(module: nn.Module, inputs: tuple, dtype: torch.dtype, device: torc
     yardstick of a float16 or bfloat16 bound (None for float32, whose bound is absolute)."""
     if dtype == torch.float32:
         return None
-    with backend("torch"), _autocast(device, dtype, autocast):
-        return copy.deepcopy(module).to(device, torch.float32 if autocast else dtype)(
-            *_cast(inputs, torch.float32 if autocast else dtype, device))
+    with backend("torch"):
+        return _output(copy.deepcopy(module), inputs, dtype, device, autocast)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype, enabled: bool):
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+def _output(module: nn.Module, inputs: tuple, dtype: torch.dtype, device: torch.device, autocast: bool):
+    """``module``'s output on ``device`` in ``dtype``, or (``autocast``) under autocast to ``dtype``
+    with the module and its inputs in float32."""
+    held = torch.float32 if autocast else dtype
+    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+        return module.to(device, held)(*_cast(inputs, held, device))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,9 +239,8 @@ def run_checks(checks: list[Check], device: torch.device, dtypes: tuple[torch.dt
                 continue
             for name in backends_here:
                 try:
-                    held = torch.float32 if check.autocast else dtype  # the module's and inputs' dtype
-                    with backend(name), torch.no_grad(), _autocast(device, dtype, check.autocast):
-                        out = check.convert(copy.deepcopy(module)).to(device, held)(*_cast(inputs, held, device))
+                    with backend(name), torch.no_grad():
+                        out = _output(check.convert(copy.deepcopy(module)), inputs, dtype, device, check.autocast)
                     result = CheckResult(check.name, name, dtype, comparison=compare(
                         out, expected, baseline=baseline, fp32_tol=check.tol, name=check.name))
                 except Exception as err:  # reported as a failed check, never swallowed

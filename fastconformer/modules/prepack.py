@@ -72,14 +72,18 @@ def prepack_weights(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
+def _registered(model: nn.Module) -> list[torch.Tensor | nn.Conv2d]:
+    """``model``'s linear weights and convolutions that :func:`prepack_weights` registered."""
+    return ([weight for weight in _linear_weights(model) if registered_for_packing(weight)]
+            + [conv for conv, _ in _folded_convs(model) if conv_registered_for_packing(conv)])
+
+
 def prepacked_weights(model: nn.Module) -> int:
     """How many of ``model``'s weights :func:`prepack_weights` registered (linear and convolution)."""
-    return (sum(registered_for_packing(weight) for weight in _linear_weights(model))
-            + sum(conv_registered_for_packing(conv) for conv, _ in _folded_convs(model)))
+    return len(_registered(model))
 
 
 def weights_packed_now(model: nn.Module) -> int:
     """How many of ``model``'s registered weights hold a packed copy now (copies are built on first
     use: after a CPU inference forward, those it read packed)."""
-    return (sum(packed_copies(weight) > 0 for weight in _linear_weights(model) if registered_for_packing(weight))
-            + sum(packed_copies(conv) > 0 for conv, _ in _folded_convs(model) if conv_registered_for_packing(conv)))
+    return sum(packed_copies(owner) > 0 for owner in _registered(model))
