@@ -7,9 +7,13 @@ Runs the eager fast model, the same with prepacked weights and the fast model th
 Graph (:func:`fastconformer.onednn_graph`), same random weights, in interleaved rounds. Each round
 times every model's forward twice: once plainly (wall clock, and the process's system time and
 minor page faults from ``getrusage``), once with oneDNN's verbose mode on, whose ``exec`` lines give
-every primitive's execution time (the verbose forward's own wall time is not used: printing slows
-it). The table holds the medians over rounds: the primitives summed by kind, their total, and the
-wall time less that total.
+every primitive's start (``ONEDNN_VERBOSE_TIMESTAMP``) and execution time (the verbose forward's
+own wall time is not used: printing slows it). A kind's time is how long at least one primitive of
+that kind ran: oneDNN runs some primitives side by side, one per thread (oneDNN Graph's attention
+partition runs a small matmul and softmax per image and head on each thread), so their times are
+merged as intervals, never summed. The table holds the medians over rounds: each kind's time, the
+time any primitive ran (below the kinds' sum where kinds ran side by side) and the wall time less
+that.
 
 What the rows hold: "outside oneDNN" is everything else, aten's kernels included (element-wise
 passes; the eager models' LayerNorms, pooling and classifier heads; convolutions torch sends to
@@ -49,11 +53,13 @@ from fastconformer.testing import reference_and_fast
 KINDS = ("convolution 1x1", "convolution kxk", "linear", "attention matmul", "softmax", "layer norm", "pooling",
          "reorder", "other")
 VERBOSE_VARIABLES = ("ONEDNN_VERBOSE", "DNNL_VERBOSE", "ONEDNN_VERBOSE_TIMESTAMP", "DNNL_VERBOSE_TIMESTAMP")
+TIMESTAMP = "ONEDNN_VERBOSE_TIMESTAMP"  # read once, when oneDNN first prints a verbose line in the process
 
 
-def primitive_time(line: str, tokens: int) -> tuple[str, float] | None:
-    """(kind, milliseconds) of one oneDNN verbose line reporting a CPU primitive's execution
-    (``onednn_verbose,v1,[timestamp,]primitive,exec,cpu,<kind>,...,<problem>,<ms>``), else None.
+def primitive_time(line: str, tokens: int) -> tuple[str, float | None, float] | None:
+    """(kind, start in ms or None, milliseconds) of one oneDNN verbose line reporting a CPU
+    primitive's execution (``onednn_verbose,v1,[timestamp,]primitive,exec,cpu,<kind>,...,<problem>,<ms>``;
+    the timestamp, printed under ``ONEDNN_VERBOSE_TIMESTAMP=1``, is the execution's start), else None.
     A matmul counts as the attention's when the token count is its inner or output dim (no linear
     layer of the registered variants has a dim of n*n + 1, which a token count is; a head of such a
     num_classes would be counted as attention)."""
@@ -63,23 +69,53 @@ def primitive_time(line: str, tokens: int) -> tuple[str, float] | None:
     at = fields.index("primitive")
     if fields[at + 1:at + 3] != ["exec", "cpu"] or len(fields) < at + 6:
         return None
+    start = float(fields[2]) if at == 3 else None
     kind, problem, ms = fields[at + 3], fields[-2], float(fields[-1])
     if kind == "convolution":
-        return ("convolution 1x1" if "kh1" in problem and "kw1" in problem else "convolution kxk"), ms
-    if kind == "inner_product":
-        return "linear", ms
-    if kind == "matmul":
+        kind = "convolution 1x1" if "kh1" in problem and "kw1" in problem else "convolution kxk"
+    elif kind == "inner_product":
+        kind = "linear"
+    elif kind == "matmul":
         dims = [d.split("x") for d in problem.split(":")[:2]]
         inner, out = dims[0][-1], dims[1][-1]
-        return ("attention matmul" if str(tokens) in (inner, out) else "linear"), ms
-    named = {"softmax": "softmax", "layer_normalization": "layer norm", "pooling": "pooling", "reorder": "reorder"}
-    return named.get(kind, "other"), ms
+        kind = "attention matmul" if str(tokens) in (inner, out) else "linear"
+    else:
+        named = {"softmax": "softmax", "layer_normalization": "layer norm", "pooling": "pooling", "reorder": "reorder"}
+        kind = named.get(kind, "other")
+    return kind, start, ms
 
 
-def onednn_times(fn: Callable[[], object], tokens: int) -> dict[str, float]:
-    """{kind: milliseconds} of the oneDNN primitives ``fn()`` executes (verbose mode, whose lines
-    oneDNN prints to the process's standard output: captured through a temporary file).
-    RuntimeError when no execution line was captured."""
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """How long at least one of the (start, end) intervals was running: their union's length."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+@contextlib.contextmanager
+def _timestamps():
+    """ONEDNN_VERBOSE_TIMESTAMP=1 while oneDNN may first read it (its first verbose line), then the
+    environment as it was."""
+    preset = os.environ.get(TIMESTAMP)
+    os.environ[TIMESTAMP] = "1"
+    try:
+        yield
+    finally:
+        if preset is None:
+            del os.environ[TIMESTAMP]
+        else:
+            os.environ[TIMESTAMP] = preset
+
+
+def onednn_times(fn: Callable[[], object], tokens: int) -> tuple[dict[str, float], float]:
+    """({kind: milliseconds at least one primitive of that kind ran}, milliseconds any primitive
+    ran) while ``fn()`` executes, from oneDNN's verbose mode, whose lines oneDNN prints to the
+    process's standard output (captured through a temporary file). RuntimeError when no execution
+    line was captured, or when its lines carry no start time (oneDNN printed a verbose line earlier
+    in this process, before ONEDNN_VERBOSE_TIMESTAMP=1 was set: run the tool in a fresh process)."""
     libc = ctypes.CDLL(None)
     with tempfile.TemporaryFile("w+") as capture:
         sys.stdout.flush()
@@ -87,22 +123,28 @@ def onednn_times(fn: Callable[[], object], tokens: int) -> dict[str, float]:
         saved = os.dup(1)
         try:
             os.dup2(capture.fileno(), 1)
-            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            with _timestamps(), torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
                 fn()
         finally:
             libc.fflush(None)
             os.dup2(saved, 1)
             os.close(saved)
         capture.seek(0)
-        times = collections.Counter()
+        intervals = collections.defaultdict(list)
         for line in capture:
             parsed = primitive_time(line, tokens)
             if parsed:
-                times[parsed[0]] += parsed[1]
-    if not times:
+                kind, start, ms = parsed
+                if start is None:
+                    raise RuntimeError("oneDNN's verbose lines carry no start time: oneDNN printed verbose output "
+                                       "earlier in this process, before ONEDNN_VERBOSE_TIMESTAMP=1 was set (run the "
+                                       "tool in a fresh process)")
+                intervals[kind].append((start, start + ms))
+    if not intervals:
         raise RuntimeError("oneDNN's verbose mode reported no primitive execution: this torch's oneDNN prints "
                            "another format, or the forward ran no oneDNN primitive")
-    return dict(times)
+    return ({kind: busy_time(spans) for kind, spans in intervals.items()},
+            busy_time([span for spans in intervals.values() for span in spans]))
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float, int]:
@@ -117,7 +159,8 @@ def timed(fn: Callable[[], object]) -> tuple[float, float, int]:
 
 def unavailable(bf16: bool) -> str | None:
     """Why the breakdown cannot run here, or None."""
-    preset = sorted(set(VERBOSE_VARIABLES) & set(os.environ))
+    preset = sorted(name for name in VERBOSE_VARIABLES if name in os.environ
+                    and not (name.endswith("_TIMESTAMP") and os.environ[name] == "1"))
     if preset:
         return (f"unset {', '.join(preset)}: the tool turns oneDNN's verbose mode on for its own forwards only, "
                 "and reads its default line format")
@@ -130,9 +173,10 @@ def unavailable(bf16: bool) -> str | None:
 
 def breakdown(name: str, batch_size: int, image_size: int, rounds: int, bf16: bool,
               progress: Callable[[str], None] = lambda msg: None) -> dict[str, dict]:
-    """{model label: {"wall_ms", "system_ms", "minor_faults": [per round], "onednn_ms": {kind: [per
-    round]}}} for the eager fast model, the prepacked one and the oneDNN Graph path (random weights),
-    timed in interleaved rounds on (batch_size, 3, image_size, image_size) float32 images."""
+    """{model label: {"wall_ms", "system_ms", "minor_faults", "onednn_total_ms": [per round],
+    "onednn_ms": {kind: [per round]}}} for the eager fast model, the prepacked one and the oneDNN
+    Graph path (random weights), timed in interleaved rounds on (batch_size, 3, image_size,
+    image_size) float32 images."""
     reference, fast = reference_and_fast(name)
     fast.eval()
     models = {"fast": fast, "fast prepacked": fastconformer.prepack_weights(copy.deepcopy(fast)),
@@ -140,8 +184,8 @@ def breakdown(name: str, batch_size: int, image_size: int, rounds: int, bf16: bo
     x = torch.randn(batch_size, 3, image_size, image_size)
     tokens = (image_size // reference.patch_size) ** 2 + 1
     precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    result = {label: {"wall_ms": [], "system_ms": [], "minor_faults": [], "onednn_ms": {kind: [] for kind in KINDS}}
-              for label in models}
+    result = {label: {"wall_ms": [], "system_ms": [], "minor_faults": [], "onednn_total_ms": [],
+                      "onednn_ms": {kind: [] for kind in KINDS}} for label in models}
     with torch.inference_mode(), precision():
         for model in models.values():
             for _ in range(3):
@@ -151,7 +195,8 @@ def breakdown(name: str, batch_size: int, image_size: int, rounds: int, bf16: bo
                 row = result[label]
                 for key, value in zip(("wall_ms", "system_ms", "minor_faults"), timed(lambda: model(x))):
                     row[key].append(value)
-                times = onednn_times(lambda: model(x), tokens)
+                times, total = onednn_times(lambda: model(x), tokens)
+                row["onednn_total_ms"].append(total)
                 for kind in KINDS:
                     row["onednn_ms"][kind].append(times.get(kind, 0.0))
             progress(f"round {index + 1}: " + ", ".join(f"{label} {row['wall_ms'][-1]:.0f} ms"
@@ -170,7 +215,7 @@ def table(result: dict[str, dict]) -> str:
         return " | ".join("-" if dash_if_zero and not any(values[label])
                           else fmt.format(statistics.median(values[label])) for label in labels)
 
-    totals = {label: [sum(kinds) for kinds in zip(*row["onednn_ms"].values())] for label, row in result.items()}
+    totals = column("onednn_total_ms")
     outside = {label: [wall - total for wall, total in zip(row["wall_ms"], totals[label])]
                for label, row in result.items()}
     lines = ["| ms per forward (median of rounds) | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]

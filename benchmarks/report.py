@@ -79,9 +79,10 @@ def engines_table(path: pathlib.Path) -> str:
     load = data["load_average"]
     versions = ", ".join(f"{package} {version}" for package, version in data["versions"].items())
     environment = ", ".join(f"`{k}={v}`" for k, v in data.get("environment", {}).items()) or "default environment"
+    malloc = data.get("malloc", "process defaults")  # runs saved before --keep-freed-memory existed
     lines = [f"**{data['device']}**, {data['model']}, batch {data['batch_size']}, {data['image_size']}x"
              f"{data['image_size']}, {data['rounds']} interleaved rounds (torch {data['torch']}, {versions}; load "
-             f"average {load['before']:.2f} before, {load['after']:.2f} after; {environment}; "
+             f"average {load['before']:.2f} before, {load['after']:.2f} after; {environment}; malloc: {malloc}; "
              f"`{path.relative_to(ROOT)}`)", "",
              "| impl | precision | median | vs eager reference fp32 | same, per round | spread "
              "| logits rel. error vs float64 | top-1 agreement with float64 |",
@@ -109,8 +110,11 @@ def update_readme() -> None:
     files = sorted(RESULTS.glob("*.json"))
     body = "\n\n".join(table(p) for p in files) if files else "_No saved benchmark results yet._"
     # runs in the default environment first, then those under allocator or thread settings
-    engine_files = sorted((RESULTS / "engines").glob("*.json"),
-                          key=lambda p: (bool(json.loads(p.read_text()).get("environment")), p.name))
+    def settings(path: pathlib.Path) -> bool:
+        data = json.loads(path.read_text())
+        return bool(data.get("environment")) or data.get("malloc", "process defaults") != "process defaults"
+
+    engine_files = sorted((RESULTS / "engines").glob("*.json"), key=lambda p: (settings(p), p.name))
     engines = ("\n\n".join(engines_table(p) for p in engine_files) if engine_files
                else "_No saved `bench --engines` run yet._")
     text = _replace_between(README.read_text(), START, END, body)

@@ -27,6 +27,7 @@ from .dispatch import (BackendUnavailableError, check_environment, interpreter_e
                        onednn_bf16_available, triton_available, use_triton)
 from .environment import DTYPES, device_name, timing_environment
 from .export import ExportError, check_writable
+from .malloc import keep_freed_memory
 from .modules.prepack import prepack_weights
 from .onednn_graph import OneDNNGraph, onednn_graph, onednn_graph_available
 from .registry import VARIANTS, Pretrained, create_model, pretrained_variant, read_pretrained, resolve_name
@@ -171,8 +172,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError("--engines compares CPU inference engines; use --device cpu (or auto)")
     name, weights = _model_and_weights(args.model, args.pretrained)
     _check_image_size(name, args.image_size)
+    malloc = _bench_malloc(args.keep_freed_memory)
     if args.engines:
-        return _bench_engines(args, name, weights, device)
+        return _bench_engines(args, name, weights, malloc)
     args.dtype = args.dtype or "fp32"
     torch.manual_seed(args.seed)
     _progress(f"building {name} (reference and fast, same weights) on {device_name(device)} ...")
@@ -194,10 +196,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _progress("computing the reference in float64 for the error column ...")
     exact = _exact_logits(reference, x)
     rows = _result_rows(timings, outputs, exact, args.batch_size)
-    warnings = _spread_warnings(timings)
+    warnings = _malloc_warnings(malloc) + _spread_warnings(timings)
     rounds = len(timings["reference"].rounds)
     print(f"{name}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.dtype}"
-          f"{' (autocast)' if autocast_dtype else ''}, {device_name(device)}, torch {torch.__version__}")
+          f"{' (autocast)' if autocast_dtype else ''}, {device_name(device)}, torch {torch.__version__}; "
+          f"malloc: {malloc}")
     print(f"{rounds} interleaved rounds after warm-up; latency: median; spread: interquartile range / median; "
           "speedup: ratio of the medians; per round: median of the per-round speed-ups")
     print("logits error: relative to the reference computed in float64 (the fast model passes at <= 1e-4 in fp32, "
@@ -215,10 +218,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(dict(model=name, batch_size=args.batch_size, image_size=args.image_size, dtype=args.dtype,
                            device=device_name(device), torch=torch.__version__, triton=_triton_version(),
-                           environment=timing_environment(), rounds=rounds, spread_limit=SPREAD_LIMIT,
-                           warnings=warnings, results=rows), f, indent=2)
+                           environment=timing_environment(), malloc=malloc, rounds=rounds,
+                           spread_limit=SPREAD_LIMIT, warnings=warnings, results=rows), f, indent=2)
         _progress(f"wrote {args.json}")
     return 0
+
+
+def _bench_malloc(keep: bool) -> str:
+    """What serves the benchmark's memory, for its header and JSON: "keep_freed_memory()" when
+    ``keep`` and :func:`~fastconformer.keep_freed_memory` took, "keep_freed_memory() refused" when it
+    did not, else "process defaults" (glibc's adaptive thresholds, or what GLIBC_TUNABLES or an
+    LD_PRELOAD allocator set: the environment in the output says)."""
+    if not keep:
+        return "process defaults"
+    return "keep_freed_memory()" if keep_freed_memory() else "keep_freed_memory() refused"
+
+
+def _malloc_warnings(malloc: str) -> list[str]:
+    return (["--keep-freed-memory changed nothing: glibc's malloc does not serve this process (another C library "
+             "or an LD_PRELOAD allocator), so the process's own allocator settings were timed"]
+            if malloc.endswith("refused") else [])
 
 
 def _engine_candidates(reference: torch.nn.Module, fast: torch.nn.Module, graph: OneDNNGraph, x: torch.Tensor,
@@ -274,7 +293,7 @@ def _engine_candidates(reference: torch.nn.Module, fast: torch.nn.Module, graph:
     return dict(sorted(rows.items(), key=lambda row: row[1][0] != "fp32")), skipped  # fp32 rows first
 
 
-def _bench_engines(args: argparse.Namespace, name: str, weights: str | Pretrained | None, device: torch.device) -> int:
+def _bench_engines(args: argparse.Namespace, name: str, weights: str | Pretrained | None, malloc: str) -> int:
     """``bench --engines``: eager reference and fast model, torch.compile of each, ONNX Runtime and
     OpenVINO on both models' exports, fp32 and bf16, in one interleaved run on the CPU."""
     import tempfile
@@ -298,7 +317,7 @@ def _bench_engines(args: argparse.Namespace, name: str, weights: str | Pretraine
     exact = _exact_logits(reference, x)
     rows = _result_rows(timings, outputs, exact, args.batch_size,
                         precisions={label: precision for label, (precision, _) in candidates.items()})
-    warnings = _spread_warnings(timings)
+    warnings = _malloc_warnings(malloc) + _spread_warnings(timings)
     graph_rows = [label for label in candidates if label.startswith("fast oneDNN graph")]
     if len(graph.graphs()) < len(graph_rows):  # a row that timed the eager model must say so
         warnings.insert(0, f"{', '.join(graph_rows)}: {len(graph.graphs())} of {len(graph_rows)} served by a graph, "
@@ -306,8 +325,8 @@ def _bench_engines(args: argparse.Namespace, name: str, weights: str | Pretraine
     rounds = len(timings["reference"].rounds)
     environment = timing_environment()
     print(f"{name}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {device_name(device)}, "
-          f"torch {torch.__version__}; load average {load[0]:.2f} before, {load[1]:.2f} after; environment: "
-          + (", ".join(f"{k}={v}" for k, v in environment.items()) or "default"))
+          f"torch {torch.__version__}; load average {load[0]:.2f} before, {load[1]:.2f} after; malloc: {malloc}; "
+          "environment: " + (", ".join(f"{k}={v}" for k, v in environment.items()) or "default"))
     print(f"{rounds} interleaved rounds after warm-up; latency: median; spread: interquartile range / median; "
           "speedup vs the eager reference in fp32: ratio of the medians; per round: median of the per-round "
           "speed-ups")
@@ -328,7 +347,7 @@ def _bench_engines(args: argparse.Namespace, name: str, weights: str | Pretraine
         with open(args.json, "w") as f:
             json.dump(dict(model=name, batch_size=args.batch_size, image_size=args.image_size, engines=True,
                            device=device_name(device), threads=torch.get_num_threads(), torch=torch.__version__,
-                           versions=_engine_versions(), environment=environment,
+                           versions=_engine_versions(), environment=environment, malloc=malloc,
                            load_average=dict(before=load[0], after=load[1]),
                            rounds=rounds, spread_limit=SPREAD_LIMIT, skipped=skipped, warnings=warnings,
                            results=rows), f, indent=2)
@@ -519,6 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time each model at least this long in all (default 3)")
     bench.add_argument("--seed", type=_int_at_least(0), default=0)
     bench.add_argument("--json", default=None, help="write the results to this JSON file")
+    bench.add_argument("--keep-freed-memory", action="store_true",
+                       help="first call fastconformer.keep_freed_memory(), as the README's Deploy on CPU advises for "
+                            "serving: glibc's malloc keeps the memory a forward frees for the next one (the header "
+                            "and JSON say which allocator settings were timed)")
     bench.add_argument("--engines", action="store_true",
                        help="on the CPU: also torch.compile of both models, and ONNX Runtime and OpenVINO (where "
                             "installed) on both models' ONNX exports, fp32 and bf16, in one interleaved run (so "

@@ -68,6 +68,25 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
     assert len(fast["seconds"]) == 1 and fast["spread"] == 0.0 and len(fast["warmup_seconds"]) >= 3
 
 
+@pytest.mark.parametrize("took", [True, False])
+def test_bench_keeps_freed_memory_when_asked_and_says_so(took, tmp_path, monkeypatch, capsys):
+    """--keep-freed-memory calls keep_freed_memory() once before building (a fake here: the real
+    one changes this process's allocator for good; tests/test_malloc.py runs it in subprocesses);
+    the header and JSON name the settings timed, and a refusal is a warning, not an error."""
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or took)
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--model", "conformer_tiny_patch16", "--batch-size", "1", "--image-size", "64", "--iters", "1",
+            "--min-seconds", "0", "--device", "cpu", "--json", str(path)]
+    status, out, _ = run(argv + ["--keep-freed-memory"], capsys)
+    malloc = "keep_freed_memory()" if took else "keep_freed_memory() refused"
+    assert status == 0 and calls == [1] and json.loads(path.read_text())["malloc"] == malloc
+    assert out.splitlines()[0].endswith(f"; malloc: {malloc}")
+    assert ("warning: --keep-freed-memory changed nothing" in out) is not took
+    status, out, _ = run(argv, capsys)
+    assert status == 0 and calls == [1] and json.loads(path.read_text())["malloc"] == "process defaults"
+
+
 def test_bench_reports_medians_and_warns_on_a_wide_spread(tmp_path, capsys, fake_clock):
     """The speed-up is the ratio of the medians; an interquartile range above SPREAD_LIMIT of the
     median is flagged (reference rounds 1.0 .. 1.5 s here, quartiles 1.0 and 1.375: 30%)."""

@@ -16,28 +16,29 @@ PREFIX = "onednn_verbose,v1,primitive,exec,cpu,"
 LINES = {  # verbose lines as this machine's oneDNN 3.12 prints them, trimmed to the fields the parser reads
     PREFIX + "convolution,brgconv_1x1:avx512_core,forward_inference,src:f32::blocked:acdb::f0,attr-scratchpad:user,"
              "alg:convolution_direct,mb8_ic64oc64_ih56oh56kh1sh1dh0ph0_iw56ow56kw1sw1dw0pw0,1.07104":
-        ("convolution 1x1", 1.07104),
+        ("convolution 1x1", None, 1.07104),
     PREFIX + "convolution,brg_conv_fwd:avx512_core,forward_inference,src:f32::blocked:acdb::f0,attr-scratchpad:user,"
              "alg:convolution_direct,mb8_ic64oc64_ih56oh56kh3sh1dh0ph1_iw56ow56kw3sw1dw0pw1,5.19678":
-        ("convolution kxk", 5.19678),
+        ("convolution kxk", None, 5.19678),
     PREFIX + "inner_product,brg_matmul:avx512_core,forward_inference,src:f32::blocked:ab::f0,"
-             "attr-scratchpad:user attr-post-ops:eltwise_gelu_erf,,mb1576ic384oc1536,5.68115": ("linear", 5.68115),
+             "attr-scratchpad:user attr-post-ops:eltwise_gelu_erf,,mb1576ic384oc1536,5.68115":
+        ("linear", None, 5.68115),
     PREFIX + "matmul,brg_matmul:avx512_core,undef,src:f32::blocked:ab::f0,attr-scratchpad:user,,"
-             "1576x384:384x1152,3.21313": ("linear", 3.21313),
+             "1576x384:384x1152,3.21313": ("linear", None, 3.21313),
     PREFIX + "matmul,brg_matmul:avx512_core,undef,src:f32::blocked:ab::f0,attr-scratchpad:user "
-             "attr-post-ops:binary_mul:f32:0,,197x64:64x197,0.0390625": ("attention matmul", 0.0390625),
+             "attr-post-ops:binary_mul:f32:0,,197x64:64x197,0.0390625": ("attention matmul", None, 0.0390625),
     PREFIX + "matmul,brg_matmul:avx512_core,undef,src:f32::blocked:ab::f0,attr-scratchpad:user,,"
-             "197x197:197x64,0.0251465": ("attention matmul", 0.0251465),
+             "197x197:197x64,0.0251465": ("attention matmul", None, 0.0251465),
     PREFIX + "softmax,jit:avx512_core_bf16,forward_inference,src:f32::blocked:ab::f0,,alg:softmax_accurate axis:1,"
-             "197x197,0.02": ("softmax", 0.02),
+             "197x197,0.02": ("softmax", None, 0.02),
     PREFIX + "eltwise,jit:avx512_core_bf16,forward_inference,data:f32::blocked:ab::f0,,alg:eltwise_gelu_erf,"
-             "1576x1536,0.15": ("other", 0.15),
+             "1576x1536,0.15": ("other", None, 0.15),
     "onednn_verbose,v1,primitive,create:cache_hit,cpu,convolution,brgconv_1x1:avx512_core,forward_inference,"
     "src:f32,,,mb8,0.01": None,
     "onednn_verbose,v1,info,oneDNN v3.12.0": None,
     # with ONEDNN_VERBOSE_TIMESTAMP=1 a timestamp precedes the marker
     "onednn_verbose,v1,1764790000123.45,primitive,exec,cpu,reorder,jit:uni,undef,src:f32::blocked:ab::f0,,,"
-    "197x64,0.006": ("reorder", 0.006),
+    "197x64,0.006": ("reorder", 1764790000123.45, 0.006),
     "some other line, primitive,exec,cpu": None,
 }
 
@@ -47,6 +48,11 @@ def test_primitive_time(line):
     assert cpu_breakdown.primitive_time(line, tokens=197) == LINES[line]
 
 
+def test_busy_time_merges_what_ran_side_by_side():
+    assert cpu_breakdown.busy_time([]) == 0.0
+    assert cpu_breakdown.busy_time([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.75), (2.5, 2.75)]) == 4.0
+
+
 @needs_onednn
 def test_onednn_times_restores_stdout():
     """The capture counts a primitive's execution, raises when none ran, and gives file descriptor 1
@@ -54,8 +60,9 @@ def test_onednn_times_restores_stdout():
     before = os.fstat(1)
     x, weight = torch.randn(4, 8), torch.randn(16, 8)
     inner_product = torch.ops.mkldnn._linear_pointwise  # always a oneDNN primitive
-    times = cpu_breakdown.onednn_times(lambda: inner_product(x, weight, None, "none", [], ""), tokens=197)
-    assert times.get("linear", 0) > 0, times
+    times, total = cpu_breakdown.onednn_times(lambda: inner_product(x, weight, None, "none", [], ""), tokens=197)
+    assert times.get("linear", 0) > 0 and total == sum(times.values()), times
+    assert cpu_breakdown.TIMESTAMP not in os.environ  # set only while oneDNN may read it
     with pytest.raises(RuntimeError, match="no primitive execution"):
         cpu_breakdown.onednn_times(lambda: None, tokens=197)
     with pytest.raises(ZeroDivisionError):
@@ -87,3 +94,5 @@ def test_main_small(capsys, tmp_path):
     saved = json.loads((tmp_path / "out.json").read_text())
     assert set(saved["results"]) == {"fast", "fast prepacked", "fast oneDNN graph"}
     assert all(len(row["wall_ms"]) == 1 for row in saved["results"].values())
+    for row in saved["results"].values():  # kinds that ran side by side count once in the total
+        assert 0 < row["onednn_total_ms"][0] <= sum(kind[0] for kind in row["onednn_ms"].values()) + 1e-9

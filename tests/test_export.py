@@ -254,7 +254,7 @@ def test_bench_engines_rows(shallow_models, monkeypatch, tmp_path, capsys):
     assert "skipped: onnxruntime bf16" in out
     assert not any("served by a graph" in warning for warning in result["warnings"])
     assert set(result["load_average"]) == {"before", "after"} and result["versions"]["openvino"] != "not installed"
-    assert result["environment"] == timing_environment()
+    assert result["environment"] == timing_environment() and result["malloc"] == "process defaults"
     assert all(k in os.environ for k in result["environment"])
 
 
