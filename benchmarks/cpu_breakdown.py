@@ -12,8 +12,8 @@ own wall time is not used: printing slows it). A kind's time is how long at leas
 that kind ran: oneDNN runs some primitives side by side, one per thread (oneDNN Graph's attention
 partition runs a small matmul and softmax per image and head on each thread), so their times are
 merged as intervals, never summed. The table holds the medians over rounds: each kind's time, the
-time any primitive ran (below the kinds' sum where kinds ran side by side) and the wall time less
-that.
+time any primitive ran ("total"; below the kinds' sum by the time kinds ran side by side, its own
+row) and the wall time less that.
 
 What the rows hold: "outside oneDNN" is everything else, aten's kernels included (element-wise
 passes; the eager models' LayerNorms, pooling and classifier heads; convolutions torch sends to
@@ -37,7 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -52,7 +52,7 @@ from fastconformer.testing import reference_and_fast
 
 KINDS = ("convolution 1x1", "convolution kxk", "linear", "attention matmul", "softmax", "layer norm", "pooling",
          "reorder", "other")
-VERBOSE_VARIABLES = ("ONEDNN_VERBOSE", "DNNL_VERBOSE", "ONEDNN_VERBOSE_TIMESTAMP", "DNNL_VERBOSE_TIMESTAMP")
+VERBOSE_VARIABLES = ("ONEDNN_VERBOSE", "DNNL_VERBOSE")  # either would print lines outside the tool's window
 TIMESTAMP = "ONEDNN_VERBOSE_TIMESTAMP"  # read once, when oneDNN first prints a verbose line in the process
 
 
@@ -69,7 +69,10 @@ def primitive_time(line: str, tokens: int) -> tuple[str, float | None, float] | 
     at = fields.index("primitive")
     if fields[at + 1:at + 3] != ["exec", "cpu"] or len(fields) < at + 6:
         return None
-    start = float(fields[2]) if at == 3 else None
+    try:
+        start = float(fields[2]) if at == 3 else None
+    except ValueError:  # another field before the marker: a format this parser does not know
+        start = None
     kind, problem, ms = fields[at + 3], fields[-2], float(fields[-1])
     if kind == "convolution":
         kind = "convolution 1x1" if "kh1" in problem and "kw1" in problem else "convolution kxk"
@@ -95,8 +98,31 @@ def busy_time(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def busy_times(lines: Iterable[str], tokens: int) -> tuple[dict[str, float], float]:
+    """({kind: milliseconds at least one primitive of that kind ran}, milliseconds any primitive
+    ran) from oneDNN's verbose lines (others are skipped). RuntimeError when no line reports an
+    execution, or when one carries no start time (oneDNN fixes its line format for the process when
+    it prints its first verbose line: one printed before ONEDNN_VERBOSE_TIMESTAMP=1 was set, or a
+    format this parser does not know)."""
+    intervals = collections.defaultdict(list)
+    for line in lines:
+        parsed = primitive_time(line, tokens)
+        if parsed:
+            kind, start, ms = parsed
+            if start is None:
+                raise RuntimeError("oneDNN's verbose lines carry no start time: oneDNN printed a verbose line in "
+                                   "this process before ONEDNN_VERBOSE_TIMESTAMP=1 was set (run the tool in a "
+                                   f"fresh process), or prints a format this tool does not know: {line.strip()!r}")
+            intervals[kind].append((start, start + ms))
+    if not intervals:
+        raise RuntimeError("oneDNN's verbose mode reported no primitive execution: this torch's oneDNN prints "
+                           "another format, or the forward ran no oneDNN primitive")
+    return ({kind: busy_time(spans) for kind, spans in intervals.items()},
+            busy_time([span for spans in intervals.values() for span in spans]))
+
+
 @contextlib.contextmanager
-def _timestamps():
+def _verbose_timestamps_on():
     """ONEDNN_VERBOSE_TIMESTAMP=1 while oneDNN may first read it (its first verbose line), then the
     environment as it was."""
     preset = os.environ.get(TIMESTAMP)
@@ -111,11 +137,9 @@ def _timestamps():
 
 
 def onednn_times(fn: Callable[[], object], tokens: int) -> tuple[dict[str, float], float]:
-    """({kind: milliseconds at least one primitive of that kind ran}, milliseconds any primitive
-    ran) while ``fn()`` executes, from oneDNN's verbose mode, whose lines oneDNN prints to the
-    process's standard output (captured through a temporary file). RuntimeError when no execution
-    line was captured, or when its lines carry no start time (oneDNN printed a verbose line earlier
-    in this process, before ONEDNN_VERBOSE_TIMESTAMP=1 was set: run the tool in a fresh process)."""
+    """:func:`busy_times` of the oneDNN primitives ``fn()`` executes, from oneDNN's verbose mode,
+    whose lines oneDNN prints to the process's standard output (captured through a temporary file;
+    file descriptor 1 is given back whatever ``fn`` does)."""
     libc = ctypes.CDLL(None)
     with tempfile.TemporaryFile("w+") as capture:
         sys.stdout.flush()
@@ -123,28 +147,14 @@ def onednn_times(fn: Callable[[], object], tokens: int) -> tuple[dict[str, float
         saved = os.dup(1)
         try:
             os.dup2(capture.fileno(), 1)
-            with _timestamps(), torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            with _verbose_timestamps_on(), torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
                 fn()
         finally:
             libc.fflush(None)
             os.dup2(saved, 1)
             os.close(saved)
         capture.seek(0)
-        intervals = collections.defaultdict(list)
-        for line in capture:
-            parsed = primitive_time(line, tokens)
-            if parsed:
-                kind, start, ms = parsed
-                if start is None:
-                    raise RuntimeError("oneDNN's verbose lines carry no start time: oneDNN printed verbose output "
-                                       "earlier in this process, before ONEDNN_VERBOSE_TIMESTAMP=1 was set (run the "
-                                       "tool in a fresh process)")
-                intervals[kind].append((start, start + ms))
-    if not intervals:
-        raise RuntimeError("oneDNN's verbose mode reported no primitive execution: this torch's oneDNN prints "
-                           "another format, or the forward ran no oneDNN primitive")
-    return ({kind: busy_time(spans) for kind, spans in intervals.items()},
-            busy_time([span for spans in intervals.values() for span in spans]))
+        return busy_times(capture, tokens)
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float, int]:
@@ -159,11 +169,10 @@ def timed(fn: Callable[[], object]) -> tuple[float, float, int]:
 
 def unavailable(bf16: bool) -> str | None:
     """Why the breakdown cannot run here, or None."""
-    preset = sorted(name for name in VERBOSE_VARIABLES if name in os.environ
-                    and not (name.endswith("_TIMESTAMP") and os.environ[name] == "1"))
+    preset = sorted(set(VERBOSE_VARIABLES) & set(os.environ))
     if preset:
-        return (f"unset {', '.join(preset)}: the tool turns oneDNN's verbose mode on for its own forwards only, "
-                "and reads its default line format")
+        return (f"unset {', '.join(preset)}: the tool turns oneDNN's verbose mode on for its own forwards only "
+                "(with start times, which oneDNN adds only when its first verbose line in the process has them)")
     if not onednn_available() or not onednn_graph_available():
         return "this torch has no oneDNN or no oneDNN Graph fuser (torch.jit.enable_onednn_fusion)"
     if bf16 and not onednn_bf16_available():
@@ -223,7 +232,10 @@ def table(result: dict[str, dict]) -> str:
         per_kind = {label: row["onednn_ms"][kind] for label, row in result.items()}
         if any(any(values) for values in per_kind.values()):
             lines.append(f"| oneDNN {kind} | {cells(per_kind, dash_if_zero=True)} |")
+    side_by_side = {label: [sum(kinds) - total for kinds, total in zip(zip(*row["onednn_ms"].values()), totals[label])]
+                    for label, row in result.items()}
     lines += [f"| **oneDNN primitives, total** | {cells(totals)} |",
+              f"| kinds side by side (their sum less the total) | {cells(side_by_side)} |",
               f"| **outside oneDNN** (wall - primitives) | {cells(outside)} |",
               f"| system time, ms | {cells(column('system_ms'))} |",
               f"| minor page faults | {cells(column('minor_faults'), '{:.0f}')} |",
@@ -265,7 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     setting = (f"{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
                f"{'bf16 autocast' if args.bf16 else 'fp32'}, {device_name('cpu')}, torch {torch.__version__}")
     progress(setting)
-    result = breakdown(args.model, args.batch_size, args.image_size, args.rounds, args.bf16, progress)
+    try:
+        result = breakdown(args.model, args.batch_size, args.image_size, args.rounds, args.bf16, progress)
+    except RuntimeError as error:  # what oneDNN's verbose mode printed is not what the tool reads
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(table(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -172,7 +172,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError("--engines compares CPU inference engines; use --device cpu (or auto)")
     name, weights = _model_and_weights(args.model, args.pretrained)
     _check_image_size(name, args.image_size)
-    malloc = _bench_malloc(args.keep_freed_memory)
+    malloc = _apply_malloc_setting(args.keep_freed_memory)
     if args.engines:
         return _bench_engines(args, name, weights, malloc)
     args.dtype = args.dtype or "fp32"
@@ -200,7 +200,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rounds = len(timings["reference"].rounds)
     print(f"{name}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.dtype}"
           f"{' (autocast)' if autocast_dtype else ''}, {device_name(device)}, torch {torch.__version__}; "
-          f"malloc: {malloc}")
+          f"malloc: {malloc}; environment: " + _environment_text(timing_environment()))
     print(f"{rounds} interleaved rounds after warm-up; latency: median; spread: interquartile range / median; "
           "speedup: ratio of the medians; per round: median of the per-round speed-ups")
     print("logits error: relative to the reference computed in float64 (the fast model passes at <= 1e-4 in fp32, "
@@ -224,20 +224,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_malloc(keep: bool) -> str:
-    """What serves the benchmark's memory, for its header and JSON: "keep_freed_memory()" when
-    ``keep`` and :func:`~fastconformer.keep_freed_memory` took, "keep_freed_memory() refused" when it
+MALLOC_REFUSED = "keep_freed_memory() returned False"
+
+
+def _apply_malloc_setting(keep: bool) -> str:
+    """Calls :func:`~fastconformer.keep_freed_memory` when ``keep``; returns what the benchmark's
+    header and JSON say of the allocator: "keep_freed_memory()" when it took, MALLOC_REFUSED when it
     did not, else "process defaults" (glibc's adaptive thresholds, or what GLIBC_TUNABLES or an
-    LD_PRELOAD allocator set: the environment in the output says)."""
+    LD_PRELOAD allocator set: the header's environment says)."""
     if not keep:
         return "process defaults"
-    return "keep_freed_memory()" if keep_freed_memory() else "keep_freed_memory() refused"
+    return "keep_freed_memory()" if keep_freed_memory() else MALLOC_REFUSED
+
+
+def _environment_text(environment: dict[str, str]) -> str:
+    return ", ".join(f"{name}={value}" for name, value in environment.items()) or "default"
 
 
 def _malloc_warnings(malloc: str) -> list[str]:
-    return (["--keep-freed-memory changed nothing: glibc's malloc does not serve this process (another C library "
-             "or an LD_PRELOAD allocator), so the process's own allocator settings were timed"]
-            if malloc.endswith("refused") else [])
+    return ([f"--keep-freed-memory: {MALLOC_REFUSED} (glibc's malloc does not serve this process, or glibc refused "
+             "the 32 MiB mmap threshold), so the process's own allocator settings were timed"]
+            if malloc == MALLOC_REFUSED else [])
 
 
 def _engine_candidates(reference: torch.nn.Module, fast: torch.nn.Module, graph: OneDNNGraph, x: torch.Tensor,
@@ -326,7 +333,7 @@ def _bench_engines(args: argparse.Namespace, name: str, weights: str | Pretraine
     environment = timing_environment()
     print(f"{name}, batch {args.batch_size}, {args.image_size}x{args.image_size}, {device_name(device)}, "
           f"torch {torch.__version__}; load average {load[0]:.2f} before, {load[1]:.2f} after; malloc: {malloc}; "
-          "environment: " + (", ".join(f"{k}={v}" for k, v in environment.items()) or "default"))
+          "environment: " + _environment_text(environment))
     print(f"{rounds} interleaved rounds after warm-up; latency: median; spread: interquartile range / median; "
           "speedup vs the eager reference in fp32: ratio of the medians; per round: median of the per-round "
           "speed-ups")

@@ -234,9 +234,11 @@ def test_bench_engines_rows(shallow_models, monkeypatch, tmp_path, capsys):
     """Every engine's row, fp32 and bf16, with its error; torch.compile is replaced by the identity
     here (it is tested in test_compile.py; compiling would dominate this test's time)."""
     monkeypatch.setattr(torch, "compile", lambda model: model)
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: True)  # the real one changes this process for good
     path = tmp_path / "engines.json"
     status, out, err = run(["bench", "--engines", "--model", MODEL, "--batch-size", "1", "--image-size", "64",
-                            "--iters", "1", "--min-seconds", "0", "--device", "cpu", "--json", str(path)], capsys)
+                            "--iters", "1", "--min-seconds", "0", "--device", "cpu", "--keep-freed-memory",
+                            "--json", str(path)], capsys)
     assert status == 0, err
     result = json.loads(path.read_text())
     rows = {r["impl"]: r for r in result["results"]}
@@ -254,7 +256,8 @@ def test_bench_engines_rows(shallow_models, monkeypatch, tmp_path, capsys):
     assert "skipped: onnxruntime bf16" in out
     assert not any("served by a graph" in warning for warning in result["warnings"])
     assert set(result["load_average"]) == {"before", "after"} and result["versions"]["openvino"] != "not installed"
-    assert result["environment"] == timing_environment() and result["malloc"] == "process defaults"
+    assert result["environment"] == timing_environment() and result["malloc"] == "keep_freed_memory()"
+    assert "; malloc: keep_freed_memory(); environment: " in out.splitlines()[0]
     assert all(k in os.environ for k in result["environment"])
 
 
