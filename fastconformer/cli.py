@@ -67,17 +67,15 @@ def _model_device(name: str) -> torch.device:
 DEFAULT_MODEL = "conformer_small_patch16"
 
 
-def _model_and_weights(model: str | None, pretrained: str | None) -> tuple[str, str | Pretrained | None]:
+def _model_and_weights(model: str | None, pretrained: str | None) -> tuple[str, Pretrained | None]:
     """(The variant --model names, else the one the --pretrained checkpoint holds
     (:func:`~fastconformer.registry.pretrained_variant`), else DEFAULT_MODEL; what create_model's
-    ``pretrained=`` takes: the checkpoint, read once when its variant had to be told)."""
-    if model is not None:
-        return resolve_name(model), pretrained
+    ``pretrained=`` takes: the checkpoint, read once here)."""
+    name = resolve_name(model) if model is not None else None
     if pretrained is None:
-        return DEFAULT_MODEL, None
-    _progress(f"reading {pretrained} to tell its variant (--model names it) ...")
-    weights = read_pretrained(pretrained)
-    return pretrained_variant(weights), weights
+        return name or DEFAULT_MODEL, None
+    weights = read_pretrained(pretrained)  # before any progress line: an unreadable file is the error's one line
+    return name or pretrained_variant(weights), weights
 
 
 def _progress(msg: str) -> None:
@@ -162,7 +160,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Reference vs fast (and torch.compile(reference)) on the same weights and inputs, timed in
     interleaved rounds after each settled its warm-up."""
     device = _model_device(args.device)
-    if args.json:
+    if args.json is not None:
         check_writable(args.json, "--json")
     if args.engines:
         if args.dtype is not None or args.compile:
@@ -214,7 +212,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{row['rel_error_vs_float64']:>18.2e}{row['top1_agreement']:>13.1%}")
     for warning in warnings:
         print(f"warning: {warning}")
-    if args.json:
+    if args.json is not None:
         with open(args.json, "w") as f:
             json.dump(dict(model=name, batch_size=args.batch_size, image_size=args.image_size, dtype=args.dtype,
                            device=device_name(device), torch=torch.__version__, triton=_triton_version(),
@@ -350,7 +348,7 @@ def _bench_engines(args: argparse.Namespace, name: str, weights: str | Pretraine
         print(f"skipped: {what}: {why}")
     for warning in warnings:
         print(f"warning: {warning}")
-    if args.json:
+    if args.json is not None:
         with open(args.json, "w") as f:
             json.dump(dict(model=name, batch_size=args.batch_size, image_size=args.image_size, engines=True,
                            device=device_name(device), threads=torch.get_num_threads(), torch=torch.__version__,
@@ -488,14 +486,16 @@ def _describe(err: BaseException, path: str | None = None) -> str:
     return f"{path}: {text}" if path is not None and str(path) not in text else text
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
+def _int_at_least(low: int, high: int = 2 ** 31 - 1) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (the upper bound keeps sizes and seeds within
+    what torch takes, so a huge value is refused here in one line)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {value}")
         return value
 
     return parse
@@ -524,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     devices = ["auto", "cpu", "cuda"]
     positive = _int_at_least(1)
+    seed = _int_at_least(0, 2 ** 63 - 1)  # what torch.manual_seed takes
 
     sub.add_parser("info", help="variants, parameter counts, device and Triton availability").set_defaults(
         func=cmd_info)
@@ -543,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="interleaved rounds at least, each timing every model once (default 10)")
     bench.add_argument("--min-seconds", type=_seconds, default=3.0,
                        help="time each model at least this long in all (default 3)")
-    bench.add_argument("--seed", type=_int_at_least(0), default=0)
+    bench.add_argument("--seed", type=seed, default=0)
     bench.add_argument("--json", default=None, help="write the results to this JSON file")
     bench.add_argument("--keep-freed-memory", action="store_true",
                        help="first call fastconformer.keep_freed_memory(), as the README's Deploy on CPU advises for "
@@ -557,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="equality checks of every fused module and the whole model here")
     check.add_argument("--device", choices=devices, default="auto")
-    check.add_argument("--seed", type=_int_at_least(0), default=0)
+    check.add_argument("--seed", type=seed, default=0)
     check.add_argument("--only", default=None, help="run only the checks whose name contains this text")
     check.set_defaults(func=cmd_check)
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import ctypes
 import os
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory"]
+__all__ = ["MIN_MMAP_THRESHOLD", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory"]
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 MMAP_THRESHOLD = 32 * 2 ** 20  # the most glibc's adaptive threshold reaches, and every glibc accepts (64-bit)
 TRIM_THRESHOLD = 2 ** 31 - 1  # the largest value mallopt takes (an int): 2 GiB less one byte
+MIN_MMAP_THRESHOLD = 128 * 2 ** 10  # glibc's own start: below it more blocks are mapped afresh, not fewer
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -44,7 +45,8 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD) -> bool:
     reuses memory already faulted in; blocks of ``mmap_threshold`` or more are still mapped afresh
     on each allocation.
 
-    ``mmap_threshold`` (bytes, at most 2 GiB less one byte): the default, 32 MiB, is the most
+    ``mmap_threshold`` (bytes, from glibc's own 128 KiB start, below which more blocks would be
+    mapped afresh, to 2 GiB less one byte): the default, 32 MiB, is the most
     glibc's adaptive threshold reaches, so the heap serves the blocks it serves anyway once warm
     (every block of Conformer-S's eager forward at batch 8, 224x224: few page faults once warm,
     where glibc's defaults fault in thousands per forward). A larger value lets the heap serve
@@ -66,9 +68,10 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD) -> bool:
     own way), or where glibc refuses ``mmap_threshold``. The mmap threshold is set first: a trim
     threshold alone also stops the mmap threshold from adapting, and left at its 128 KiB start that
     maps most activations afresh on every allocation."""
-    if not isinstance(mmap_threshold, int) or isinstance(mmap_threshold, bool) or not 0 < mmap_threshold < 2 ** 31:
-        raise ValueError(f"keep_freed_memory: mmap_threshold must be an int in [1, 2**31 - 1] bytes, got "
-                         f"{mmap_threshold!r}")
+    if (not isinstance(mmap_threshold, int) or isinstance(mmap_threshold, bool)
+            or not MIN_MMAP_THRESHOLD <= mmap_threshold < 2 ** 31):
+        raise ValueError(f"keep_freed_memory: mmap_threshold must be an int in [{MIN_MMAP_THRESHOLD} (128 KiB, glibc's "
+                         f"own start), 2**31 - 1] bytes, got {mmap_threshold!r}")
     libc = _glibc()
     if libc is None or not libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold):
         return False

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import logging
 import os
@@ -51,9 +52,15 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def list_models() -> list[str]:
-    """The registered variant names, smallest first."""
-    return list(VARIANTS)
+def list_models(filter: str | list[str] | tuple[str, ...] = "") -> list[str]:
+    """The registered variant names, smallest first; with ``filter`` (a shell-style wildcard
+    pattern such as ``"*tiny*"``, or a list of them), those matching one of them, as timm's
+    ``list_models``."""
+    patterns = [filter] if isinstance(filter, str) else list(filter) if isinstance(filter, (list, tuple)) else None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"filter must be a pattern string or a sequence of them, got {filter!r}")
+    patterns = [p for p in patterns if p]
+    return [name for name in VARIANTS if not patterns or any(fnmatch.fnmatchcase(name, p.lower()) for p in patterns)]
 
 
 def resolve_name(name: str) -> str:

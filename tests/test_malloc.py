@@ -61,7 +61,7 @@ def test_another_malloc_is_left_alone(tmp_path):
                 env={"LD_PRELOAD": str(library)}) == ["False"]
 
 
-@pytest.mark.parametrize("threshold", [0, -1, 2 ** 31, 1.5, True, "64"])
+@pytest.mark.parametrize("threshold", [0, -1, 1, 4096, 128 * 2 ** 10 - 1, 2 ** 31, 1.5, True, "64"])
 def test_wrong_thresholds(threshold):
     with pytest.raises(ValueError, match="mmap_threshold must be an int"):
         fastconformer.keep_freed_memory(threshold)

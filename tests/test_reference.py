@@ -31,6 +31,12 @@ def test_state_dict_matches_official_manifest(name):
 
 def test_registry_names():
     assert fastconformer.list_models() == list(MANIFEST)
+    assert fastconformer.list_models("*tiny*") == ["conformer_tiny_patch16"]  # timm's wildcard filter
+    assert fastconformer.list_models(["*patch32", "*base*"]) == ["conformer_small_patch32", "conformer_base_patch16"]
+    assert fastconformer.list_models("Conformer_S*") == ["conformer_small_patch16", "conformer_small_patch32"]
+    assert fastconformer.list_models("resnet*") == []
+    with pytest.raises(TypeError, match="filter must be a pattern"):
+        fastconformer.list_models(3)
     official = _meta_model("Conformer_small_patch16")
     assert official.patch_size == 16 and official.embed_dim == 384
     with pytest.raises(ValueError, match="unknown model 'conformer_huge'.*conformer_tiny_patch16"):
