@@ -189,7 +189,8 @@ def test_testing_helpers_take_non_tensor_inputs():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["bench", "--iters", "0", "--min-seconds", "0"], "argument --iters: expected an integer in [1, 2147483647], got 0"),
+    (["bench", "--iters", "0", "--min-seconds", "0"],
+     "argument --iters: expected an integer in [1, 2147483647], got 0"),
     (["bench", "--min-seconds", "-1"], "argument --min-seconds: expected a finite number of seconds >= 0"),
     (["bench", "--batch-size", "0"], "argument --batch-size: expected an integer in [1, 2147483647], got 0"),
     (["bench", "--image-size", "two"], "argument --image-size: expected an integer in [1, 2147483647], got 'two'"),
@@ -204,8 +205,10 @@ def test_testing_helpers_take_non_tensor_inputs():
     (["bench", "--json", "{tmp}/missing/bench.json"], "the folder '{tmp}/missing' does not exist"),
     (["bench", "--json", "{tmp}"], "is a folder; expected a file path"),
     (["bench", "--json", ""], "the path is empty"),
-    (["bench", "--batch-size", "99999999999999999999"], "argument --batch-size: expected an integer in [1, 2147483647]"),
-    (["bench", "--seed", "99999999999999999999999"], "argument --seed: expected an integer in [0, 9223372036854775807]"),
+    (["bench", "--batch-size", "99999999999999999999"],
+     "argument --batch-size: expected an integer in [1, 2147483647]"),
+    (["bench", "--seed", "99999999999999999999999"],
+     "argument --seed: expected an integer in [0, 9223372036854775807]"),
     (["export", "conformer_tiny_patch16", "{tmp}/m.onnx", "--batch", "99999999999999999999"],
      "argument --batch: expected an integer in [1, 2147483647]"),
     (["bench", "--pretrained", "{tmp}/missing.pth"], "no checkpoint file"),
