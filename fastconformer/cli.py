@@ -376,7 +376,7 @@ def _engine_versions() -> dict[str, str]:
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the reference (or with --fast the fast model) as ONNX and verify the file in ONNX
     Runtime and OpenVINO against the model in float64."""
-    from .export import export_onnx, missing_engines, require_export_packages
+    from .export import export_onnx, missing_engines, output_names, require_export_packages
 
     name = resolve_name(args.model)
     _check_image_size(name, args.image_size)
@@ -388,8 +388,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     _progress(f"exporting {name} ({kind}, {'batch ' + str(args.batch) if args.static_batch else 'dynamic batch'}, "
               f"{args.image_size}x{args.image_size}) to {args.output} ...")
     verifications = export_onnx(model, args.output, input_shape=shape, dynamic_batch=not args.static_batch)
+    batch = f"= {args.batch}" if args.static_batch else "dynamic"
     print(f"wrote {args.output}: {name} ({kind}), input images (B, 3, {args.image_size}, {args.image_size}) with "
-          f"B {'= ' + str(args.batch) if args.static_batch else 'dynamic'}, outputs conv_logits and trans_logits")
+          f"B {batch}, outputs {' and '.join(output_names(model))}")
     for verification in verifications:
         print(f"verified: {verification}")
     for engine, why in missing_engines().items():

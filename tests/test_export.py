@@ -199,6 +199,7 @@ def test_cli_export_writes_and_verifies(shallow_models, tmp_path, capsys):
                            capsys)
     assert status == 0, err
     assert "verified: onnxruntime (fp32, batch 2)" in out and "verified: openvino (fp32, batch 2)" in out
+    assert "outputs conv_logits and trans_logits" in out  # the names the file gives them (export.output_names)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [o.shape for o in session.run(None, {"images": torch.randn(2, 3, 64, 64).numpy()})] == [(2, 1000)] * 2
 
