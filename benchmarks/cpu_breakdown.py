@@ -42,7 +42,7 @@ from typing import Callable, Iterable
 import torch
 
 import fastconformer
-from fastconformer.cli import _check_image_size, _int_at_least, _Parser
+from fastconformer.cli import _check_image_size, _int_between, _Parser
 from fastconformer.dispatch import onednn_available, onednn_bf16_available
 from fastconformer.environment import device_name, timing_environment
 from fastconformer.export import check_writable
@@ -252,7 +252,7 @@ def _model(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m benchmarks.cpu_breakdown", description=__doc__.split("\n")[0])
-    positive = _int_at_least(1)
+    positive = _int_between(1)
     parser.add_argument("--model", type=_model, default="conformer_small_patch16", help=", ".join(VARIANTS))
     parser.add_argument("--batch-size", type=positive, default=8)
     parser.add_argument("--image-size", type=positive, default=224)

@@ -298,7 +298,7 @@ def _engine_candidates(reference: torch.nn.Module, fast: torch.nn.Module, graph:
     return dict(sorted(rows.items(), key=lambda row: row[1][0] != "fp32")), skipped  # fp32 rows first
 
 
-def _bench_engines(args: argparse.Namespace, name: str, weights: str | Pretrained | None, malloc: str) -> int:
+def _bench_engines(args: argparse.Namespace, name: str, weights: Pretrained | None, malloc: str) -> int:
     """``bench --engines``: eager reference and fast model, torch.compile of each, ONNX Runtime and
     OpenVINO on both models' exports, fp32 and bf16, in one interleaved run on the CPU."""
     import tempfile
@@ -487,7 +487,7 @@ def _describe(err: BaseException, path: str | None = None) -> str:
     return f"{path}: {text}" if path is not None and str(path) not in text else text
 
 
-def _int_at_least(low: int, high: int = 2 ** 31 - 1) -> Callable[[str], int]:
+def _int_between(low: int, high: int = 2 ** 31 - 1) -> Callable[[str], int]:
     """An argparse type: an integer in [low, high] (the upper bound keeps sizes and seeds within
     what torch takes, so a huge value is refused here in one line)."""
     def parse(text: str) -> int:
@@ -524,8 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastconformer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     devices = ["auto", "cpu", "cuda"]
-    positive = _int_at_least(1)
-    seed = _int_at_least(0, 2 ** 63 - 1)  # what torch.manual_seed takes
+    positive = _int_between(1)
+    seed = _int_between(0, 2 ** 63 - 1)  # what torch.manual_seed takes
 
     sub.add_parser("info", help="variants, parameter counts, device and Triton availability").set_defaults(
         func=cmd_info)

@@ -56,11 +56,11 @@ def list_models(filter: str | list[str] | tuple[str, ...] = "") -> list[str]:
     """The registered variant names, smallest first; with ``filter`` (a shell-style wildcard
     pattern such as ``"*tiny*"``, or a list of them), those matching one of them, as timm's
     ``list_models``."""
-    patterns = [filter] if isinstance(filter, str) else list(filter) if isinstance(filter, (list, tuple)) else None
-    if patterns is None or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"filter must be a pattern string or a sequence of them, got {filter!r}")
-    patterns = [p for p in patterns if p]
-    return [name for name in VARIANTS if not patterns or any(fnmatch.fnmatchcase(name, p.lower()) for p in patterns)]
+    patterns = [filter] if isinstance(filter, str) else filter
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"filter must be a pattern string or a list or tuple of them, got {filter!r}")
+    patterns = [p.lower() for p in patterns if p]
+    return [name for name in VARIANTS if not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)]
 
 
 def resolve_name(name: str) -> str:
